@@ -1,0 +1,125 @@
+"""The `bias-lab` command. Options are generated from bias_lab.config, so `--image-size` here, `image_size` in
+MLproject and the logged param `image_size` are one setting. Bad input: one line on stderr, exit 2, no
+traceback (`--debug` shows it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Callable
+
+import click
+
+from bias_lab import config as C
+from bias_lab.errors import UserError
+
+
+def options(*classes: type) -> Callable:
+    """Click options for every field of the given config dataclasses."""
+
+    def deco(f: Callable) -> Callable:
+        for cls in reversed(classes):
+            for fld in reversed(dataclasses.fields(cls)):
+                choices = fld.metadata.get("choices")
+                kind = click.Choice(choices) if choices else {bool: click.BOOL, int: int, float: float}.get(type(fld.default), str)
+                f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=fld.default,
+                                 show_default=True, help=fld.metadata["help"])(f)
+        return f
+
+    return deco
+
+
+def make(cls: type, kwargs: dict[str, Any]) -> Any:
+    """Pop the fields of `cls` out of the click kwargs."""
+    return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+
+
+class App(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = ctx.params.get("debug") or os.environ.get("BIAS_LAB_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: runs were ended as KILLED; re-run the same command to resume", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug, not bad input: still one line, with the way to see more
+            if debug:
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            click.echo(f"error: {type(e).__name__}: {first} (re-run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+def _quiet_libraries() -> None:
+    for name in ("alembic", "mlflow", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="mlflow")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def main(debug: bool) -> None:
+    """Compare CNNs on an ImageNet subset, tune them, and measure how a shortcut channel biases them."""
+    from bias_lab.tracking import install_signal_handlers
+
+    _quiet_libraries()
+    install_signal_handlers()
+
+
+@main.command()
+@options(C.DataConfig, C.TrainConfig, C.BiasConfig)
+def train(**kw: Any) -> None:
+    """Train one model; log params, curves, test accuracy (and DI on a binary task) and the model."""
+    from bias_lab.pipeline import run_train
+
+    run_train(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw))
+
+
+@main.command()
+@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig)
+def tune(**kw: Any) -> None:
+    """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
+    from bias_lab.tuning import run_tune
+
+    run_tune(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw), make(C.TuneConfig, kw))
+
+
+@main.command("bias-eval")
+@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.BiasEvalConfig)
+def bias_eval(**kw: Any) -> None:
+    """Train model_1 (clean) and model_2 (biased eps channel); compare accuracy and DI side by side."""
+    from bias_lab.bias_eval import run_bias_eval
+
+    run_bias_eval(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw), make(C.BiasEvalConfig, kw))
+
+
+@main.command("kaggle-submit")
+@options(C.DataConfig, C.SubmitConfig)
+def kaggle_submit(**kw: Any) -> None:
+    """Predict the unlabelled test folder with a registered model and write a validated Kaggle CSV."""
+    from bias_lab.submission import run_submit
+
+    run_submit(make(C.DataConfig, kw), make(C.SubmitConfig, kw))
+
+
+def entrypoint(command: str) -> None:
+    """`python entrypoints/<name>.py ...` == `bias-lab <command> ...` (what MLproject runs)."""
+    sys.exit(main.main([command, *sys.argv[1:]], prog_name=f"bias-lab {command}", standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Image files -> cached uint8 tensors -> stratified splits -> normalised, augmented batches.
+
+Each image is decoded once (JPEG draft mode decodes straight to grayscale at reduced scale), resized to
+image_size x image_size and stored in one uint8 tensor cached on disk under a fingerprint of the files and
+the preprocessing settings; every later run and every Optuna trial loads that tensor (~100x faster than
+decoding). Augmentation runs batched on tensors (on the GPU when there is one), never per image in Python.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from bias_lab.config import DataConfig
+from bias_lab.errors import UserError, check
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1  # bump when decoding changes, so stale caches are not reused
+
+
+@dataclass
+class Dataset:
+    """A decoded, labelled image set plus the unlabelled competition test images."""
+
+    images: torch.Tensor  # uint8, N x 1 x S x S
+    labels: torch.Tensor  # int64 class index into `classes`, N
+    ids: list[str]
+    classes: list[str]  # original label values, as written in train.csv / folder names
+    test_images: torch.Tensor  # uint8, M x 1 x S x S (unlabelled; for submission only)
+    test_ids: list[str]
+    digest: str  # sha256 of pixels + labels: same digest <=> same data at the same image_size
+    source: str
+    layout: str  # "kaggle" | "imagefolder" | "demo"
+    skipped: list[str] = field(default_factory=list)  # unreadable train files, left out
+    test_unreadable: list[str] = field(default_factory=list)  # test ids kept as blank images
+
+
+@dataclass
+class Split:
+    """Index sets of a stratified train / val / test split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass
+class _Listing:
+    layout: str
+    train_files: list[Path]
+    train_labels: list[str]
+    train_ids: list[str]
+    test_files: list[Path]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _first_dir(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _natural_key(value: str) -> tuple:
+    """Sort '2' before '10' when labels are numbers, alphabetically otherwise."""
+    return (0, float(value), value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else (1, 0.0, value)
+
+
+def _list_kaggle(root: Path) -> _Listing:
+    with open(root / "train.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        check(
+            "id" in columns and "label" in columns,
+            f"{root / 'train.csv'} needs columns 'id' and 'label' (found {columns}): rename its header to id,label",
+        )
+        rows = [(r["id"].strip(), (r["label"] or "").strip()) for r in reader]
+    check(len(rows) > 0, f"{root / 'train.csv'} has no rows: add one 'id,label' line per training image")
+    seen: set[str] = set()
+    dupes = [i for i, _ in rows if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    check(not dupes, f"train.csv has duplicate ids ({', '.join(dupes[:3])}): keep one row per image")
+    blank = [i for i, lab in rows if not lab]
+    check(not blank, f"train.csv has rows without a label ({', '.join(blank[:3])}): fill in their label")
+
+    img_dir = _first_dir(root / "train" / "train", root / "train")
+    check(img_dir is not None, f"{root} has train.csv but no train/train/ or train/ image folder: put the images there")
+    by_stem = {p.stem: p for p in _images_in(img_dir)}
+    by_name = {p.name: p for p in by_stem.values()}
+    files, missing = [], []
+    for i, _ in rows:
+        p = by_name.get(i) or by_stem.get(i)
+        files.append(p)
+        if p is None:
+            missing.append(i)
+    check(
+        not missing,
+        f"{len(missing)} ids in train.csv have no image in {img_dir} (e.g. {', '.join(missing[:3])}): "
+        "add the images or remove those rows",
+    )
+    orphans = sorted(set(by_name) - {p.name for p in files})
+    check(
+        not orphans,
+        f"{len(orphans)} images in {img_dir} have no row in train.csv (e.g. {', '.join(orphans[:3])}): "
+        "label them in train.csv or move them out",
+    )
+    test_dir = _first_dir(root / "test" / "test", root / "test")
+    return _Listing(
+        "kaggle",
+        files,  # type: ignore[arg-type]
+        [lab for _, lab in rows],
+        [Path(i).stem if Path(i).suffix.lower() in IMAGE_EXTS else i for i, _ in rows],
+        _images_in(test_dir) if test_dir else [],
+    )
+
+
+def _list_imagefolder(root: Path) -> _Listing:
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    class_dirs = sorted((d for d in train_dir.iterdir() if d.is_dir() and d.name != "test"), key=lambda d: d.name)
+    files, labels = [], []
+    for d in class_dirs:
+        imgs = _images_in(d)
+        check(bool(imgs), f"class folder {d} has no images: add images or remove the folder")
+        files += imgs
+        labels += [d.name] * len(imgs)
+    test_dir = _first_dir(root / "test" / "test", root / "test") if train_dir != root or (root / "test").is_dir() else None
+    test_files = []
+    if test_dir:
+        test_files = _images_in(test_dir) or [p for d in sorted(test_dir.iterdir()) if d.is_dir() for p in _images_in(d)]
+    return _Listing("imagefolder", files, labels, [f"{lab}/{p.stem}" for p, lab in zip(files, labels)], test_files)
+
+
+def list_files(root: Path) -> _Listing:
+    """Detect the layout of `root` and list its labelled and test images."""
+    check(root.exists(), f"data folder {root} does not exist: pass -P data=<folder> (or data=demo)")
+    check(root.is_dir(), f"data path {root} is not a folder: pass the folder that holds train.csv or train/")
+    if (root / "train.csv").is_file():
+        return _list_kaggle(root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if any(d.is_dir() and _images_in(d) for d in train_dir.iterdir()):
+        return _list_imagefolder(root)
+    if not any(root.iterdir()):
+        raise UserError(f"data folder {root} is empty: copy the competition files into it (train.csv, train/, test/)")
+    raise UserError(
+        f"{root} is neither the Kaggle layout (train.csv + train/train/<id>.jpg) nor an ImageFolder "
+        "(train/<class>/*.jpg): arrange the files in one of those layouts"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def decode(path: Path, size: int) -> np.ndarray | None:
+    """One image file -> size x size uint8 grayscale array, or None when it cannot be read.
+
+    Converts odd modes (CMYK, RGBA, palette, 16-bit, float) rather than rejecting them.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("L", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, straight to luma
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(img, dtype=np.float32)
+                lo, hi = float(a.min()), float(a.max())
+                img = Image.fromarray(((a - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8))
+            elif img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1", "RGB", "HSV", "LAB"):
+                img = img.convert("RGB").convert("L")
+            elif img.mode != "L":
+                img = img.convert("L")
+            img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def decode_all(paths: list[Path], size: int, desc: str = "decode") -> tuple[np.ndarray, list[int]]:
+    """Decode in threads (PIL releases the GIL while decoding). Returns (N x S x S array, indices that failed)."""
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    bad: list[int] = []
+    if not paths:
+        return out, bad
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, arr in enumerate(
+            tqdm(pool.map(lambda p: decode(p, size), paths), total=len(paths), desc=desc, leave=False, unit="img")
+        ):
+            if arr is None:
+                bad.append(i)
+            else:
+                out[i] = arr
+    return out, bad
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("BIAS_LAB_CACHE") or Path.home() / ".cache" / "bias_lab")
+
+
+def _fingerprint(listing: _Listing, root: Path, size: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{listing.layout}|{size}".encode())
+    for group in (zip(listing.train_files, listing.train_labels), ((p, "?") for p in listing.test_files)):
+        for p, lab in group:
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}|{lab}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(cfg: DataConfig) -> Dataset:
+    """Load `cfg.data` as decoded tensors, from the cache when the files and settings are unchanged."""
+    check(32 <= cfg.image_size <= 224, f"image_size={cfg.image_size} is out of range: use a value in 32..224")
+    if cfg.data == "demo":
+        from bias_lab.demo import ensure_demo
+
+        root, layout = ensure_demo(cache_dir(cfg)), "demo"
+    else:
+        root, layout = Path(cfg.data).expanduser().resolve(), ""
+    listing = list_files(root)
+    layout = layout or listing.layout
+    key = _fingerprint(listing, root, cfg.image_size)
+    path = cache_dir(cfg) / f"{key}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+    else:
+        blob = _build(listing, root, cfg.image_size)
+        _atomic_save(blob, path)
+    skipped = [str(root / p) for p in blob["skipped"]]
+    if skipped:
+        check(not cfg.strict, f"unreadable image {skipped[0]} (and {len(skipped) - 1} more): fix or remove it, or drop strict")
+        warnings.warn(f"skipped {len(skipped)} unreadable images: {', '.join(skipped)}", stacklevel=2)
+    return Dataset(
+        images=blob["images"],
+        labels=blob["labels"],
+        ids=blob["ids"],
+        classes=blob["classes"],
+        test_images=blob["test_images"],
+        test_ids=blob["test_ids"],
+        digest=blob["digest"],
+        source="demo (synthetic)" if layout == "demo" else str(root),
+        layout=layout,
+        skipped=skipped,
+        test_unreadable=blob["test_unreadable"],
+    )
+
+
+def _build(listing: _Listing, root: Path, size: int) -> dict:
+    train, bad = decode_all(listing.train_files, size, "decode train")
+    test, bad_test = decode_all(listing.test_files, size, "decode test")
+    keep = np.setdiff1d(np.arange(len(train)), bad)
+    classes = sorted(set(listing.train_labels), key=_natural_key)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[listing.train_labels[i]] for i in keep], dtype=np.int64)
+    images = train[keep]
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes() + "|".join(classes).encode()).hexdigest()[:16]
+    # Unreadable test images keep their row (a submission needs every id) as an all-zero image.
+    return {
+        "images": torch.from_numpy(images).unsqueeze(1),
+        "labels": torch.from_numpy(labels),
+        "ids": [listing.train_ids[i] for i in keep],
+        "classes": classes,
+        "test_images": torch.from_numpy(test).unsqueeze(1),
+        "test_ids": [p.stem for p in listing.test_files],
+        "test_unreadable": [listing.test_files[i].stem for i in bad_test],
+        "digest": digest,
+        "skipped": [str(listing.train_files[i].relative_to(root)) for i in bad],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Per-class seeded shuffle, then the first round(n*test) to test, next round(n*val) to val, rest to train."""
+    check(
+        0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
+        f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no train split: "
+        "use fractions in [0, 1) that sum to less than 1",
+    )
+    y = labels.numpy()
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(idx) * test_fraction))
+        n_val = int(round(len(idx) * val_fraction))
+        if test_fraction > 0:
+            n_test = max(n_test, 1)
+        if val_fraction > 0:
+            n_val = max(n_val, 1)
+        check(
+            len(idx) - n_test - n_val >= 1,
+            f"class index {c} has only {len(idx)} image(s), too few for a stratified train/val/test split: "
+            "add images to it or lower val_fraction/test_fraction",
+        )
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
+    return Split(**{k: np.sort(np.concatenate(v)) for k, v in parts.items()})
+
+
+def check_classes(ds: Dataset) -> None:
+    """Every class must have images; training needs at least two classes."""
+    counts = torch.bincount(ds.labels, minlength=len(ds.classes))
+    empty = [c for c, n in zip(ds.classes, counts.tolist()) if n == 0]
+    if empty:
+        raise UserError(f"class {empty[0]} has no readable images: add images for it or remove its label")
+    check(len(ds.classes) >= 2, f"{ds.source} has a single class ({ds.classes[0]}): a classifier needs two or more")
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of the pixels in [0, 1], computed on the train split only."""
+    x = images.float().div_(255)
+    return float(x.mean()), float(x.std().clamp_min(1e-3))
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 with zero mean, unit std."""
+    return images.float().sub_(mean * 255.0).div_(std * 255.0)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.7, 1.0)) -> torch.Tensor:
+    """Random resized crop (area `scale`, aspect 3/4..4/3) + horizontal flip, the whole batch in one grid_sample."""
+    n = x.shape[0]
+    u = torch.rand(n, 4, generator=gen, device=gen.device)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_ratio = (u[:, 1] * 2 - 1) * np.log(4 / 3)
+    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx = (u[:, 2] * 2 - 1) * (1 - sx)  # crop centre, kept inside the image
+    ty = (u[:, 3] * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = (sx * flip).to(x.dtype)
+    theta[:, 0, 2] = tx.to(x.dtype)
+    theta[:, 1, 1] = sy.to(x.dtype)
+    theta[:, 1, 2] = ty.to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

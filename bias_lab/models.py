@@ -1,0 +1,132 @@
+"""The architectures, for grayscale (1 channel) or grayscale + eps (2 channels) inputs of 32-224 px.
+
+Pure: builds modules and describes them; no I/O. AlexNet and ResNet are torchvision's own, with the stem and
+head adapted to small inputs so that every size keeps a sensible feature-map resolution:
+
+    image_size   ResNet stem                     AlexNet stem / head
+    >= 128       7x7 stride 2 + max-pool (/4)   11x11 stride 4, 6x6 pool, 4096-wide head (the original)
+    64..127      3x3 stride 1 + max-pool (/2)   5x5 stride 2, 3x3 pool, 1024-wide head
+    < 64         3x3 stride 1 (/1, CIFAR-style)  as above
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from bias_lab.config import MODELS
+from bias_lab.errors import check
+
+
+class LeNet(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling; an adaptive pool makes it size-agnostic."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(5),  # 5x5 at the classic 32 px input; averages larger maps down to it
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _alexnet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    m = tvm.alexnet(weights=None, num_classes=num_classes)
+    if image_size >= 128:
+        m.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
+        return m
+    m.features[0] = nn.Conv2d(in_channels, 64, kernel_size=5, stride=2, padding=2)
+    m.avgpool = nn.AdaptiveAvgPool2d(3)
+    m.classifier = nn.Sequential(  # 1024 wide: the 4096-wide original would be 90% of the weights at 64 px
+        nn.Dropout(0.5), nn.Linear(256 * 3 * 3, 1024), nn.ReLU(inplace=True),
+        nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True), nn.Linear(1024, num_classes),
+    )
+    return m
+
+
+def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    ctor = {18: tvm.resnet18, 34: tvm.resnet34}[depth]
+    m = ctor(weights=None, num_classes=num_classes, zero_init_residual=True)  # residual branches start as identity
+    if image_size >= 128:
+        m.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    else:
+        m.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if image_size < 64:
+            m.maxpool = nn.Identity()
+    return m
+
+
+def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """A freshly initialised model (seed torch first for identical weights)."""
+    check(name in MODELS, f"unknown model '{name}': choose one of {', '.join(MODELS)}")
+    check(in_channels >= 1 and num_classes >= 2, f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+    check(32 <= image_size <= 224, f"image_size={image_size} is out of range: use a value in 32..224")
+    if name == "lenet":
+        return LeNet(in_channels, num_classes)
+    if name == "alexnet":
+        return _alexnet(in_channels, num_classes, image_size)
+    return _resnet(int(name.removeprefix("resnet")), in_channels, num_classes, image_size)
+
+
+@dataclass
+class Layer:
+    name: str
+    type: str
+    output_shape: str
+    params: int
+
+
+@dataclass
+class Summary:
+    layers: list[Layer]
+    total_params: int
+    macs: int  # multiply-accumulates per image (conv + linear), the usual "FLOPs/2"
+
+    def markdown(self) -> str:
+        rows = ["| layer | type | output shape | parameters |", "|---|---|---|---:|"]
+        rows += [f"| {l.name} | {l.type} | {l.output_shape} | {l.params:,} |" for l in self.layers]
+        rows += [f"| **total** | | | **{self.total_params:,}** |", "", f"MACs per image: {self.macs:,}"]
+        return "\n".join(rows)
+
+    def csv(self) -> str:
+        return "\n".join(["layer,type,output_shape,params", *(f"{l.name},{l.type},\"{l.output_shape}\",{l.params}" for l in self.layers)])
+
+
+def summarize(model: nn.Module, in_channels: int, image_size: int) -> Summary:
+    """Layer table (leaf modules in execution order), parameter count and MACs, from one dummy forward pass."""
+    layers: list[Layer] = []
+    macs = 0
+
+    def hook(mod: nn.Module, _inp, out) -> None:
+        nonlocal macs
+        name = names[mod]
+        if isinstance(mod, nn.Conv2d):
+            macs += out[0].numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            macs += mod.in_features * mod.out_features
+        own = sum(p.numel() for p in mod.parameters(recurse=False))
+        layers.append(Layer(name, type(mod).__name__, "x".join(map(str, out.shape[1:])), own))
+
+    names = {m: n for n, m in model.named_modules() if n and not list(m.children())}
+    handles = [m.register_forward_hook(hook) for m in names]
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return Summary(layers, sum(p.numel() for p in model.parameters()), int(macs))

@@ -1,0 +1,224 @@
+"""One training run, end to end: data -> splits -> (eps channel) -> model -> fit -> test measures -> MLflow.
+
+`prepare` builds the tensors once (tune reuses them for every trial, bias_eval for every model);
+`train_model` trains one model inside the active MLflow run and returns the metrics it logged;
+`run_train` is the `train` command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from torch import nn
+
+from bias_lab import bias as biasmod
+from bias_lab import metrics as M
+from bias_lab import plots, tracking
+from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
+from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
+from bias_lab.models import build, summarize
+from bias_lab.train import EpochHook, InputHook, Norm, Part, evaluate, fit, predict, resolve_device, seed_everything
+
+
+@dataclass
+class Prepared:
+    """Everything a model needs, built once per (data, split seed, bias setting)."""
+
+    dataset: Dataset  # the binary subset when the task is binary
+    split: Split
+    norm: Norm
+    train: Part
+    val: Part
+    test: Part  # in-distribution test: S drawn with (p0, p1)
+    test_decorrelated: Part | None  # binary only: same images, S drawn with p0 = p1 = 0.5
+    binary: bool
+    eps: bool  # whether the model input carries the eps channel
+    bias: BiasConfig
+
+    @property
+    def channels(self) -> int:
+        return self.train.channels
+
+    def meta(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The preprocessing a logged model needs at prediction time."""
+        return {
+            "arch": cfg.model,
+            "in_channels": self.channels,
+            "image_size": int(self.dataset.images.shape[-1]),
+            "grayscale": True,
+            "mean": self.norm.mean,
+            "std": self.norm.std,
+            "classes": self.dataset.classes,
+            "task": "binary" if self.binary else "multiclass",
+            "eps_channel": self.eps,
+            "bias": dataclasses.asdict(self.bias) if self.binary else None,
+            "dataset_digest": self.dataset.digest,
+        }
+
+
+def _part(ds: Dataset, idx: np.ndarray, ch: biasmod.Channel | None, eps: bool) -> Part:
+    t = torch.from_numpy(idx)
+    return Part(
+        images=ds.images[t],
+        labels=ds.labels[t],
+        eps=ch.eps[t] if (ch is not None and eps) else None,
+        s=ch.s[t] if ch is not None else None,
+    )
+
+
+def prepare(data_cfg: DataConfig, bias_cfg: BiasConfig, seed: int, *, binary: bool | None = None,
+            eps: bool | None = None, train_p: tuple[float, float] | None = None, ds: Dataset | None = None) -> Prepared:
+    """Load (cached), split, and attach S / eps.
+
+    binary: restrict to `bias_cfg.classes` (default: when bias is on or classes are given).
+    eps: append the eps channel (default: bias_cfg.bias). train_p: (p0, p1) of the channel seen in training
+    and validation, when it differs from the measured distribution (model_1_mode=decorrelated).
+    """
+    biasmod.validate(bias_cfg)
+    ds = ds if ds is not None else load(data_cfg)
+    check_classes(ds)
+    binary = bool(bias_cfg.bias or bias_cfg.classes.strip()) if binary is None else binary
+    eps = bias_cfg.bias if eps is None else eps
+    if binary:
+        ds = biasmod.binary_task(ds, bias_cfg.classes)
+    split = stratified_split(ds.labels, data_cfg.val_fraction, data_cfg.test_fraction, seed)
+    size = int(ds.images.shape[-1])
+    ch = ch_train = ch_dec = None
+    if binary:
+        ch = biasmod.draw(ds.labels, bias_cfg.p0, bias_cfg.p1, bias_cfg.sigma, seed, size)
+        ch_train = ch if train_p is None else biasmod.draw(ds.labels, *train_p, bias_cfg.sigma, seed, size)
+        ch_dec = biasmod.draw(ds.labels, 0.5, 0.5, bias_cfg.sigma, seed + biasmod.DECORRELATED_SEED_OFFSET, size)
+    mean, std = pixel_stats(ds.images[torch.from_numpy(split.train)])
+    return Prepared(
+        dataset=ds,
+        split=split,
+        norm=Norm(mean, std),
+        train=_part(ds, split.train, ch_train, eps),
+        val=_part(ds, split.val, ch_train, eps),
+        test=_part(ds, split.test, ch, eps),
+        test_decorrelated=_part(ds, split.test, ch_dec, eps) if binary else None,
+        binary=binary,
+        eps=eps,
+        bias=bias_cfg,
+    )
+
+
+def measure(model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int = 0) -> tuple[dict[str, float], np.ndarray]:
+    """Final numbers on the held-out test split (the only place test data is read). Returns (metrics, confusion)."""
+    logits = predict(model, prep.test, prep.norm)
+    y = prep.test.labels.numpy()
+    pred = logits.argmax(1).numpy()
+    out = {
+        "test_accuracy": M.accuracy(y, pred),
+        "test_loss": float(torch.nn.functional.cross_entropy(logits, prep.test.labels)) if len(y) else math.nan,
+    }
+    if prep.binary:
+        out.update({f"test_{k}": v for k, v in M.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items() if k != "accuracy"})
+        dec = prep.test_decorrelated
+        dpred = predict(model, dec, prep.norm).argmax(1).numpy()
+        out.update({f"decorrelated_test_{k}": v for k, v in M.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()})
+    return out, M.confusion(y, pred, len(prep.dataset.classes))
+
+
+def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch: EpochHook | None = None,
+                input_hook: InputHook | None = None, checkpoint: Path | None = None, log_model: bool = True,
+                bootstrap: int = 1000, test: bool = True, wrap: Any = None) -> tuple[nn.Module, dict[str, float]]:
+    """Train one model on `prep` inside the active MLflow run; return (model with best-val weights, metrics).
+
+    `test=False` skips the test split entirely (tune's trials). `wrap(model) -> model` lets a caller add
+    modules around the network (e.g. an adversarial head) before training.
+    """
+    seed_everything(cfg.seed, cfg.threads)
+    device = resolve_device(cfg.device)
+    net = build(cfg.model, prep.channels, len(prep.dataset.classes), int(prep.dataset.images.shape[-1]))
+    summary = summarize(net, prep.channels, int(prep.dataset.images.shape[-1]))
+    model = (wrap(net) if wrap else net).to(device)
+    if log:
+        mlflow.log_text(summary.markdown(), "model_summary.md")
+        mlflow.log_text(summary.csv(), "model_summary.csv")
+        tracking.log_metrics({"total_params": summary.total_params, "macs_per_image": summary.macs})
+
+    def hook(epoch: int, m: dict[str, float]) -> None:
+        if log:
+            tracking.log_metrics(m, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, m)
+
+    res = fit(model, prep.train, prep.val, cfg, prep.norm, on_epoch=hook, input_hook=input_hook, checkpoint=checkpoint)
+    out = {
+        "train_time_s": res.train_time_s,
+        "images_per_s": res.images_per_s,
+        "best_val_accuracy": res.best_val_accuracy,
+        "best_epoch": float(res.best_epoch),
+        "epochs_run": float(res.epochs_run),
+        "diverged": float(res.diverged),
+    }
+    cm = None
+    if test:
+        m, cm = measure(net, prep, bootstrap, cfg.seed)
+        out.update(m)
+    if log:
+        tracking.log_metrics(out)
+        mlflow.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves.html")
+        if cm is not None:
+            mlflow.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix.html")
+        for k in ("test_di", "decorrelated_test_di"):
+            if k in out and not tracking.finite(out[k]):
+                mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
+        if res.diverged:
+            mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: lower lr")
+        if log_model:
+            tracking.log_model(net, prep.meta(cfg))
+    return net, out
+
+
+def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any) -> None:
+    """Params (every knob, verbatim), dataset inputs, split sizes and data tags of the active run."""
+    ds = prep.dataset
+    tracking.log_params({**flat(data_cfg, *configs), "data_digest": ds.digest, "data_source": ds.source,
+                         "in_channels": prep.channels, "num_classes": len(ds.classes)})
+    n = len(ds.labels)
+    splits = np.empty(n, dtype=object)
+    for name in ("train", "val", "test"):
+        splits[getattr(prep.split, name)] = name
+    tracking.log_dataset(ds.ids, [ds.classes[i] for i in ds.labels.tolist()], list(splits), ds.source, ds.digest,
+                         Path(ds.source).name if ds.layout != "demo" else "demo")
+    tracking.log_metrics({"n_train": len(prep.split.train), "n_val": len(prep.split.val), "n_test": len(prep.split.test),
+                          "n_skipped_files": len(ds.skipped)})
+    mlflow.set_tags({"data_layout": ds.layout, "synthetic_data": str(ds.layout == "demo").lower(), "task": "binary" if prep.binary else "multiclass"})
+    if ds.skipped:
+        mlflow.log_text("\n".join(ds.skipped), "skipped_files.txt")
+
+
+def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str) -> Path:
+    """Where `train` checkpoints: one file per configuration, so `resume=true` with the same command finds it."""
+    key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items() if k not in ("resume", "device", "threads", "cache_dir")}
+    h = hashlib.sha256(json.dumps({**key, "digest": digest}, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir(data_cfg) / "checkpoints" / f"{train_cfg.model}-{h}.pt"
+
+
+def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
+    """The `train` command: one tracked run; returns its metrics."""
+    tracking.setup()
+    prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
+    ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
+    with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}) as active:
+        log_setup(prep, data_cfg, train_cfg, bias_cfg)
+        mlflow.log_param("device_resolved", str(resolve_device(train_cfg.device)))
+        mlflow.set_tag("checkpoint", str(ck))
+        _, out = train_model(prep, train_cfg, checkpoint=ck)
+        print(f"run {active.info.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
+    return out
+
+
+_SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")

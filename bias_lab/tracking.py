@@ -1,0 +1,159 @@
+"""MLflow: where runs go, how they end, and how models are saved and loaded back without pickles.
+
+Runs always end: an exception ends them FAILED with the error as a tag and a text artifact, Ctrl-C and
+SIGTERM end them KILLED; metrics logged before stay. Models are logged with MLflow's PyTorch flavour (so the
+UI, the registry and `mlflow.pytorch.load_model` work) plus a state_dict and a `bias_lab.json` of the
+preprocessing, which is what `load_model` here reads: weights_only, no code from the artifact store runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from torch import nn
+
+from bias_lab.errors import UserError
+from bias_lab.models import build
+
+DEFAULT_EXPERIMENT = "bias-lab"
+META_FILE = "bias_lab.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so runs and trials unwind and end KILLED."""
+
+
+def install_signal_handlers() -> None:
+    def on_term(signum: int, _frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at its store (MLFLOW_TRACKING_URI, else ./mlflow.db) and check it answers; returns the URI."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        client = MlflowClient()
+        client.search_experiments(max_results=1)
+        if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+            mlflow.set_experiment(experiment)
+    except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot use the MLflow tracking store {uri} ({first[:200]}): start the server or fix MLFLOW_TRACKING_URI") from e
+    return uri
+
+
+@contextlib.contextmanager
+def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """mlflow.start_run that always ends the run: FINISHED, FAILED (error logged) or KILLED."""
+    active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id)
+    try:
+        yield active
+    except KeyboardInterrupt as e:
+        _end(active, "KILLED", f"interrupted: {e or 'Ctrl-C'}")
+        raise
+    except BaseException as e:
+        _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
+        raise
+    else:
+        if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
+            mlflow.end_run("FINISHED")
+
+
+def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = None) -> None:
+    run_id = active.info.run_id
+    client = MlflowClient()
+    with contextlib.suppress(Exception):  # ending the run matters more than recording why
+        client.set_tag(run_id, "error", message[:5000])
+        if tb:
+            client.log_text(run_id, tb, "error.txt")
+    # end every run stacked above ours (children left open by the failure), then ours
+    while (top := mlflow.active_run()) is not None:
+        mlflow.end_run(status)
+        if top.info.run_id == run_id:
+            return
+    client.set_terminated(run_id, status)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    """Log finite metrics; NaN/inf (an undefined DI, say) are logged too, MLflow stores them as is."""
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, default=str, allow_nan=True), artifact_file)
+
+
+def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: str, digest: str, name: str) -> None:
+    """mlflow.data dataset of (id, label, split), one log_input per split context."""
+    import pandas as pd
+
+    df = pd.DataFrame({"id": ids, "label": labels, "split": splits})
+    for context in ("train", "val", "test"):
+        part = df[df.split == context].reset_index(drop=True)
+        ds = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36])
+        mlflow.log_input(ds, context=context)
+
+
+def log_model(model: nn.Module, meta: dict[str, Any], name: str = "model") -> Any:
+    """Log `model` with its preprocessing `meta` (arch, in_channels, image_size, mean, std, classes...)."""
+    c, s = meta["in_channels"], meta["image_size"]
+    from mlflow.models import infer_signature
+
+    example = np.zeros((2, c, s, s), dtype=np.float32)  # batch 2: a batch of 1 would freeze the exported batch size
+    signature = infer_signature(example, np.zeros((1, len(meta["classes"])), dtype=np.float32))
+    cpu_model = model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, meta_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
+        torch.save(cpu_model.state_dict(), weights)
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pytorch.log_model(
+            cpu_model,
+            name=name,
+            signature=signature,
+            input_example=example,
+            metadata={"bias_lab": meta},
+            extra_files=[str(weights), str(meta_path)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", f"mlflow=={mlflow.__version__}"],
+        )
+
+
+def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a logged model from its state_dict (weights_only) and return it with its preprocessing meta."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"cannot load model '{model_uri}' ({first}): check the name/alias/version in the MLflow UI, or run tune first") from e
+    metas = list(local.rglob(META_FILE))
+    weights = list(local.rglob(WEIGHTS_FILE))
+    if not metas or not weights:
+        raise UserError(f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune")
+    meta = json.loads(metas[0].read_text())
+    model = build(meta["arch"], meta["in_channels"], len(meta["classes"]), meta["image_size"])
+    model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+    return model.to(device).eval(), meta
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
