@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny generated datasets and an isolated MLflow sqlite store per test.
+
+Nothing here reads ../shared: tests make their own data (the demo generator at a small size).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from bias_lab.cli import main
+from bias_lab.demo import write_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast: 32 px images, LeNet, a few epochs. Each test that trains keeps well under ~10 s on 2 cores.
+FAST = ["--image-size", "32", "--model", "lenet", "--epochs", "2", "--batch-size", "32", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="session")
+def kaggle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Kaggle-layout dataset (labels 1..4, 40 train images per class, 5 test images per class)."""
+    return write_demo(tmp_path_factory.mktemp("data") / "kaggle", seed=1, n_train=40, n_test=5)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test: its own cwd, MLflow sqlite store, decoded-tensor cache; no progress bars."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("BIAS_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Run `bias-lab ARGS` in-process; returns (exit code, stdout+stderr)."""
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output  # click >= 8.2: stdout and stderr, as a terminal shows them
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `bias-lab ARGS` in a subprocess (exit codes, signals, tracebacks as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "bias_lab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def all_runs(client: mlflow.MlflowClient) -> list:
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps], max_results=1000)
