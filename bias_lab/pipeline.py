@@ -212,13 +212,32 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
     tracking.setup()
     prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
     ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
-    with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}) as active:
-        log_setup(prep, data_cfg, train_cfg, bias_cfg)
+    run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint: resume continues that run
+    previous = _resumable_run(run_file) if train_cfg.resume and ck.exists() else None
+    with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(active.info.run_id)
+        if previous:
+            mlflow.set_tag("resumed", "true")
+        else:
+            log_setup(prep, data_cfg, train_cfg, bias_cfg)
         mlflow.log_param("device_resolved", str(resolve_device(train_cfg.device)))
         mlflow.set_tag("checkpoint", str(ck))
         _, out = train_model(prep, train_cfg, checkpoint=ck)
         print(f"run {active.info.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
     return out
+
+
+def _resumable_run(run_file: Path) -> str | None:
+    """The run id recorded next to a checkpoint, if that run still exists in the tracking store."""
+    if not run_file.exists():
+        return None
+    run_id = run_file.read_text().strip()
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # deleted, or another tracking store: start a fresh run
+        return None
+    return run_id
 
 
 _SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")

@@ -60,9 +60,16 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
 
 @contextlib.contextmanager
 def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """mlflow.start_run that always ends the run: FINISHED, FAILED (error logged) or KILLED."""
-    active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id)
+        parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """mlflow.start_run that always ends the run: FINISHED, FAILED (error logged) or KILLED.
+
+    `run_id` re-opens an existing run (resuming an interrupted `train`); MLFLOW_RUN_ID (set by `mlflow run`)
+    wins over it for a top-level run, as in mlflow.start_run.
+    """
+    if run_id and not nested and not os.environ.get("MLFLOW_RUN_ID"):
+        active = mlflow.start_run(run_id=run_id, tags=tags)
+    else:
+        active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id)
     try:
         yield active
     except KeyboardInterrupt as e:
