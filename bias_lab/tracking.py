@@ -104,7 +104,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
 
 
 def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    """Log params, skipping keys the run already has (`mlflow run` logs the entry point's own -P values first,
+    quoting empty strings as "''"; MLflow refuses to change a param)."""
+    run = mlflow.active_run()
+    have = MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items() if k not in have})
 
 
 def log_json(obj: Any, artifact_file: str) -> None:

@@ -108,3 +108,17 @@ def test_config_fields_have_help() -> None:
     for cls in (C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig, C.BiasEvalConfig, C.SubmitConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+
+
+def test_mlflow_run_entry_point(kaggle_data: Path, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    """`mlflow run . -e train --env-manager local` (MLflow creates the run and logs -P params itself)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local", "-P", f"data={kaggle_data}",
+                           "-P", "image_size=32", "-P", "epochs=1", "-P", "classes=1,3", "-P", "bias=true"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED" and run.data.params["classes"] == "1,3" and "test_di" in run.data.metrics
