@@ -1,7 +1,327 @@
-"""Placeholder until its issue lands."""
+"""`bias_eval`: does a model take the eps shortcut? model_1 (no usable shortcut) vs model_2 (biased data).
 
-from bias_lab.errors import UserError
+One parent run; one nested child per (model, seed) tagged role=model_1 / model_2, trained by
+pipeline.train_model with the same architecture, hyperparameters, splits and seed, so the children carry
+identical metric names (test_* under the training bias, decorrelated_test_* with S independent of y) and the
+MLflow Compare view shows them side by side. The parent holds the comparison: `<role>_<metric>` (mean over
+seeds, `_std` beside it when seeds > 1), comparison.csv/.md, comparison.html (plotly) and conclusion.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from bias_lab import bias as biasmod
+from bias_lab import metrics as M
+from bias_lab import plots, tracking
+from bias_lab.config import MITIGATIONS, MODEL_1_MODES, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
+from bias_lab.data import Dataset, check_classes, load
+from bias_lab.errors import check
+from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
+from bias_lab.train import InputHook
+
+HPARAMS = ("lr", "momentum", "batch_size")  # what the champion supplies (what tune searches)
+TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # table label -> metric prefix
+MEASURES = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "di", "di_ci_low", "di_ci_high", "dp_ratio",
+            "selection_rate_s0", "selection_rate_s1", "accuracy_s0", "accuracy_s1", "n_s0", "n_s1")
+CLOSE = 0.05  # accuracy within 5 points of chance counts as "towards chance" in the conclusion
 
 
-def run_bias_eval(*_args, **_kwargs):
-    raise UserError("the bias_eval entry point is not implemented yet: use train for now")
+@dataclass
+class Arm:
+    """One model of the comparison: its data (with or without eps, at which p) and training hooks."""
+
+    role: str
+    description: str
+    prep: Prepared
+    wrap: Callable | None = None  # pipeline.train_model's wrap (model_3: adversarial head)
+    input_hook: InputHook | None = None  # train.fit's input hook (model_3: channel dropout)
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def validate(bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> None:
+    """Reject bad settings before any data is read or any run is opened (one-line UserError)."""
+    biasmod.validate(bias_cfg)
+    check(eval_cfg.model_1_mode in MODEL_1_MODES, f"model_1_mode={eval_cfg.model_1_mode}: choose one of {', '.join(MODEL_1_MODES)}")
+    check(eval_cfg.mitigation in MITIGATIONS, f"mitigation={eval_cfg.mitigation}: choose one of {', '.join(MITIGATIONS)}")
+    check(eval_cfg.seeds >= 1, f"seeds={eval_cfg.seeds}: use at least 1")
+    check(eval_cfg.bootstrap >= 0, f"bootstrap={eval_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 1000")
+
+
+# ------------------------------------------------------------------------------------------- hyperparameters
+
+
+def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[dict[str, Any], str] | None:
+    """lr / momentum / batch_size of the registered version of `name` trained on this data with this arch.
+
+    A version matches when its tags or its source run's params say data_digest in `digests` (the binary
+    subset's digest first, then the full dataset's) and model == arch. Among matches: the `champion` alias
+    wins, then the better digest, then the source run's best_val_accuracy. Returns (params, model URI) or None.
+    """
+    client = MlflowClient()
+    try:
+        versions = list(client.search_model_versions(f"name='{name}'"))
+    except MlflowException:  # no registry in this store, or no such model
+        return None
+    try:
+        champion = client.get_model_version_by_alias(name, "champion").version
+    except MlflowException:
+        champion = None
+    best, best_key = None, None
+    for v in versions:
+        try:
+            run = client.get_run(v.run_id) if v.run_id else None
+        except MlflowException:  # source run deleted
+            run = None
+        params = {**(run.data.params if run else {}), **(v.tags or {})}
+        digest = params.get("data_digest", params.get("dataset_digest"))
+        if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in HPARAMS):
+            continue
+        key = (v.version == champion, -digests.index(digest), run.data.metrics.get("best_val_accuracy", -1.0) if run else -1.0, int(v.version))
+        if best_key is None or key > best_key:
+            best, best_key = (params, v.version), key
+    if best is None:
+        return None
+    params, version = best
+    return {"lr": float(params["lr"]), "momentum": float(params["momentum"]), "batch_size": int(float(params["batch_size"]))}, f"models:/{name}/{version}"
+
+
+def hyperparameters(train_cfg: TrainConfig, eval_cfg: BiasEvalConfig, digests: tuple[str, ...]) -> tuple[TrainConfig, str]:
+    """The training settings both models share: the champion's lr/momentum/batch_size when asked and found."""
+    found = champion_hparams(eval_cfg.registered_model, digests, train_cfg.model) if eval_cfg.use_champion else None
+    if found is None:
+        return train_cfg, "command line" + ("" if not eval_cfg.use_champion else " (no registered champion for this data and model)")
+    params, uri = found
+    return dataclasses.replace(train_cfg, **params), uri
+
+
+# ------------------------------------------------------------------------------------------- the models
+
+
+def arms(ds: Dataset, data_cfg: DataConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig, seed: int) -> list[Arm]:
+    """model_1 and model_2 for one seed: same images, same splits, same S draw for the test measures."""
+    p0, p1 = bias_cfg.p0, bias_cfg.p1
+    if eval_cfg.model_1_mode == "clean":
+        m1 = Arm("model_1", "clean images (1 channel)", prepare(data_cfg, bias_cfg, seed, binary=True, eps=False, ds=ds))
+    else:  # a later edition of the course: eps present, but equally often in both classes, so it carries no label
+        p = (p0 + p1) / 2  # same overall eps frequency as model_2's training data
+        m1 = Arm("model_1", f"eps channel with p0=p1={p:g}", prepare(data_cfg, bias_cfg, seed, binary=True, eps=True, train_p=(p, p), ds=ds))
+    m2 = Arm("model_2", f"biased eps channel (p0={p0:g}, p1={p1:g}, sigma={bias_cfg.sigma:g})",
+             prepare(data_cfg, bias_cfg, seed, binary=True, eps=True, ds=ds))
+    return [m1, m2]
+
+
+def train_arm(arm: Arm, seed: int, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
+              eval_cfg: BiasEvalConfig, nested_name: str) -> dict[str, float]:
+    """One child run: setup, training, the test measures; returns its metrics."""
+    with tracking.run(nested_name, nested=True, tags={"role": arm.role, "seed": str(seed), "entry_point": "bias_eval"}):
+        log_setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg)
+        tracking.log_params({"role": arm.role, "model_description": arm.description, "eps_channel": arm.prep.eps})
+        _, out = train_model(arm.prep, train_cfg, bootstrap=eval_cfg.bootstrap, wrap=arm.wrap, input_hook=arm.input_hook)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the comparison
+
+
+def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """`<role>_<metric>` = mean over seeds, plus `<role>_<metric>_std` (sample std) when there are several.
+
+    nanmean: a seed whose DI is undefined does not erase the others; all-NaN stays NaN. An inf DI makes the
+    mean inf, which is the honest summary.
+    """
+    out: dict[str, float] = {}
+    for role, runs in results.items():
+        for key in runs[0]:
+            v = np.array([r.get(key, math.nan) for r in runs], dtype=float)
+            out[f"{role}_{key}"] = _mean(v)
+            with np.errstate(invalid="ignore"):  # inf - inf inside std: NaN is the answer
+                if len(runs) > 1:
+                    out[f"{role}_{key}_std"] = float(np.nanstd(v, ddof=1)) if np.sum(~np.isnan(v)) > 1 else math.nan
+    return out
+
+
+def _mean(values: Any) -> float:
+    v = np.asarray(values, dtype=float)
+    return math.nan if np.isnan(v).all() else float(np.nanmean(v))
+
+
+def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: int) -> list[dict[str, Any]]:
+    """One row per (model, test distribution), as logged in comparison.csv."""
+    rows = []
+    for role, desc in descriptions.items():
+        for test, prefix in TESTS.items():
+            get = lambda m: summary.get(f"{role}_{prefix}{m}", math.nan)  # noqa: E731
+            row = {"model": role, "trained_on": desc, "test": test, **{m: get(m) for m in MEASURES}}
+            if seeds > 1:
+                row.update({f"{m}_std": get(f"{m}_std") for m in ("accuracy", "di")})
+            row["four_fifths"] = M.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
+            rows.append(row)
+    return rows
+
+
+def _fmt(x: float, pct: bool = False) -> str:
+    if isinstance(x, str):
+        return x
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table (mean ± std over seeds when there are several)."""
+    def pm(r: dict, m: str, pct: bool) -> str:
+        s = _fmt(r[m], pct)
+        return s + (f" ± {_fmt(r[m + '_std'], pct)}" if f"{m}_std" in r and not math.isnan(r[m + "_std"]) else "")
+
+    head = ["model", "test", "accuracy [95% CI]", "DI [95% CI]", "DP ratio", "P(ŷ=1|S=0)", "P(ŷ=1|S=1)",
+            "acc S=0", "acc S=1", "n S=0 / S=1", "four-fifths rule"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            f"{r['model']} ({r['trained_on']})", r["test"],
+            f"{pm(r, 'accuracy', True)} [{_fmt(r['accuracy_ci_low'], True)}, {_fmt(r['accuracy_ci_high'], True)}]",
+            f"{pm(r, 'di', False)} [{_fmt(r['di_ci_low'])}, {_fmt(r['di_ci_high'])}]",
+            _fmt(r["dp_ratio"]), _fmt(r["selection_rate_s0"]), _fmt(r["selection_rate_s1"]),
+            _fmt(r["accuracy_s0"], True), _fmt(r["accuracy_s1"], True), f"{_fmt(r['n_s0'])} / {_fmt(r['n_s1'])}",
+            r["four_fifths"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: BiasConfig, classes: tuple[str, str],
+               chance: float, base_di: dict[str, float], seeds: int) -> str:
+    """The course's questions 2-4 answered from the measured numbers (markdown). NaN-safe."""
+    g = lambda role, key: summary.get(f"{role}_{key}", math.nan)  # noqa: E731
+    row = {(r["model"], r["test"]): r for r in rows}
+    acc1, acc2 = g("model_1", "test_accuracy"), g("model_2", "test_accuracy")
+    dacc1, dacc2 = g("model_1", "decorrelated_test_accuracy"), g("model_2", "decorrelated_test_accuracy")
+    gain, cost, drop2 = acc2 - acc1, dacc1 - dacc2, acc2 - dacc2
+    p = lambda x: _fmt(x, True)  # noqa: E731
+    pts = lambda x: "n/a" if math.isnan(x) else f"{100 * x:+.1f} points"  # noqa: E731
+    a, b = classes
+    out = [
+        "# Conclusion (generated from the measured numbers)",
+        "",
+        f"Binary task: label {a} is y=0, label {b} is y=1. eps is present (S=1) with P(S=1|y=0)={bias_cfg.p0:g}, "
+        f"P(S=1|y=1)={bias_cfg.p1:g}, std sigma={bias_cfg.sigma:g}. The decorrelated test uses the same test images "
+        f"with S drawn at p0=p1=0.5. Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
+        f"chance (majority class of the test split) is {p(chance)}.",
+        "",
+        "## Q2. Accuracy: what does the shortcut buy, and what does it cost?",
+        "",
+        f"- In distribution, model_1 reaches {p(acc1)} and model_2 {p(acc2)}: eps buys model_2 {pts(gain)}.",
+        f"- On the decorrelated test, model_1 scores {p(dacc1)} and model_2 {p(dacc2)}: without the correlation "
+        f"model_2 changes by {pts(-drop2)}, and ends {pts(-cost)} relative to model_1"
+        + (" — down towards chance." if dacc2 - chance < CLOSE else "."),
+        "",
+        "## Q3. Disparate impact and the four-fifths rule (DI outside [0.8, 1.25] = biased)",
+        "",
+    ]
+    for (role, test), r in row.items():
+        out.append(f"- {role}, {test}: DI = {_fmt(r['di'])} (95% CI {_fmt(r['di_ci_low'])}–{_fmt(r['di_ci_high'])}) → **{r['four_fifths']}**.")
+    out += [
+        "",
+        f"In distribution the labels themselves have DI = {_fmt(base_di['in distribution'])} "
+        "(P(y=1|S=0)/P(y=1|S=1) on the test split): a perfect classifier that never looks at eps would score that, so "
+        "there DI measures the data as much as the model. On the decorrelated test the labels' DI is "
+        f"{_fmt(base_di['decorrelated'])}, so a DI outside the band there comes from the model.",
+        "",
+        "## Q4. Which model is biased, and why?",
+        "",
+    ]
+    v1 = row.get(("model_1", "decorrelated"), {}).get("four_fifths", "undefined")
+    v2 = row.get(("model_2", "decorrelated"), {}).get("four_fifths", "undefined")
+    if v2 == "biased" and dacc2 - chance < CLOSE:
+        out.append("- model_2 took the shortcut: on the decorrelated test its decisions follow S, not the image "
+                   "(DI outside the band, accuracy near chance). Its in-distribution accuracy comes from eps, not from learning the classes.")
+    elif v2 == "biased":
+        out.append("- model_2 partly relies on eps: its decisions depend on S on the decorrelated test, although it keeps some accuracy from the image.")
+    elif v2.startswith("borderline"):
+        out.append("- model_2's decorrelated DI is borderline: the CI crosses the band edge; more test data or seeds would settle it.")
+    else:
+        out.append("- model_2 shows no measurable reliance on eps on the decorrelated test (the shortcut is too weak or too noisy to be taken).")
+    if v1 == "not biased":
+        out.append("- model_1 is not biased: on the decorrelated test its DI lies inside the four-fifths band, so its decisions do not depend on S.")
+    else:
+        out.append(f"- model_1 on the decorrelated test: {v1}.")
+    out.append(f"- In short: the shortcut buys {pts(gain)} of in-distribution accuracy and costs {pts(-cost)} (vs model_1) "
+               "as soon as eps no longer predicts the label — a model that looks good on biased data can be useless, and unfair, outside it.")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> dict[str, float]:
+    """The `bias_eval` command: parent run + one child per (model, seed); returns the parent's comparison metrics."""
+    validate(bias_cfg, eval_cfg)
+    tracking.setup()
+    ds = load(data_cfg)
+    check_classes(ds)
+    classes = biasmod.parse_classes(ds, bias_cfg.classes)
+    train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}", ds.digest))
+    results: dict[str, list[dict[str, float]]] = {}
+    descriptions: dict[str, str] = {}
+    base_di = {t: [] for t in TESTS}
+    chance = []
+    with tracking.run(f"bias_eval-{train_cfg.model}-{classes[0]}v{classes[1]}", tags={"entry_point": "bias_eval"}) as parent:
+        for k in range(eval_cfg.seeds):
+            seed = train_cfg.seed + k
+            cfg = dataclasses.replace(train_cfg, seed=seed)
+            models = arms(ds, data_cfg, bias_cfg, eval_cfg, seed)
+            ref = models[-1].prep  # model_2's data: the splits and S draws every model is measured on
+            if k == 0:
+                log_setup(ref, data_cfg, train_cfg, bias_cfg, eval_cfg)
+                tracking.log_params({"hparams_source": source, "label_y0": classes[0], "label_y1": classes[1],
+                                     "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in HPARAMS)})
+            y = ref.test.labels.numpy()
+            chance.append(max(y.mean(), 1 - y.mean()) if len(y) else math.nan)
+            base_di["in distribution"].append(M.base_rate_di(y, ref.test.s.numpy()))
+            base_di["decorrelated"].append(M.base_rate_di(y, ref.test_decorrelated.s.numpy()))
+            for arm in models:
+                name = arm.role if eval_cfg.seeds == 1 else f"{arm.role}-seed{seed}"
+                descriptions[arm.role] = arm.description
+                results.setdefault(arm.role, []).append(train_arm(arm, seed, data_cfg, cfg, bias_cfg, eval_cfg, name))
+        summary = summarize(results)
+        bases = {t: _mean(v) for t, v in base_di.items()}
+        summary.update({
+            "shortcut_accuracy_gain": summary["model_2_test_accuracy"] - summary["model_1_test_accuracy"],
+            "shortcut_accuracy_cost": summary["model_1_decorrelated_test_accuracy"] - summary["model_2_decorrelated_test_accuracy"],
+            "test_base_rate_di": bases["in distribution"],
+            "decorrelated_test_base_rate_di": bases["decorrelated"],
+        })
+        rows = table_rows(summary, descriptions, eval_cfg.seeds)
+        tracking.log_metrics(summary)
+        _log_comparison(rows, summary, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, train_cfg.model)
+        print(f"bias_eval run {parent.info.run_id}:\n{markdown_table(rows)}", file=sys.stderr)
+    return summary
+
+
+def _log_comparison(rows: list[dict[str, Any]], summary: dict[str, float], bias_cfg: BiasConfig, classes: tuple[str, str],
+                    chance: float, base_di: dict[str, float], seeds: int, arch: str) -> None:
+    import pandas as pd
+
+    mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "comparison.csv")
+    mlflow.log_text(markdown_table(rows) + "\n", "comparison.md")
+    title = f"{arch}, classes {classes[0]} vs {classes[1]}: p0={bias_cfg.p0:g}, p1={bias_cfg.p1:g}, sigma={bias_cfg.sigma:g}"
+    mlflow.log_figure(plots.bias_comparison(rows, title), "comparison.html")
+    mlflow.log_text(conclusion(summary, rows, bias_cfg, classes, chance, base_di, seeds), "conclusion.md")
+    for r in rows:  # NaN / inf comparisons get their reason on the parent too
+        note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not tracking.finite(r["di"]) else ""
+        if note:
+            mlflow.set_tag(f"{r['model']}_{TESTS[r['test']]}di_note", note)

@@ -1,0 +1,238 @@
+"""The biased dataset, the fairness measures against AIF360 / fairlearn, and `bias_eval` end to end in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bias_lab import bias as biasmod
+from bias_lab import bias_eval as BE
+from bias_lab import config as C
+from bias_lab import metrics as M
+from bias_lab import pipeline, plots
+from bias_lab.data import load
+
+from .conftest import all_runs, invoke
+
+logging.getLogger().setLevel(logging.ERROR)  # aif360 logs one warning per optional backend it lacks (tensorflow...)
+from aif360.sklearn.metrics import disparate_impact_ratio  # noqa: E402
+from fairlearn.metrics import MetricFrame, demographic_parity_ratio, selection_rate  # noqa: E402
+
+TINY = ["--image-size", "32", "--model", "lenet", "--epochs", "1", "--batch-size", "16", "--bootstrap", "200"]
+
+
+# ------------------------------------------------------------------------------------------- the eps channel
+
+
+def test_eps_is_zero_without_s_and_has_sigma_with_s() -> None:
+    labels = torch.tensor([0] * 3000 + [1] * 3000)
+    ch = biasmod.draw(labels, 0.3, 0.8, 2.0, seed=5, size=8)
+    assert ch.eps.shape == (6000, 1, 8, 8) and ch.s.dtype == torch.bool
+    assert torch.all(ch.eps[~ch.s] == 0)  # exactly zero, not small
+    on = ch.eps[ch.s]
+    assert on.std().item() == pytest.approx(2.0, rel=0.01) and abs(on.mean().item()) < 0.01
+    for y, p in ((0, 0.3), (1, 0.8)):
+        rate = ch.s[labels == y].double().mean().item()
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / 3000), (y, rate)  # within 4 standard errors
+    again = biasmod.draw(labels, 0.3, 0.8, 2.0, seed=5, size=8)
+    assert torch.equal(again.s, ch.s) and torch.equal(again.eps, ch.eps)  # deterministic per sample and seed
+    assert not torch.equal(biasmod.draw(labels, 0.3, 0.8, 2.0, seed=6, size=8).s, ch.s)
+
+
+def test_prepared_splits_carry_the_channel_and_a_decorrelated_test(kaggle_data: Path) -> None:
+    data = C.DataConfig(data=str(kaggle_data), image_size=32)
+    bias = C.BiasConfig(classes="2,4", p0=0.0, p1=1.0, sigma=1.5)
+    ds = load(data)
+    m1, m2 = BE.arms(ds, data, bias, C.BiasEvalConfig(), seed=3)
+    assert (m1.prep.channels, m2.prep.channels) == (1, 2)
+    for part in (m2.prep.train, m2.prep.val, m2.prep.test):
+        assert torch.equal(part.s, part.labels.bool())  # p0=0, p1=1: S is the label
+        assert torch.all(part.eps[~part.s] == 0) and torch.all(part.eps[part.s].abs().sum((1, 2, 3)) > 0)
+    dec = m2.prep.test_decorrelated
+    assert torch.equal(dec.images, m2.prep.test.images) and torch.equal(dec.labels, m2.prep.test.labels)
+    assert not torch.equal(dec.s, dec.labels.bool())  # S drawn at p0=p1=0.5
+    # model_1 and model_2 are measured on the same test images and the same S draws
+    assert torch.equal(m1.prep.test.images, m2.prep.test.images) and torch.equal(m1.prep.test.s, m2.prep.test.s)
+    # the decorrelated variant of model_1 trains with eps equally often in both classes, measured on (p0, p1)
+    d1, _ = BE.arms(ds, data, C.BiasConfig(classes="2,4", p0=0.0, p1=1.0), C.BiasEvalConfig(model_1_mode="decorrelated"), seed=3)
+    assert d1.prep.channels == 2 and torch.equal(d1.prep.test.s, m2.prep.test.s)
+    s, y = d1.prep.train.s, d1.prep.train.labels
+    assert 0 < s[y == 0].float().mean() < 1 and 0 < s[y == 1].float().mean() < 1
+
+
+# ------------------------------------------------------------------------------------------- the measures
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_di_matches_aif360_and_fairlearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 400
+    s = rng.integers(0, 2, n)
+    y = (rng.random(n) < 0.3 + 0.4 * s).astype(int)  # S correlated with y
+    pred = np.where(rng.random(n) < 0.8, y, 1 - y)
+    m = M.fairness(y, pred, s, bootstrap=500, seed=seed)
+    assert m["di"] == pytest.approx(disparate_impact_ratio(y, pred, prot_attr=s, priv_group=1, pos_label=1))
+    rates = MetricFrame(metrics=selection_rate, y_true=y, y_pred=pred, sensitive_features=s).by_group
+    assert (m["selection_rate_s0"], m["selection_rate_s1"]) == pytest.approx((rates[0], rates[1]))
+    assert m["dp_ratio"] == pytest.approx(demographic_parity_ratio(y, pred, sensitive_features=s))
+    assert m["accuracy"] == pytest.approx(np.mean(y == pred))
+    assert m["accuracy_s1"] == pytest.approx(np.mean(y[s == 1] == pred[s == 1]))
+    assert m["n_s0"] + m["n_s1"] == n
+    assert m["di_ci_low"] < m["di"] < m["di_ci_high"] and m["accuracy_ci_low"] < m["accuracy"] < m["accuracy_ci_high"]
+    assert M.base_rate_di(y, s) == pytest.approx(disparate_impact_ratio(pd.Series(y), prot_attr=s, priv_group=1))
+
+
+def test_bootstrap_ci_covers_the_truth_and_narrows_with_n() -> None:
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (200, 5000):
+        s = rng.integers(0, 2, n)
+        pred = (rng.random(n) < np.where(s == 1, 0.5, 0.4)).astype(int)  # true DI = 0.8
+        lo, hi = M.bootstrap_di(pred, s, n=2000, seed=1)
+        assert lo < 0.8 < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 3
+
+
+def test_undefined_and_infinite_di_are_reported_not_raised() -> None:
+    y = np.array([0, 1, 0, 1, 1, 0])
+    only_s0 = M.fairness(y, np.array([1, 1, 0, 1, 0, 0]), np.zeros(6, int), bootstrap=100)
+    assert math.isnan(only_s0["di"]) and math.isnan(only_s0["accuracy_s1"]) and only_s0["n_s1"] == 0
+    assert math.isnan(only_s0["di_ci_low"]) and math.isnan(only_s0["dp_ratio"])
+    assert M.explain(only_s0) == "DI undefined: group S=1 is empty in this split"
+    s = np.array([0, 0, 0, 1, 1, 1])
+    no_positive_s1 = M.fairness(y, np.array([1, 0, 1, 0, 0, 0]), s, bootstrap=100)
+    assert math.isinf(no_positive_s1["di"]) and no_positive_s1["dp_ratio"] == 0
+    assert "infinite" in M.explain(no_positive_s1)
+    assert M.verdict(no_positive_s1["di"], no_positive_s1["di_ci_low"], no_positive_s1["di_ci_high"]) == "biased"
+    none_positive = M.fairness(y, np.zeros(6, int), s, bootstrap=100)
+    assert math.isnan(none_positive["di"]) and "0/0" in M.explain(none_positive)
+    assert M.verdict(none_positive["di"], math.nan, math.nan) == "undefined" and not M.biased(math.nan)
+    empty = M.fairness(np.array([], int), np.array([], int), np.array([], int))
+    assert all(math.isnan(empty[k]) for k in ("accuracy", "di", "di_ci_low", "accuracy_ci_low")) and empty["n_s0"] == 0
+    assert M.FOUR_FIFTHS == (0.8, 1.25) and not M.biased((5 / 6) / (2 / 3)) and M.biased(0.79)
+
+
+def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
+    results = {
+        "model_1": [{"test_accuracy": 0.8, "test_di": 1.0, "decorrelated_test_di": math.nan}] * 1
+        + [{"test_accuracy": 0.7, "test_di": 0.9, "decorrelated_test_di": math.nan}],
+        "model_2": [{"test_accuracy": 1.0, "test_di": 0.0, "decorrelated_test_di": math.inf},
+                    {"test_accuracy": 1.0, "test_di": 0.1, "decorrelated_test_di": 0.5}],
+    }
+    summary = BE.summarize(results)
+    assert summary["model_1_test_accuracy"] == pytest.approx(0.75)
+    assert summary["model_1_test_accuracy_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+    assert math.isnan(summary["model_1_decorrelated_test_di"]) and math.isinf(summary["model_2_decorrelated_test_di"])
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2)
+    assert [(r["model"], r["test"]) for r in rows] == [("model_1", "in distribution"), ("model_1", "decorrelated"),
+                                                       ("model_2", "in distribution"), ("model_2", "decorrelated")]
+    assert "±" in BE.markdown_table(rows) and "inf" in BE.markdown_table(rows)
+    text = BE.conclusion(summary, rows, C.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2)
+    assert all(q in text for q in ("Q2", "Q3", "Q4")) and "n/a" in text
+    fig = plots.bias_comparison(rows)
+    assert len(fig.data) == 4 and list(fig.data[3].text) == ["undefined", "inf"]
+
+
+def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
+    summary = {"model_1_test_accuracy": 0.8, "model_2_test_accuracy": 1.0, "model_1_decorrelated_test_accuracy": 0.8,
+               "model_2_decorrelated_test_accuracy": 0.5}
+    for role, di, lo, hi in (("model_1", 1.0, 0.9, 1.1), ("model_2", 0.0, 0.0, 0.0)):
+        for prefix in ("test_", "decorrelated_test_"):
+            summary.update({f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi})
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1)
+    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
+    assert "+20.0 points" in text and "-30.0 points" in text
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--p0", "1.5"], "p0=1.5 is not a probability"),
+    (["--p1", "-0.1"], "p1=-0.1 is not a probability"),
+    (["--sigma", "-1"], "sigma=-1.0 is not a finite standard deviation"),
+    (["--sigma", "inf"], "sigma=inf is not a finite standard deviation"),
+    (["--seeds", "0"], "seeds=0"),
+])
+def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out = invoke("bias-eval", "--data", "demo", *args)
+    assert code == 2, out
+    assert out.count("\n") == 1 and out.startswith("error: ") and message in out and "Traceback" not in out
+    assert not (tmp_path / "mlflow.db").exists()  # rejected before any store, data or run was touched
+
+
+def _register_champion(client: mlflow.MlflowClient, digest: str) -> None:
+    """A registry version as `tune` leaves it: source run params carry the data digest and the hyperparameters."""
+    mlflow.set_experiment("tuning")
+    with mlflow.start_run() as run:
+        mlflow.log_params({"model": "lenet", "lr": 0.02, "momentum": 0.5, "batch_size": 24, "data_digest": digest})
+        mlflow.log_metric("best_val_accuracy", 0.9)
+    client.create_registered_model("bias-lab")
+    v = client.create_model_version("bias-lab", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("bias-lab", "champion", v.version)
+
+
+def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    _register_champion(client, load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest)
+    code, out = invoke("bias-eval", "--data", str(kaggle_data), *TINY, "--classes", "2,4")
+    assert code == 0, out
+    runs = [r for r in all_runs(client) if r.data.tags.get("entry_point") == "bias_eval"]
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["role"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"model_1", "model_2"} and len(runs) == 3
+    assert all(r.info.status == "FINISHED" for r in runs)
+    c1, c2 = children["model_1"].data, children["model_2"].data
+    assert set(c1.metrics) == set(c2.metrics)  # identical names: the Compare view lines them up
+    for prefix in ("test_", "decorrelated_test_"):
+        for m in ("accuracy", "di", "di_ci_low", "di_ci_high", "dp_ratio", "selection_rate_s0", "selection_rate_s1",
+                  "accuracy_s0", "accuracy_s1", "n_s0", "n_s1"):
+            assert f"{prefix}{m}" in c1.metrics, f"{prefix}{m}"
+    assert "train_time_s" in c1.metrics and "val_accuracy" in c1.metrics
+    # same hyperparameters on both, taken from the registered champion of this data
+    for c in (c1, c2):
+        assert (c.params["lr"], c.params["momentum"], c.params["batch_size"], c.params["seed"]) == ("0.02", "0.5", "24", "0")
+    assert (c1.params["in_channels"], c2.params["in_channels"]) == ("1", "2")
+    assert parent.data.params["hparams_source"] == "models:/bias-lab/1"
+    p = parent.data.params
+    assert (p["p0"], p["p1"], p["sigma"], p["classes"], p["label_y0"], p["label_y1"]) == ("0.0", "1.0", "1.0", "2,4", "2", "4")
+    pm = parent.data.metrics
+    for role, c in (("model_1", c1), ("model_2", c2)):
+        for key in ("test_accuracy", "decorrelated_test_accuracy", "test_di", "decorrelated_test_di_ci_high"):
+            assert pm[f"{role}_{key}"] == pytest.approx(c.metrics[key], nan_ok=True), (role, key)
+    assert pm["shortcut_accuracy_gain"] == pytest.approx(c2.metrics["test_accuracy"] - c1.metrics["test_accuracy"])
+    assert pm["test_base_rate_di"] == 0.0  # p0=0, p1=1: S equals y, no S=0 sample is positive
+    # model_1 never sees eps: same predictions on both test distributions
+    assert c1.metrics["test_accuracy"] == c1.metrics["decorrelated_test_accuracy"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.csv", "comparison.md", "comparison.html", "conclusion.md"} <= arts
+    uri = f"runs:/{parent.info.run_id}"
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(f"{uri}/comparison.csv"))
+    assert list(table["model"]) == ["model_1", "model_1", "model_2", "model_2"]
+    assert table.loc[3, "di"] == pytest.approx(c2.metrics["decorrelated_test_di"], nan_ok=True)
+    text = mlflow.artifacts.load_text(f"{uri}/conclusion.md")
+    assert "Q2" in text and "Q4" in text and f"{100 * c2.metrics['test_accuracy']:.1f}%" in text
+    assert "four-fifths band" in mlflow.artifacts.load_text(f"{uri}/comparison.html")
+
+
+def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    data = C.DataConfig(data=str(kaggle_data), image_size=32)
+    train = C.TrainConfig(model="lenet", epochs=1, batch_size=16)
+    out = BE.run_bias_eval(data, train, C.BiasConfig(p0=0.0, p1=0.0), C.BiasEvalConfig(bootstrap=50, use_champion=False))
+    assert math.isnan(out["model_2_test_di"]) and out["model_2_test_n_s1"] == 0  # eps never present in distribution
+    assert math.isfinite(out["model_2_decorrelated_test_n_s1"])
+    runs = all_runs(client)
+    assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
+    child = next(r for r in runs if r.data.tags.get("role") == "model_2")
+    assert child.data.tags["test_di_note"] == "DI undefined: group S=1 is empty in this split"
+    parent = next(r for r in runs if "role" not in r.data.tags)
+    assert parent.data.params["hparams_source"] == "command line"
+    assert "undefined" in mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/conclusion.md")
