@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from bias_lab.config import DataConfig
 from bias_lab.errors import UserError, check
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1  # bump when decoding changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so stale caches are not reused
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Dataset:
     layout: str  # "kaggle" | "imagefolder" | "demo"
     skipped: list[str] = field(default_factory=list)  # unreadable train files, left out
     test_unreadable: list[str] = field(default_factory=list)  # test ids kept as blank images
+    test_partial: list[str] = field(default_factory=list)  # test ids decoded from a truncated file (what could be read)
+    root: str = ""  # the folder the files came from (the generated folder for demo)
 
 
 @dataclass
@@ -75,23 +77,45 @@ def _first_dir(*candidates: Path) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def _natural_key(value: str) -> tuple:
-    """Sort '2' before '10' when labels are numbers, alphabetically otherwise."""
+def natural_key(value: str) -> tuple:
+    """Sort '2' before '10' when labels or ids are numbers, alphabetically otherwise."""
     return (0, float(value), value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else (1, 0.0, value)
 
 
+def image_id(name: str) -> str:
+    """The id of an image file name: '123.jpg' and '123' are the same image (Kaggle CSVs use either)."""
+    return Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTS else name
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV, header stripped; tolerates a UTF-8 BOM and blank lines, not other encodings."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            table = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as a UTF-8 CSV") from e
+    except csv.Error as e:
+        raise UserError(f"{path} is not a readable CSV ({e}): save it as a plain comma-separated file") from e
+    if not table:
+        return [], []
+    return [c.strip() for c in table[0]], [[c.strip() for c in row] for row in table[1:]]
+
+
 def _list_kaggle(root: Path) -> _Listing:
-    with open(root / "train.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        check(
-            "id" in columns and "label" in columns,
-            f"{root / 'train.csv'} needs columns 'id' and 'label' (found {columns}): rename its header to id,label",
-        )
-        rows = [(r["id"].strip(), (r["label"] or "").strip()) for r in reader]
+    header, table = read_csv(root / "train.csv")
+    lower = [c.lower() for c in header]
+    check(
+        "id" in lower and "label" in lower,
+        f"{root / 'train.csv'} needs columns 'id' and 'label' (found {header}): make its first line id,label",
+    )
+    i_id, i_label = lower.index("id"), lower.index("label")
+    cell = lambda row, i: row[i] if i < len(row) else ""  # noqa: E731  (a short row has no label)
+    rows = [(cell(r, i_id), cell(r, i_label)) for r in table]
     check(len(rows) > 0, f"{root / 'train.csv'} has no rows: add one 'id,label' line per training image")
+    no_id = [n + 2 for n, (i, _) in enumerate(rows) if not i]  # +2: 1-based, after the header line
+    check(not no_id, f"train.csv has rows without an id (line {', '.join(map(str, no_id[:3]))}): fill in the image id or delete the row")
     seen: set[str] = set()
-    dupes = [i for i, _ in rows if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    dupes = [i for i, _ in rows if image_id(i) in seen or seen.add(image_id(i))]  # type: ignore[func-returns-value]
     check(not dupes, f"train.csv has duplicate ids ({', '.join(dupes[:3])}): keep one row per image")
     blank = [i for i, lab in rows if not lab]
     check(not blank, f"train.csv has rows without a label ({', '.join(blank[:3])}): fill in their label")
@@ -122,14 +146,20 @@ def _list_kaggle(root: Path) -> _Listing:
         "kaggle",
         files,  # type: ignore[arg-type]
         [lab for _, lab in rows],
-        [Path(i).stem if Path(i).suffix.lower() in IMAGE_EXTS else i for i, _ in rows],
+        [image_id(i) for i, _ in rows],
         _images_in(test_dir) if test_dir else [],
     )
 
 
+def _class_dirs(train_dir: Path) -> list[Path]:
+    """ImageFolder class folders: every sub-folder but a test/ folder and hidden ones."""
+    return sorted((d for d in train_dir.iterdir() if d.is_dir() and d.name != "test" and not d.name.startswith(".")),
+                  key=lambda d: d.name)
+
+
 def _list_imagefolder(root: Path) -> _Listing:
     train_dir = root / "train" if (root / "train").is_dir() else root
-    class_dirs = sorted((d for d in train_dir.iterdir() if d.is_dir() and d.name != "test"), key=lambda d: d.name)
+    class_dirs = _class_dirs(train_dir)
     files, labels = [], []
     for d in class_dirs:
         imgs = _images_in(d)
@@ -145,14 +175,18 @@ def _list_imagefolder(root: Path) -> _Listing:
 
 def list_files(root: Path) -> _Listing:
     """Detect the layout of `root` and list its labelled and test images."""
-    check(root.exists(), f"data folder {root} does not exist: pass -P data=<folder> (or data=demo)")
-    check(root.is_dir(), f"data path {root} is not a folder: pass the folder that holds train.csv or train/")
-    if (root / "train.csv").is_file():
-        return _list_kaggle(root)
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    if any(d.is_dir() and _images_in(d) for d in train_dir.iterdir()):
-        return _list_imagefolder(root)
-    if not any(root.iterdir()):
+    check(root.exists(), f"data folder {root} does not exist: set data to the folder holding train.csv or train/ (or data=demo)")
+    check(root.is_dir(), f"data path {root} is not a folder: set data to the folder that holds train.csv or train/")
+    try:
+        if (root / "train.csv").is_file():
+            return _list_kaggle(root)
+        train_dir = root / "train" if (root / "train").is_dir() else root
+        if any(_images_in(d) for d in _class_dirs(train_dir)):
+            return _list_imagefolder(root)
+        empty = not any(root.iterdir())
+    except PermissionError as e:
+        raise UserError(f"cannot read {e.filename} (permission denied): make the data folder readable") from e
+    if empty:
         raise UserError(f"data folder {root} is empty: copy the competition files into it (train.csv, train/, test/)")
     raise UserError(
         f"{root} is neither the Kaggle layout (train.csv + train/train/<id>.jpg) nor an ImageFolder "
@@ -163,27 +197,41 @@ def list_files(root: Path) -> _Listing:
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def decode(path: Path, size: int) -> np.ndarray | None:
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit / 32-bit / float grayscale image as 8-bit, keeping its brightness where its range is known."""
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0  # 16-bit: 65535 -> 255
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0  # float in [0, 1]
+    elif lo < 0 or hi > 255:  # an unknown range: stretch it
+        a = (a - lo) * (255.0 / max(hi - lo, 1e-6))
+    return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+
+
+def decode(path: Path, size: int, partial: bool = False) -> np.ndarray | None:
     """One image file -> size x size uint8 grayscale array, or None when it cannot be read.
 
-    Converts odd modes (CMYK, RGBA, palette, 16-bit, float) rather than rejecting them.
+    Converts odd modes (CMYK, RGBA, palette, 1-bit, 16-bit, float) rather than rejecting them; smaller images
+    are upscaled. `partial=True` also accepts a truncated file (the missing part is filled by the decoder);
+    it flips a PIL global, so call it from one thread only.
     """
     try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = partial
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("L", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, straight to luma
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                a = np.asarray(img, dtype=np.float32)
-                lo, hi = float(a.min()), float(a.max())
-                img = Image.fromarray(((a - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8))
-            elif img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1", "RGB", "HSV", "LAB"):
-                img = img.convert("RGB").convert("L")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                img = _to_8bit(img)
             elif img.mode != "L":
-                img = img.convert("L")
+                img = img.convert("RGB").convert("L")  # via RGB: CMYK, palette, alpha and 1-bit all convert there
             img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
             return np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def decode_all(paths: list[Path], size: int, desc: str = "decode") -> tuple[np.ndarray, list[int]]:
@@ -224,8 +272,28 @@ def _fingerprint(listing: _Listing, root: Path, size: int) -> str:
 def _atomic_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cached(listing: _Listing, root: Path, size: int, path: Path) -> dict:
+    """The decoded blob from the cache file, else decoded now and cached. A damaged cache file is rebuilt; an
+    unwritable cache folder only costs speed (warned), never the run."""
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # truncated by a full disk, written by another torch: decode again
+            warnings.warn(f"ignoring the unreadable cache file {path}; decoding again", stacklevel=3)
+    blob = _build(listing, root, size)
+    try:
+        _atomic_save(blob, path)
+    except OSError as e:
+        warnings.warn(f"cannot write the decoded-image cache {path} ({e.strerror}): set cache_dir to a writable folder "
+                      "to make later runs start faster", stacklevel=3)
+    return blob
 
 
 def load(cfg: DataConfig) -> Dataset:
@@ -236,19 +304,18 @@ def load(cfg: DataConfig) -> Dataset:
 
         root, layout = ensure_demo(cache_dir(cfg)), "demo"
     else:
+        check(bool(cfg.data.strip()), "data is empty: pass data=<folder with train.csv or train/> (or data=demo)")
         root, layout = Path(cfg.data).expanduser().resolve(), ""
     listing = list_files(root)
     layout = layout or listing.layout
     key = _fingerprint(listing, root, cfg.image_size)
-    path = cache_dir(cfg) / f"{key}.pt"
-    if path.exists():
-        blob = torch.load(path, weights_only=True)
-    else:
-        blob = _build(listing, root, cfg.image_size)
-        _atomic_save(blob, path)
+    blob = _cached(listing, root, cfg.image_size, cache_dir(cfg) / f"{key}.pt")
     skipped = [str(root / p) for p in blob["skipped"]]
+    bad_test = blob["test_unreadable"] + blob["test_partial"]
+    if cfg.strict and (skipped or bad_test):
+        first = skipped[0] if skipped else f"test image {bad_test[0]}"
+        raise UserError(f"unreadable image {first} (and {len(skipped) + len(bad_test) - 1} more): fix or remove it, or set strict=false to skip it")
     if skipped:
-        check(not cfg.strict, f"unreadable image {skipped[0]} (and {len(skipped) - 1} more): fix or remove it, or drop strict")
         warnings.warn(f"skipped {len(skipped)} unreadable images: {', '.join(skipped)}", stacklevel=2)
     return Dataset(
         images=blob["images"],
@@ -262,19 +329,28 @@ def load(cfg: DataConfig) -> Dataset:
         layout=layout,
         skipped=skipped,
         test_unreadable=blob["test_unreadable"],
+        test_partial=blob["test_partial"],
+        root=str(root),
     )
 
 
 def _build(listing: _Listing, root: Path, size: int) -> dict:
     train, bad = decode_all(listing.train_files, size, "decode train")
     test, bad_test = decode_all(listing.test_files, size, "decode test")
+    # A submission needs a row for every test image: a truncated one is predicted from what can be read,
+    # one with nothing readable stays an all-zero image (and is listed, for the submission to handle).
+    partial = []
+    for i in bad_test:
+        arr = decode(listing.test_files[i], size, partial=True)
+        if arr is not None:
+            test[i] = arr
+            partial.append(i)
     keep = np.setdiff1d(np.arange(len(train)), bad)
-    classes = sorted(set(listing.train_labels), key=_natural_key)
+    classes = sorted(set(listing.train_labels), key=natural_key)
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[listing.train_labels[i]] for i in keep], dtype=np.int64)
     images = train[keep]
     digest = hashlib.sha256(images.tobytes() + labels.tobytes() + "|".join(classes).encode()).hexdigest()[:16]
-    # Unreadable test images keep their row (a submission needs every id) as an all-zero image.
     return {
         "images": torch.from_numpy(images).unsqueeze(1),
         "labels": torch.from_numpy(labels),
@@ -282,7 +358,8 @@ def _build(listing: _Listing, root: Path, size: int) -> dict:
         "classes": classes,
         "test_images": torch.from_numpy(test).unsqueeze(1),
         "test_ids": [p.stem for p in listing.test_files],
-        "test_unreadable": [listing.test_files[i].stem for i in bad_test],
+        "test_unreadable": [listing.test_files[i].stem for i in bad_test if i not in partial],
+        "test_partial": [listing.test_files[i].stem for i in partial],
         "digest": digest,
         "skipped": [str(listing.train_files[i].relative_to(root)) for i in bad],
     }
@@ -291,8 +368,12 @@ def _build(listing: _Listing, root: Path, size: int) -> dict:
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Per-class seeded shuffle, then the first round(n*test) to test, next round(n*val) to val, rest to train."""
+def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int,
+                     classes: list[str] | None = None) -> Split:
+    """Per-class seeded shuffle, then the first round(n*test) to test, next round(n*val) to val, rest to train.
+
+    Every non-empty fraction gets at least one image of each class. `classes` only names labels in errors.
+    """
     check(
         0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
         f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no train split: "
@@ -311,8 +392,8 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: f
             n_val = max(n_val, 1)
         check(
             len(idx) - n_test - n_val >= 1,
-            f"class index {c} has only {len(idx)} image(s), too few for a stratified train/val/test split: "
-            "add images to it or lower val_fraction/test_fraction",
+            f"class {classes[c] if classes else f'index {c}'} has only {len(idx)} image(s), too few for a stratified "
+            f"train/val/test split (it needs {n_test + n_val + 1}): add images to it or set val_fraction/test_fraction to 0",
         )
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])

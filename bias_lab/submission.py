@@ -1,7 +1,295 @@
-"""Placeholder until its issue lands."""
+"""`kaggle-submit`: a Kaggle CSV from any logged model, validated before it exists, written atomically.
 
-from bias_lab.errors import UserError
+The model URI alone says how to preprocess (tracking.load_model's meta: image size, normalisation, label
+values), so nothing is repeated on the command line. Rows follow sample_submission.csv when the data has one
+(its column names, its id order), else `id,label` sorted by id; labels are train.csv's own values. The file
+appears only after every check passed and the MLflow run holding it as an artifact was logged, so a failure
+leaves neither a partial file nor a replaced earlier one. `score` compares a submission with a solution.csv:
+
+    python -m bias_lab.submission score submission.csv path/to/solution.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from torch import nn
+
+from bias_lab import tracking
+from bias_lab.config import DataConfig, SubmitConfig
+from bias_lab.data import Dataset, image_id, load, natural_key, read_csv
+from bias_lab.errors import UserError, check
+from bias_lab.train import Norm, Part, predict, resolve_device
+
+SAMPLE_FILE = "sample_submission.csv"
 
 
-def run_submit(*_args, **_kwargs):
-    raise UserError("the kaggle_submit entry point is not implemented yet: use train for now")
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelRef:
+    """What a model URI points at: the URI actually loaded plus, when it is known, its registry version."""
+
+    uri: str  # as given
+    resolved: str  # pinned: models:/name/<version> for an alias, so the run records what was predicted with
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None  # the run that logged the model
+
+
+def resolve(model_uri: str) -> ModelRef:
+    """Pin an alias / 'latest' to a version and find the run that logged the model (UserError when unknown)."""
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    check(bool(model_uri.strip()), "model_uri is empty: pass e.g. models:/bias-lab@champion or runs:/<run_id>/model")
+    client = mlflow.MlflowClient()
+    try:
+        if model_uri.startswith("models:/"):
+            found = get_model_name_and_version(client, model_uri)
+            if len(found) == 1:  # models:/m-<id>, a logged model outside the registry
+                return ModelRef(model_uri, model_uri, run_id=client.get_logged_model(found[0]).source_run_id)
+            name, version = found
+            mv = client.get_model_version(name, version)
+            return ModelRef(model_uri, f"models:/{name}/{version}", name, str(version), mv.run_id)
+        if model_uri.startswith("runs:/"):
+            run_id, _ = RunsArtifactRepository.parse_runs_uri(model_uri)
+            client.get_run(run_id)
+            versions = client.search_model_versions(f"run_id='{run_id}'")
+            mv = versions[0] if len(versions) == 1 else None  # registered more than once: no single version to tag
+            return ModelRef(model_uri, model_uri, mv and mv.name, mv and str(mv.version), run_id)
+    except Exception as e:  # RESOURCE_DOES_NOT_EXIST, a malformed URI, a registry without that alias...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot find model '{model_uri}' ({first}): pass models:/<name>@<alias>, models:/<name>/<version> "
+                        "or runs:/<run_id>/model as listed in the MLflow UI, or run tune to register one") from e
+    return ModelRef(model_uri, model_uri)  # a path or other artifact URI: loaded as is
+
+
+def check_model(meta: dict, uri: str) -> None:
+    """A model can label the competition's test set only if it takes plain images and knows every class."""
+    check(not meta.get("eps_channel"), f"model '{uri}' was trained with the eps noise channel, an input the competition "
+                                       "test images do not have: submit a model trained with bias=false")
+    check(meta.get("task") != "binary", f"model '{uri}' is a binary model of labels {', '.join(meta['classes'])} only: "
+                                        "submit a model trained on all classes (train/tune without classes=)")
+
+
+def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
+    """The model's labels must be train.csv's (and, ideally, its training data this data)."""
+    unknown = sorted(set(meta["classes"]) - set(ds.classes), key=natural_key)
+    check(not unknown, f"model '{uri}' predicts labels {', '.join(unknown)} that {ds.source}/train.csv does not have: "
+                       "submit a model trained on this data")
+    if meta.get("dataset_digest") and meta["dataset_digest"] != ds.digest:
+        warnings.warn(f"model '{uri}' was trained on other data (digest {meta['dataset_digest']}, this data {ds.digest})",
+                      stacklevel=2)
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_size: int) -> list[str]:
+    """train.predict over the test images in chunks (one progress-bar tick each) -> original label strings."""
+    from tqdm.auto import tqdm
+
+    norm, preds = Norm(meta["mean"], meta["std"]), []
+    with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            preds.append(predict(model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size).argmax(1))
+            bar.update(len(chunk))
+    idx = torch.cat(preds).tolist() if preds else []
+    return [meta["classes"][i] for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Submission:
+    id_column: str
+    label_column: str
+    rows: list[tuple[str, str]]  # (id as the file writes it, label)
+
+
+def arrange(test_ids: list[str], labels: list[str], sample: Path | None) -> Submission:
+    """Rows in sample_submission.csv's columns and id order (its ids verbatim), else id,label sorted by id."""
+    pred = dict(zip(test_ids, labels))
+    if sample is None or not sample.is_file():
+        return Submission("id", "label", [(i, pred[i]) for i in sorted(pred, key=natural_key)])
+    header, table = read_csv(sample)
+    check(len(header) >= 1 and header[0] != "", f"{sample} has no header line: restore it from the competition's data page")
+    ids = [row[0] for row in table if row]
+    dupes = sorted({i for i, n in Counter(map(image_id, ids)).items() if n > 1})
+    check(not dupes, f"{sample} lists id {dupes[0] if dupes else ''} more than once: restore it from the competition's data page")
+    no_image = [i for i in ids if image_id(i) not in pred]
+    check(not no_image, f"{len(no_image)} ids of {sample.name} have no image in the test folder (e.g. {', '.join(no_image[:3])}): "
+                        "use the test folder and sample_submission.csv of the same competition")
+    listed = set(map(image_id, ids))
+    extra = sorted((i for i in pred if i not in listed), key=natural_key)
+    check(not extra, f"{len(extra)} test images are not in {sample.name} (e.g. {', '.join(extra[:3])}): Kaggle rejects rows it "
+                     "does not expect; remove those images or use the matching sample_submission.csv")
+    return Submission(header[0], header[1] if len(header) > 1 and header[1] else "label", [(i, pred[image_id(i)]) for i in ids])
+
+
+def validate(sub: Submission, test_ids: list[str], allowed: list[str]) -> None:
+    """What Kaggle checks, before anything is written: one row per test image, no duplicates, known labels."""
+    check(sub.id_column != sub.label_column, f"id and label columns are both named '{sub.id_column}': fix sample_submission.csv's header")
+    ids = [image_id(i) for i, _ in sub.rows]
+    dupes = sorted((i for i, n in Counter(ids).items() if n > 1), key=natural_key)
+    check(not dupes, f"the submission would list id {dupes[0] if dupes else ''} twice (two test files share that name): "
+                     "keep one image per id in the test folder")
+    missing = sorted(set(test_ids) - set(ids), key=natural_key)
+    check(not missing and len(ids) == len(set(test_ids)), f"the submission would miss test ids {', '.join(missing[:3])}: this is a bug, "
+                                                          "re-run with --debug and report it")
+    bad = sorted({lab for _, lab in sub.rows if lab not in allowed}, key=natural_key)
+    check(not bad, f"the submission would contain labels {', '.join(bad)} not in train.csv ({', '.join(allowed)}): "
+                   "submit a model trained on this data")
+
+
+def write_csv(sub: Submission, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([sub.id_column, sub.label_column])
+        w.writerows(sub.rows)
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+
+def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
+    """The `kaggle-submit` command; returns the path of the CSV it wrote."""
+    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
+    out = Path(cfg.output).expanduser().resolve()
+    check(out.suffix.lower() == ".csv", f"output={cfg.output} is not a .csv file name: pass e.g. output=submission.csv")
+    check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
+    check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
+    tracking.setup()
+    device = resolve_device(cfg.device)
+    ref = resolve(cfg.model_uri)
+    model, meta = tracking.load_model(ref.resolved, device)
+    check_model(meta, cfg.model_uri)
+    ds = load(dataclasses.replace(data_cfg, image_size=int(meta["image_size"])))  # the model's preprocessing, not the CLI's
+    check(len(ds.test_ids) > 0, f"{ds.source} has no test images (test/test/*.jpg or test/*.jpg): add the competition's test folder")
+    check_labels(meta, ds, cfg.model_uri)
+    print(f"model {ref.resolved} ({meta['arch']}, {meta['image_size']} px) on {len(ds.test_ids)} test images, device {device}",
+          file=sys.stderr)
+
+    with tracking.run("kaggle-submit", tags={"entry_point": "kaggle_submit"}) as active:
+        run_id = active.info.run_id
+        tracking.log_params({"model_uri": cfg.model_uri, "model_uri_resolved": ref.resolved, "model_name": ref.name,
+                             "model_version": ref.version, "model_run_id": ref.run_id, "arch": meta["arch"],
+                             "image_size": meta["image_size"], "data": data_cfg.data, "data_source": ds.source,
+                             "data_digest": ds.digest, "competition": cfg.competition, "output": str(out),
+                             "batch_size": cfg.batch_size, "device_resolved": str(device)})
+        labels = predict_labels(model, meta, ds.test_images, cfg.batch_size)
+        fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
+        unreadable = set(ds.test_unreadable)
+        labels = [fallback if i in unreadable else lab for i, lab in zip(ds.test_ids, labels)]
+        _report_unreadable(ds, fallback)
+        sub = arrange(ds.test_ids, labels, Path(ds.root) / SAMPLE_FILE if ds.root else None)
+        validate(sub, ds.test_ids, ds.classes)
+
+        counts = Counter(lab for _, lab in sub.rows)
+        tracking.log_metrics({"n_rows": len(sub.rows), "n_unreadable_test": len(ds.test_unreadable),
+                              "n_partial_test": len(ds.test_partial),
+                              **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes}})
+        tracking.log_json({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
+        mlflow.set_tags({k: v for k, v in {"model_uri": cfg.model_uri, "model_name": ref.name, "model_version": ref.version,
+                                           "model_run_id": ref.run_id}.items() if v})
+        _publish(sub, out, run_id)  # the file appears only once it is also in the run
+        if ref.name and ref.version:
+            mlflow.MlflowClient().set_model_version_tag(ref.name, ref.version, "kaggle_submit_run_id", run_id)
+
+    what = f"{ref.name} v{ref.version}" if ref.version else ref.resolved
+    message = re.sub(r'["`$\\]', "'", f"{meta['arch']} {what} (bias-lab run {run_id[:8]})")
+    print(f"wrote {out} ({len(sub.rows)} rows; MLflow run {run_id}). Upload it with:", file=sys.stderr)
+    print(f'kaggle competitions submit -c {shlex.quote(cfg.competition)} -f {shlex.quote(str(out))} -m "{message}"')
+    return out
+
+
+def _report_unreadable(ds: Dataset, fallback: str) -> None:
+    """Warn about, and log to the active run, test images predicted from a part or not at all."""
+    if ds.test_unreadable:
+        warnings.warn(f"{len(ds.test_unreadable)} test images could not be read; their rows get the most frequent "
+                      f"training label {fallback}: {', '.join(ds.test_unreadable)}", stacklevel=2)
+        mlflow.log_text("\n".join(ds.test_unreadable) + "\n", "unreadable_test_images.txt")
+    if ds.test_partial:
+        warnings.warn(f"{len(ds.test_partial)} test images are truncated and were predicted from their readable part: "
+                      f"{', '.join(ds.test_partial)}", stacklevel=2)
+        mlflow.log_text("\n".join(ds.test_partial) + "\n", "partial_test_images.txt")
+
+
+def _metric_safe(label: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", label)
+
+
+def _publish(sub: Submission, out: Path, run_id: str) -> None:
+    """Write next to `out` (same filesystem, so the final rename is atomic), log it, then rename into place."""
+    staging = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_csv(sub, staging / out.name)
+        mlflow.log_artifact(str(staging / out.name))
+        os.replace(staging / out.name, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def score(submission_csv: str | Path, solution_csv: str | Path) -> float:
+    """Accuracy of a submission against a solution file (first column id, second label; ids with or without
+    extension). Every solution id must have exactly one row, as on Kaggle."""
+    def table(path: Path) -> dict[str, str]:
+        check(path.is_file(), f"{path} does not exist: pass an existing CSV")
+        header, rows = read_csv(path)
+        check(len(header) >= 2, f"{path} needs an id and a label column: pass a submission or solution CSV")
+        ids = [image_id(r[0]) for r in rows if r]
+        dupes = [i for i, n in Counter(ids).items() if n > 1]
+        check(not dupes, f"{path} lists id {dupes[0] if dupes else ''} more than once: keep one row per id")
+        return {image_id(r[0]): (r[1] if len(r) > 1 else "") for r in rows if r}
+
+    sub, sol = table(Path(submission_csv)), table(Path(solution_csv))
+    missing = [i for i in sol if i not in sub]
+    check(not missing, f"{submission_csv} has no row for {len(missing)} solution ids (e.g. {', '.join(missing[:3])}): "
+                       "predict every test image")
+    check(len(sol) > 0, f"{solution_csv} has no rows: pass the competition's solution.csv")
+    return sum(sub[i] == lab for i, lab in sol.items()) / len(sol)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bias_lab.submission score SUBMISSION SOLUTION`: print the accuracy."""
+    import click
+
+    @click.group()
+    def cli() -> None:
+        """Helpers around Kaggle submissions."""
+
+    @cli.command("score")
+    @click.argument("submission", type=click.Path(dir_okay=False))
+    @click.argument("solution", type=click.Path(dir_okay=False))
+    def score_cmd(submission: str, solution: str) -> None:
+        """Accuracy of SUBMISSION against SOLUTION (e.g. tiny4's solution.csv)."""
+        try:
+            acc = score(submission, solution)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"accuracy={acc:.4f}")
+
+    cli.main(argv, prog_name="python -m bias_lab.submission")
+
+
+if __name__ == "__main__":
+    main()
