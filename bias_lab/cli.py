@@ -116,6 +116,15 @@ def kaggle_submit(**kw: Any) -> None:
     run_submit(make(C.DataConfig, kw), make(C.SubmitConfig, kw))
 
 
+@main.command()
+@options(C.ReportConfig)
+def report(**kw: Any) -> None:
+    """Write one self-contained HTML (+ markdown) report of the tracked train, tune and bias_eval runs."""
+    from bias_lab.report import run_report
+
+    run_report(make(C.ReportConfig, kw))
+
+
 def entrypoint(command: str) -> None:
     """`python entrypoints/<name>.py ...` == `bias-lab <command> ...` (what MLproject runs)."""
     sys.exit(main.main([command, *sys.argv[1:]], prog_name=f"bias-lab {command}", standalone_mode=True))

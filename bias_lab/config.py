@@ -100,3 +100,10 @@ def flat(*configs: Any) -> dict[str, Any]:
     for c in configs:
         out.update(dataclasses.asdict(c))
     return out
+
+
+@dataclass
+class ReportConfig:
+    output: str = knob("report.html", "HTML file to write; a markdown twin is written next to it (.md)")
+    experiment: str = knob("bias-lab", "experiment to read the latest train / tune / bias_eval runs from")
+    run_ids: str = knob("", "comma-separated run ids to report instead of the latest runs")

@@ -169,9 +169,9 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
         out.update(m)
     if log:
         tracking.log_metrics(out)
-        mlflow.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves.html")
-        if cm is not None:
-            mlflow.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix.html")
+        if cm is not None:  # full runs only: a tune trial's curves are in its metrics, not 3 MB of HTML each
+            tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves.html")
+            tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix.html")
         for k in ("test_di", "decorrelated_test_di"):
             if k in out and not tracking.finite(out[k]):
                 mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))

@@ -126,6 +126,13 @@ def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: st
         mlflow.log_input(ds, context=context)
 
 
+def log_figure(fig: Any, artifact_file: str) -> None:
+    """A plotly figure as self-contained HTML (opens offline, in the MLflow UI too) plus its JSON beside it,
+    from which `bias-lab report` rebuilds every figure with a single copy of plotly.js."""
+    mlflow.log_figure(fig, artifact_file)
+    mlflow.log_text(fig.to_json(), str(Path(artifact_file).with_suffix(".json")))
+
+
 def log_model(model: nn.Module, meta: dict[str, Any], name: str = "model") -> Any:
     """Log `model` with its preprocessing `meta` (arch, in_channels, image_size, mean, std, classes...)."""
     c, s = meta["in_channels"], meta["image_size"]

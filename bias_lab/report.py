@@ -1,0 +1,194 @@
+"""`bias-lab report`: the document the course asks for, generated from what the tracking store holds.
+
+Reads runs (by default the latest top-level train, tune and bias_eval runs of the experiment; or the given run
+ids) and writes one self-contained HTML file (plotly.js embedded once, opens offline) plus a markdown twin:
+per run its key params and metrics, the layer table of each model, the tuning trials, the bias comparison and
+its generated conclusion, explanations, and every figure the run logged (rebuilt from the figures' JSON).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import plotly.io as pio
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from bias_lab import tracking
+from bias_lab.config import ReportConfig
+from bias_lab.errors import UserError, check
+
+ENTRY_POINTS = ("train", "tune", "bias_eval", "bias_sweep")
+KEY_PARAMS = ("data_source", "data_digest", "model", "image_size", "epochs", "batch_size", "lr", "momentum", "seed",
+              "classes", "p0", "p1", "sigma", "mitigation", "n_trials", "pruner")
+TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "model_summary.md")
+MAX_TABLE_ROWS = 40  # the trials table of a long study is cut here; the CSV artifact has it all
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: list[str] = field(default_factory=list)  # paragraphs / tables (markdown)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, plotly JSON)
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def select_runs(client: MlflowClient, cfg: ReportConfig) -> list[Run]:
+    """The given runs, or the latest top-level run of each entry point in the experiment."""
+    if cfg.run_ids.strip():
+        runs = []
+        for rid in (r.strip() for r in cfg.run_ids.split(",") if r.strip()):
+            try:
+                runs.append(client.get_run(rid))
+            except Exception as e:
+                raise UserError(f"run '{rid}' is not in the tracking store {mlflow.get_tracking_uri()}: check the id in the MLflow UI") from e
+        return runs
+    exp = client.get_experiment_by_name(cfg.experiment)
+    check(exp is not None, f"experiment '{cfg.experiment}' is not in {mlflow.get_tracking_uri()}: run train/tune/bias_eval first, or pass --experiment")
+    runs = []
+    for ep in ENTRY_POINTS:
+        found = client.search_runs([exp.experiment_id], f"tags.entry_point = '{ep}' and attributes.status = 'FINISHED'",
+                                   order_by=["attributes.start_time DESC"], max_results=50)
+        top = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        runs += top[:1]
+    check(bool(runs), f"no finished train/tune/bias_eval run in experiment '{cfg.experiment}': run one first")
+    return runs
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path or None):
+        if a.is_dir:
+            if not a.path.endswith("model"):  # the model folder holds weights, not report material
+                out += _artifacts(client, run_id, a.path)
+        else:
+            out.append(a.path)
+    return out
+
+
+def _load_text(run_id: str, path: str) -> str:
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+
+
+def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section]:
+    rid = run.info.run_id
+    tags = run.data.tags
+    title = f"{tags.get('mlflow.runName', rid)} ({tags.get('entry_point', 'run')}{', ' + tags['role'] if 'role' in tags else ''})"
+    sec = Section(title)
+    params = {k: run.data.params[k] for k in KEY_PARAMS if k in run.data.params}
+    if params:
+        sec.markdown.append("| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in params.items()))
+    metrics = {k: v for k, v in sorted(run.data.metrics.items()) if not k.startswith(("n_", "lr"))}
+    if metrics:
+        sec.markdown.append("| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()))
+    files = _artifacts(client, rid)
+    for name in TEXT_ARTIFACTS:
+        if name in files:
+            sec.markdown.append(f"**{name}**\n\n" + _load_text(rid, name))
+    if "trials.csv" in files:
+        df = pd.read_csv(io.StringIO(_load_text(rid, "trials.csv")))
+        cols = [c for c in df.columns if c in ("number", "state", "value", "duration") or c.startswith("params_")]
+        sec.markdown.append(f"**Optuna trials** ({len(df)}; first {MAX_TABLE_ROWS} shown)\n\n" + _md_table(df[cols].head(MAX_TABLE_ROWS)))
+    for f in sorted(p for p in files if p.endswith(".json") and Path(p).with_suffix(".html").as_posix() in files):
+        sec.figures.append((Path(f).stem.replace("_", " "), _load_text(rid, f)))
+    sections = [sec]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'", order_by=["attributes.start_time ASC"])
+    trials = [c for c in children if c.data.tags.get("role") == "trial"]
+    for child in children:
+        if child.data.tags.get("role") != "trial" and depth < 2:
+            sections += _run_section(client, child, depth + 1)
+    if trials:
+        sec.markdown.append(f"{len(trials)} trial runs are nested under this run in the MLflow UI.")
+    return sections
+
+
+def to_markdown(sections: list[Section]) -> str:
+    out = ["# bias_lab report", "", f"Generated from {mlflow.get_tracking_uri()}.", ""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        for m in s.markdown:
+            out += [m, ""]
+        out += [f"- figure: {cap} (in the HTML report)" for cap, _ in s.figures] + [""]
+    return "\n".join(out)
+
+
+def _md_block(text: str) -> str:
+    """Markdown tables -> HTML tables; anything else -> paragraphs (no markdown library needed)."""
+    lines = text.strip().splitlines()
+    if len(lines) >= 2 and lines[0].startswith("|") and set(lines[1].replace("|", "").strip()) <= set("-: "):
+        row = lambda l: [html.escape(c.strip()).replace("**", "") for c in l.strip().strip("|").split("|")]  # noqa: E731
+        head = "".join(f"<th>{c}</th>" for c in row(lines[0]))
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row(l)) + "</tr>" for l in lines[2:] if l.startswith("|"))
+        rest = [l for l in lines[2:] if not l.startswith("|")]
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" + (_md_block("\n".join(rest)) if rest else "")
+    out = []
+    for para in text.strip().split("\n\n"):
+        p = para.strip()
+        if p.startswith("|"):
+            out.append(_md_block(p))
+        elif p.startswith("#"):
+            out.append(f"<h4>{html.escape(p.lstrip('#').strip())}</h4>")
+        elif p:
+            items = p.splitlines()
+            if all(i.lstrip().startswith(("- ", "* ")) for i in items):
+                out.append("<ul>" + "".join(f"<li>{html.escape(i.lstrip()[2:]).replace('**', '')}</li>" for i in items) + "</ul>")
+            else:
+                out.append(f"<p>{html.escape(p).replace('**', '')}</p>")
+    return "\n".join(out)
+
+
+def render_html(sections: list[Section]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>bias_lab report</title><style>",
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}",
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}",
+             "h2{border-bottom:2px solid #333;margin-top:2em}</style></head><body>",
+             "<h1>bias_lab report</h1>", f"<p>Generated from <code>{html.escape(mlflow.get_tracking_uri())}</code>.</p>"]
+    first = True
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        parts += [_md_block(m) for m in s.markdown]
+        for cap, js in s.figures:
+            fig = pio.from_json(js)
+            parts.append(f"<h4>{html.escape(cap)}</h4>")
+            parts.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))  # plotly.js once, inline: offline
+            first = False
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """Write the HTML report (and its markdown twin next to it); returns the HTML path."""
+    tracking.setup(cfg.experiment)
+    client = MlflowClient()
+    sections = [s for run in select_runs(client, cfg) for s in _run_section(client, run)]
+    out = Path(cfg.output)
+    html_text, md_text = render_html(sections), to_markdown(sections)
+    _atomic_write(out.with_suffix(".md"), md_text)
+    _atomic_write(out, html_text)
+    print(f"report: {out} ({len(sections)} sections) and {out.with_suffix('.md')}")
+    return out

@@ -1,0 +1,27 @@
+"""`bias-lab report` reads the tracking store and writes one self-contained HTML (+ markdown)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .conftest import FAST, invoke
+
+
+def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
+    assert invoke("train", "--data", str(kaggle_data), *FAST)[0] == 0
+    code, out = invoke("report", "--output", str(tmp_path / "out" / "report.html"))
+    assert code == 0, out
+    page = (tmp_path / "out" / "report.html").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert page.count("plotly.js v") <= 2 and "Plotly.newPlot" in page  # plotly.js embedded once, figures rebuilt
+    assert "learning curves" in page and "confusion matrix" in page
+    assert "test_accuracy" in md and "MACs per image" in md  # metrics and the layer table
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_report_errors_are_one_line(tmp_path: Path) -> None:
+    code, out = invoke("report", "--run-ids", "0123456789abcdef", "--output", str(tmp_path / "r.html"))
+    assert code == 2 and "is not in the tracking store" in out and len(out.strip().splitlines()) == 1
+    code, out = invoke("report", "--experiment", "nope", "--output", str(tmp_path / "r.html"))
+    assert code == 2 and "experiment 'nope'" in out
+    assert not (tmp_path / "r.html").exists()
