@@ -29,7 +29,7 @@ from torch import nn
 
 from bias_lab import tracking
 from bias_lab.config import DataConfig, SubmitConfig
-from bias_lab.data import Dataset, image_id, load, natural_key, read_csv
+from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check
 from bias_lab.train import Norm, Part, predict, resolve_device
 
@@ -173,6 +173,8 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     check(out.suffix.lower() == ".csv", f"output={cfg.output} is not a .csv file name: pass e.g. output=submission.csv")
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
     check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
+    if data_cfg.data.strip() and data_cfg.data != "demo":  # local mistakes first, before the registry and a model download
+        list_files(Path(data_cfg.data).expanduser().resolve())
     tracking.setup()
     device = resolve_device(cfg.device)
     ref = resolve(cfg.model_uri)
