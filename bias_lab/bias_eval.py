@@ -21,7 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from bias_lab import bias as biasmod
+from bias_lab import explain
 from bias_lab import metrics as M
+from bias_lab import mitigation as mit
 from bias_lab import plots, tracking
 from bias_lab.config import MITIGATIONS, MODEL_1_MODES, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
@@ -34,6 +36,7 @@ TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # ta
 MEASURES = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "di", "di_ci_low", "di_ci_high", "dp_ratio",
             "selection_rate_s0", "selection_rate_s1", "accuracy_s0", "accuracy_s1", "n_s0", "n_s1")
 CLOSE = 0.05  # accuracy within 5 points of chance counts as "towards chance" in the conclusion
+MITIGATION_TOLERANCE = 0.05  # model_3 "keeps accuracy" when within 5 points of model_1 on the decorrelated test
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Arm:
     prep: Prepared
     wrap: Callable | None = None  # pipeline.train_model's wrap (model_3: adversarial head)
     input_hook: InputHook | None = None  # train.fit's input hook (model_3: channel dropout)
+    note: str = ""  # a caveat about this model on this data, logged as the child's `note` tag
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -57,6 +61,10 @@ def validate(bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> None:
     check(eval_cfg.mitigation in MITIGATIONS, f"mitigation={eval_cfg.mitigation}: choose one of {', '.join(MITIGATIONS)}")
     check(eval_cfg.seeds >= 1, f"seeds={eval_cfg.seeds}: use at least 1")
     check(eval_cfg.bootstrap >= 0, f"bootstrap={eval_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 1000")
+    if eval_cfg.mitigation == "adversarial":
+        check(eval_cfg.adv_weight > 0, f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1")
+    if eval_cfg.mitigation == "channel_dropout":
+        check(0 < eval_cfg.dropout_rate <= 1, f"dropout_rate={eval_cfg.dropout_rate}: use a share in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------- hyperparameters
@@ -110,7 +118,8 @@ def hyperparameters(train_cfg: TrainConfig, eval_cfg: BiasEvalConfig, digests: t
 
 
 def arms(ds: Dataset, data_cfg: DataConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig, seed: int) -> list[Arm]:
-    """model_1 and model_2 for one seed: same images, same splits, same S draw for the test measures."""
+    """model_1, model_2 (and model_3 with a mitigation) for one seed: same images, same splits, same S draws
+    for the test measures."""
     p0, p1 = bias_cfg.p0, bias_cfg.p1
     if eval_cfg.model_1_mode == "clean":
         m1 = Arm("model_1", "clean images (1 channel)", prepare(data_cfg, bias_cfg, seed, binary=True, eps=False, ds=ds))
@@ -119,16 +128,22 @@ def arms(ds: Dataset, data_cfg: DataConfig, bias_cfg: BiasConfig, eval_cfg: Bias
         m1 = Arm("model_1", f"eps channel with p0=p1={p:g}", prepare(data_cfg, bias_cfg, seed, binary=True, eps=True, train_p=(p, p), ds=ds))
     m2 = Arm("model_2", f"biased eps channel (p0={p0:g}, p1={p1:g}, sigma={bias_cfg.sigma:g})",
              prepare(data_cfg, bias_cfg, seed, binary=True, eps=True, ds=ds))
-    return [m1, m2]
+    if eval_cfg.mitigation == "none":
+        return [m1, m2]
+    m = mit.build(eval_cfg.mitigation, m2.prep, bias_cfg, eval_cfg, seed)
+    return [m1, m2, Arm("model_3", f"{eval_cfg.mitigation}: {m.description}", m.prep, m.wrap, m.input_hook, m.note)]
 
 
 def train_arm(arm: Arm, seed: int, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
               eval_cfg: BiasEvalConfig, nested_name: str) -> dict[str, float]:
-    """One child run: setup, training, the test measures; returns its metrics."""
+    """One child run: setup, training, the test measures and the explanations; returns its metrics."""
     with tracking.run(nested_name, nested=True, tags={"role": arm.role, "seed": str(seed), "entry_point": "bias_eval"}):
         log_setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg)
         tracking.log_params({"role": arm.role, "model_description": arm.description, "eps_channel": arm.prep.eps})
-        _, out = train_model(arm.prep, train_cfg, bootstrap=eval_cfg.bootstrap, wrap=arm.wrap, input_hook=arm.input_hook)
+        if arm.note:
+            mlflow.set_tag("note", arm.note)
+        net, out = train_model(arm.prep, train_cfg, bootstrap=eval_cfg.bootstrap, wrap=arm.wrap, input_hook=arm.input_hook)
+        out.update(explain.log_explanations(net, arm.prep, seed))
     return out
 
 
@@ -171,7 +186,7 @@ def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: i
     return rows
 
 
-def _fmt(x: float, pct: bool = False) -> str:
+def fmt(x: float, pct: bool = False) -> str:
     if isinstance(x, str):
         return x
     if math.isnan(x):
@@ -184,8 +199,8 @@ def _fmt(x: float, pct: bool = False) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a markdown table (mean ± std over seeds when there are several)."""
     def pm(r: dict, m: str, pct: bool) -> str:
-        s = _fmt(r[m], pct)
-        return s + (f" ± {_fmt(r[m + '_std'], pct)}" if f"{m}_std" in r and not math.isnan(r[m + "_std"]) else "")
+        s = fmt(r[m], pct)
+        return s + (f" ± {fmt(r[m + '_std'], pct)}" if f"{m}_std" in r and not math.isnan(r[m + "_std"]) else "")
 
     head = ["model", "test", "accuracy [95% CI]", "DI [95% CI]", "DP ratio", "P(ŷ=1|S=0)", "P(ŷ=1|S=1)",
             "acc S=0", "acc S=1", "n S=0 / S=1", "four-fifths rule"]
@@ -193,10 +208,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             f"{r['model']} ({r['trained_on']})", r["test"],
-            f"{pm(r, 'accuracy', True)} [{_fmt(r['accuracy_ci_low'], True)}, {_fmt(r['accuracy_ci_high'], True)}]",
-            f"{pm(r, 'di', False)} [{_fmt(r['di_ci_low'])}, {_fmt(r['di_ci_high'])}]",
-            _fmt(r["dp_ratio"]), _fmt(r["selection_rate_s0"]), _fmt(r["selection_rate_s1"]),
-            _fmt(r["accuracy_s0"], True), _fmt(r["accuracy_s1"], True), f"{_fmt(r['n_s0'])} / {_fmt(r['n_s1'])}",
+            f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
+            f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]",
+            fmt(r["dp_ratio"]), fmt(r["selection_rate_s0"]), fmt(r["selection_rate_s1"]),
+            fmt(r["accuracy_s0"], True), fmt(r["accuracy_s1"], True), f"{fmt(r['n_s0'])} / {fmt(r['n_s1'])}",
             r["four_fifths"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -204,14 +219,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: BiasConfig, classes: tuple[str, str],
-               chance: float, base_di: dict[str, float], seeds: int) -> str:
-    """The course's questions 2-4 answered from the measured numbers (markdown). NaN-safe."""
+               chance: float, base_di: dict[str, float], seeds: int, notes: dict[str, str] | None = None) -> str:
+    """The course's questions 2-4 answered from the measured numbers (markdown), plus the explanations and
+    model_3 when present. NaN-safe. `notes`: caveats per role (e.g. why reweighing cannot work here)."""
+    notes = notes or {}
     g = lambda role, key: summary.get(f"{role}_{key}", math.nan)  # noqa: E731
     row = {(r["model"], r["test"]): r for r in rows}
     acc1, acc2 = g("model_1", "test_accuracy"), g("model_2", "test_accuracy")
     dacc1, dacc2 = g("model_1", "decorrelated_test_accuracy"), g("model_2", "decorrelated_test_accuracy")
     gain, cost, drop2 = acc2 - acc1, dacc1 - dacc2, acc2 - dacc2
-    p = lambda x: _fmt(x, True)  # noqa: E731
+    p = lambda x: fmt(x, True)  # noqa: E731
     pts = lambda x: "n/a" if math.isnan(x) else f"{100 * x:+.1f} points"  # noqa: E731
     a, b = classes
     out = [
@@ -233,13 +250,13 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         "",
     ]
     for (role, test), r in row.items():
-        out.append(f"- {role}, {test}: DI = {_fmt(r['di'])} (95% CI {_fmt(r['di_ci_low'])}–{_fmt(r['di_ci_high'])}) → **{r['four_fifths']}**.")
+        out.append(f"- {role}, {test}: DI = {fmt(r['di'])} (95% CI {fmt(r['di_ci_low'])}–{fmt(r['di_ci_high'])}) → **{r['four_fifths']}**.")
     out += [
         "",
-        f"In distribution the labels themselves have DI = {_fmt(base_di['in distribution'])} "
+        f"In distribution the labels themselves have DI = {fmt(base_di['in distribution'])} "
         "(P(y=1|S=0)/P(y=1|S=1) on the test split): a perfect classifier that never looks at eps would score that, so "
         "there DI measures the data as much as the model. On the decorrelated test the labels' DI is "
-        f"{_fmt(base_di['decorrelated'])}, so a DI outside the band there comes from the model.",
+        f"{fmt(base_di['decorrelated'])}, so a DI outside the band there comes from the model.",
         "",
         "## Q4. Which model is biased, and why?",
         "",
@@ -261,6 +278,26 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         out.append(f"- model_1 on the decorrelated test: {v1}.")
     out.append(f"- In short: the shortcut buys {pts(gain)} of in-distribution accuracy and costs {pts(-cost)} (vs model_1) "
                "as soon as eps no longer predicts the label — a model that looks good on biased data can be useless, and unfair, outside it.")
+    roles = sorted({r["model"] for r in rows})
+    if any(f"{role}_saliency_eps_share" in summary for role in roles):
+        out += ["", "## Why: what each model looks at (eps ablation, input-gradient saliency)", ""]
+        for role in roles:
+            out.append(f"- {role}: test accuracy {p(g(role, 'test_accuracy'))}; with eps zeroed "
+                       f"{p(g(role, 'ablation_zero_eps_test_accuracy'))}, with eps shuffled across images "
+                       f"{p(g(role, 'ablation_shuffle_eps_test_accuracy'))}; {p(g(role, 'saliency_eps_share'))} of the "
+                       "input-gradient saliency falls on eps.")
+    if "model_3" in roles:
+        r3 = row[("model_3", "decorrelated")]
+        dacc3, acc3 = g("model_3", "decorrelated_test_accuracy"), g("model_3", "test_accuracy")
+        fixed = not M.biased(r3["di"]) and not math.isnan(r3["di"]) and abs(dacc3 - dacc1) <= MITIGATION_TOLERANCE
+        out += ["", f"## Mitigation: model_3 ({r3['trained_on']})", "",
+                f"- On the decorrelated test model_3 has DI = {fmt(r3['di'])} (95% CI {fmt(r3['di_ci_low'])}–{fmt(r3['di_ci_high'])}) "
+                f"→ **{r3['four_fifths']}**, accuracy {p(dacc3)} ({pts(dacc3 - dacc1)} vs model_1, {pts(dacc3 - dacc2)} vs model_2); "
+                f"in distribution {p(acc3)}.",
+                "- " + ("The mitigation works here: decorrelated DI inside the four-fifths band and accuracy within "
+                        f"{100 * MITIGATION_TOLERANCE:.0f} points of model_1." if fixed else
+                        "The mitigation does not fully work here (DI outside the band, or accuracy more than "
+                        f"{100 * MITIGATION_TOLERANCE:.0f} points from model_1's)." + (f" Note: {notes['model_3']}" if notes.get("model_3") else ""))]
     return "\n".join(out) + "\n"
 
 
@@ -277,6 +314,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
     train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}", ds.digest))
     results: dict[str, list[dict[str, float]]] = {}
     descriptions: dict[str, str] = {}
+    notes: dict[str, str] = {}
     base_di = {t: [] for t in TESTS}
     chance = []
     with tracking.run(f"bias_eval-{train_cfg.model}-{classes[0]}v{classes[1]}", tags={"entry_point": "bias_eval"}) as parent:
@@ -284,7 +322,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             seed = train_cfg.seed + k
             cfg = dataclasses.replace(train_cfg, seed=seed)
             models = arms(ds, data_cfg, bias_cfg, eval_cfg, seed)
-            ref = models[-1].prep  # model_2's data: the splits and S draws every model is measured on
+            ref = models[1].prep  # model_2's data: the splits and S draws every model is measured on
             if k == 0:
                 log_setup(ref, data_cfg, train_cfg, bias_cfg, eval_cfg)
                 tracking.log_params({"hparams_source": source, "label_y0": classes[0], "label_y1": classes[1],
@@ -296,6 +334,8 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             for arm in models:
                 name = arm.role if eval_cfg.seeds == 1 else f"{arm.role}-seed{seed}"
                 descriptions[arm.role] = arm.description
+                if arm.note:
+                    notes[arm.role] = arm.note
                 results.setdefault(arm.role, []).append(train_arm(arm, seed, data_cfg, cfg, bias_cfg, eval_cfg, name))
         summary = summarize(results)
         bases = {t: _mean(v) for t, v in base_di.items()}
@@ -305,22 +345,24 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             "test_base_rate_di": bases["in distribution"],
             "decorrelated_test_base_rate_di": bases["decorrelated"],
         })
+        if "model_3" in results:  # how far the mitigated model is from the one that never had the shortcut
+            summary["mitigation_accuracy_gap"] = summary["model_3_decorrelated_test_accuracy"] - summary["model_1_decorrelated_test_accuracy"]
         rows = table_rows(summary, descriptions, eval_cfg.seeds)
         tracking.log_metrics(summary)
-        _log_comparison(rows, summary, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, train_cfg.model)
+        _log_comparison(rows, summary, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, train_cfg.model, notes)
         print(f"bias_eval run {parent.info.run_id}:\n{markdown_table(rows)}", file=sys.stderr)
     return summary
 
 
 def _log_comparison(rows: list[dict[str, Any]], summary: dict[str, float], bias_cfg: BiasConfig, classes: tuple[str, str],
-                    chance: float, base_di: dict[str, float], seeds: int, arch: str) -> None:
+                    chance: float, base_di: dict[str, float], seeds: int, arch: str, notes: dict[str, str]) -> None:
     import pandas as pd
 
     mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "comparison.csv")
     mlflow.log_text(markdown_table(rows) + "\n", "comparison.md")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: p0={bias_cfg.p0:g}, p1={bias_cfg.p1:g}, sigma={bias_cfg.sigma:g}"
-    mlflow.log_figure(plots.bias_comparison(rows, title), "comparison.html")
-    mlflow.log_text(conclusion(summary, rows, bias_cfg, classes, chance, base_di, seeds), "conclusion.md")
+    tracking.log_figure(plots.bias_comparison(rows, title), "comparison.html")
+    mlflow.log_text(conclusion(summary, rows, bias_cfg, classes, chance, base_di, seeds, notes), "conclusion.md")
     for r in rows:  # NaN / inf comparisons get their reason on the parent too
         note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not tracking.finite(r["di"]) else ""
         if note:

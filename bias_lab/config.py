@@ -83,6 +83,17 @@ class BiasEvalConfig:
     use_champion: bool = knob(True, "take lr/momentum/batch_size from the champion of this dataset if one exists")
     registered_model: str = knob("bias-lab", "Model Registry name whose champion supplies hyperparameters")
     bootstrap: int = knob(1000, "bootstrap resamples for the DI confidence interval")
+    adv_weight: float = knob(1.0, "mitigation=adversarial: gradient-reversal weight of the S adversary")
+    dropout_rate: float = knob(1.0, "mitigation=channel_dropout: share of each train batch whose eps is re-drawn independently of y")
+
+
+@dataclass
+class SweepConfig:
+    classes: str = knob("", "two labels 'A,B' for the binary task (A is y=0); empty = the first two labels")
+    gaps: str = knob("0,0.25,0.5,0.75,1", "p1-p0 values of the grid, centred on 1/2: p0=(1-gap)/2, p1=(1+gap)/2")
+    sigmas: str = knob("0.01,0.1,1", "eps standard deviations of the grid")
+    bootstrap: int = knob(200, "bootstrap resamples for each cell's DI confidence interval")
+    log_models: bool = knob(False, "log each cell's model (off: a sweep trains many)")
 
 
 @dataclass

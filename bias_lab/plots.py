@@ -79,3 +79,54 @@ def bias_comparison(rows: list[dict], title: str = "model comparison") -> go.Fig
     fig.update_yaxes(range=[0, cap * 1.05], row=1, col=2)
     fig.update_layout(title=title, height=450, barmode="group", scattermode="group")
     return fig
+
+
+def saliency_maps(samples: list[dict], eps_share: float) -> go.Figure:
+    """Per test image: each input channel and its |input gradient| (one colour scale per row, shared by channels,
+    so the eps column's brightness is comparable with the image's)."""
+    if not samples:
+        return go.Figure().update_layout(title="saliency: no test samples")
+    channels = samples[0]["input"].shape[0]
+    names = ["image", "eps"][:channels]
+    cols = [f"input: {n}" for n in names] + [f"|gradient|: {n}" for n in names]
+    fig = make_subplots(rows=len(samples), cols=len(cols), horizontal_spacing=0.02, vertical_spacing=0.04,
+                        subplot_titles=[c if r == 0 else "" for r in range(len(samples)) for c in cols],
+                        row_titles=[s["title"] for s in samples])
+    for r, s in enumerate(samples, start=1):
+        gmax = float(s["saliency"].max()) or 1.0
+        for c in range(channels):
+            fig.add_trace(go.Heatmap(z=s["input"][c], colorscale="gray", showscale=False), row=r, col=c + 1)
+            fig.add_trace(go.Heatmap(z=s["saliency"][c], colorscale="Hot", zmin=0, zmax=gmax, showscale=False), row=r, col=channels + c + 1)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    fig.update_layout(title=f"input-gradient saliency (share on eps: {eps_share:.1%})", height=220 * len(samples) + 80,
+                      width=220 * len(cols) + 160)
+    return fig
+
+
+def sweep_heatmaps(gaps: list[float], sigmas: list[float], grids: dict[str, np.ndarray], title: str = "bias sweep") -> go.Figure:
+    """One heatmap per measure over (p1-p0, sigma), values written in the cells. DI is coloured on a diverging
+    scale centred on 1 and clipped to [0, 2]; cells outside the four-fifths band are marked with '*'."""
+    names = list(grids)
+    cols = 2
+    rows = (len(names) + 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.12, vertical_spacing=0.18)
+    x, y = [f"{g:g}" for g in gaps], [f"{s:g}" for s in sigmas]
+    for i, name in enumerate(names):
+        z = np.asarray(grids[name], dtype=float)
+        r, c = i // cols + 1, i % cols + 1
+        if "DI" in name:
+            text = [[("inf" if np.isinf(v) else "n/a" if np.isnan(v) else f"{v:.2f}")
+                     + ("*" if np.isfinite(v) and not FOUR_FIFTHS_BAND[0] <= v <= FOUR_FIFTHS_BAND[1] or np.isinf(v) else "")
+                     for v in row] for row in z]
+            trace = go.Heatmap(z=np.clip(np.nan_to_num(z, nan=1.0, posinf=2.0), 0, 2), x=x, y=y, text=text, texttemplate="%{text}",
+                               colorscale="RdBu", zmid=1.0, zmin=0, zmax=2, showscale=False)
+        else:
+            text = [["n/a" if np.isnan(v) else f"{v:.0%}" for v in row] for row in z]
+            trace = go.Heatmap(z=z, x=x, y=y, text=text, texttemplate="%{text}", colorscale="Viridis", zmin=0, zmax=1, showscale=False)
+        fig.add_trace(trace, row=r, col=c)
+        fig.update_xaxes(title_text="p1 - p0", type="category", row=r, col=c)
+        fig.update_yaxes(title_text="sigma", type="category", row=r, col=c)
+    fig.update_layout(title=title + "<br><sup>* decorrelated DI outside the four-fifths band [0.8, 1.25]</sup>",
+                      height=380 * rows + 80)
+    return fig
