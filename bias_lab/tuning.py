@@ -1,7 +1,561 @@
-"""Placeholder until its issue lands."""
+"""`tune`: an Optuna search of lr, momentum and batch size on the val split, every trial tracked in MLflow.
 
-from bias_lab.errors import UserError
+One parent run per invocation (the run `mlflow run` created, or a new one) and one nested child run per trial,
+tagged with its trial number and state (complete / pruned / failed). The study lives in Optuna storage: a
+journal file next to the MLflow store by default, an RDB URL for several machines; re-running the same command
+resumes it and several workers share it, `n_trials` counting every trial of the study. Once the study holds
+its trials, the best configuration is retrained, tested once (the only time the test split is read),
+registered in the Model Registry, and becomes `champion` only if it beats the current champion's val accuracy
+on the same data.
+
+Recovery: a worker that died (SIGKILL, power loss) leaves its trial RUNNING and its MLflow runs RUNNING. On
+start and before every trial, RUNNING trials of dead workers on this machine (pid gone) are failed, their
+params re-queued once, and their MLflow runs ended KILLED; on an RDB storage the heartbeat does the same for
+workers on other machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import mlflow
+import optuna
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
+
+from bias_lab import pipeline, tracking
+from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
+from bias_lab.errors import UserError, check
+
+SEARCHED = ("lr", "momentum", "batch_size")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
+CHAMPION = "champion"
+HEARTBEAT_S = 60  # RDB: a trial whose worker has not beaten for GRACE_S is stale (Optuna's documented values)
+GRACE_S = 120
+JOURNAL_FILE = "optuna.journal"
+# the settings a study's values depend on: resuming with other values would mix incomparable trials
+_NOT_FIXED = {"cache_dir", "strict", "lr", "momentum", "batch_size", "device", "threads", "resume"}
 
 
-def run_tune(*_args, **_kwargs):
-    raise UserError("the tune entry point is not implemented yet: use train for now")
+# ----------------------------------------------------------------------------------------------- search space
+
+
+def batch_sizes(tune_cfg: TuneConfig) -> list[int]:
+    try:
+        sizes = [int(s) for s in str(tune_cfg.batch_sizes).split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    check(bool(sizes) and all(s > 0 for s in sizes),
+          f"batch_sizes='{tune_cfg.batch_sizes}': give positive integers separated by commas, e.g. 32,64,128")
+    return sorted(set(sizes))
+
+
+def validate(tune_cfg: TuneConfig) -> None:
+    t = tune_cfg
+    check(t.n_trials >= 1, f"n_trials={t.n_trials}: use at least 1")
+    check(t.timeout >= 0, f"timeout={t.timeout}: use seconds >= 0 (0 = no limit)")
+    check(t.pruner in PRUNERS, f"pruner={t.pruner}: choose one of {', '.join(PRUNERS)}")
+    check(0 < t.lr_min <= t.lr_max, f"lr range [{t.lr_min}, {t.lr_max}]: use 0 < lr_min <= lr_max")
+    check(0 <= t.momentum_min <= t.momentum_max < 1,
+          f"momentum range [{t.momentum_min}, {t.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1")
+    check(bool(t.registered_model.strip()), "registered_model is empty: give a Model Registry name, e.g. bias-lab")
+    batch_sizes(t)
+
+
+def suggest(trial: optuna.Trial, base: TrainConfig, tune_cfg: TuneConfig) -> TrainConfig:
+    """The trial's training settings: `base` with lr, momentum and batch_size drawn from the search space."""
+    return dataclasses.replace(
+        base,
+        lr=trial.suggest_float("lr", tune_cfg.lr_min, tune_cfg.lr_max, log=True),
+        momentum=trial.suggest_float("momentum", tune_cfg.momentum_min, tune_cfg.momentum_max),
+        batch_size=trial.suggest_categorical("batch_size", batch_sizes(tune_cfg)),
+    )
+
+
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose random draws for trial k depend only on (seed, k).
+
+    A plain seeded sampler restarts its random stream in every process: a resumed study would re-draw the
+    points it already tried, and parallel workers would all propose the same ones. Re-seeding per trial
+    number keeps a study reproducible from its seed and its history, and makes every trial's draw distinct.
+    """
+
+    def __init__(self, seed: int, n_startup_trials: int) -> None:
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        s = (self._base_seed * 1_000_003 + trial.number) % 2**32
+        self._rng.rng.seed(s)  # TPE's candidate draws
+        self._random_sampler._rng.rng.seed(s)  # the startup trials' random draws
+        super().before_trial(study, trial)
+
+
+def make_sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+    # Optuna's 10 random startup trials would be most of a 12-trial study: use a third of it, 3..10
+    return TrialSeededTPE(seed, n_startup_trials=min(10, max(3, n_trials // 3)))
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Pruning on the best val_accuracy so far, reported after every epoch."""
+    if name == "median":
+        # prune a trial below the median of earlier trials at the same epoch, once 3 trials have finished
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+
+def default_storage_path() -> Path:
+    """optuna.journal next to the MLflow sqlite db / file store; the cwd when tracking is remote."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / JOURNAL_FILE
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path or uri).expanduser().resolve().parent / JOURNAL_FILE
+    return Path.cwd() / JOURNAL_FILE
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _redact(url: str) -> str:
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url.split("@")[-1]
+
+
+def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
+    """(storage, description). A URL with '://' is an RDB (heartbeat on), anything else a journal file path."""
+    if "://" in spec:
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        on_stale = _StaleTrialCallback(retry(max_retry=1))
+        key = "heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **{key: on_stale})
+        except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
+            raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({_first_line(e)}): start the database, "
+                            "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
+        return storage, _redact(spec)
+    path = Path(spec).expanduser() if spec else default_storage_path()
+    check(path.parent.is_dir(), f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage")
+    try:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path))), str(path.resolve())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot open the Optuna journal {path} ({_first_line(e)}): pass a writable --storage path") from e
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def _proc_start(pid: int) -> str:
+    """Start time of a process in clock ticks since boot ('' where /proc is missing): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+
+
+def worker_dead(worker: str) -> bool:
+    """True when `worker` (host:pid:start) ran on this machine and that process is gone; False when unknown."""
+    parts = worker.split(":")
+    if len(parts) < 3 or ":".join(parts[:-2]) != socket.gethostname() or not parts[-2].isdigit():
+        return False  # another machine (only a heartbeat, RDB, can tell) or no worker recorded
+    pid, start = int(parts[-2]), parts[-1]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(start) and _proc_start(pid) not in ("", start)
+
+
+def _end_runs_of(client: MlflowClient, run_ids: list[str], why: str) -> list[str]:
+    """End the RUNNING runs among `run_ids` as KILLED; returns those ended."""
+    ended = []
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+            client.set_tag(run_id, "error", why)
+            client.set_tag(run_id, "state", "failed")
+            client.set_terminated(run_id, "KILLED")
+            ended.append(run_id)
+        except MlflowException:  # deleted run, or one in another tracking store
+            continue
+    return ended
+
+
+class _StaleTrialCallback:
+    """RDB heartbeat: a stale trial is failed by Optuna; end its MLflow runs and re-queue its params once."""
+
+    def __init__(self, retry: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+        self.retry = retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        ids = [trial.user_attrs[k] for k in ("mlflow_run_id", "mlflow_parent_run_id") if k in trial.user_attrs]
+        _end_runs_of(MlflowClient(), ids, f"trial {trial.number}: its worker stopped beating (killed?)")
+        self.retry(study, trial)
+
+
+def recover(study: optuna.Study, study_name: str) -> list[int]:
+    """Fail the RUNNING trials of dead workers (re-queued once) and end their MLflow runs; returns their numbers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # RDB heartbeat (any machine); a no-op for the journal
+        retry = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not worker_dead(t.user_attrs.get("worker", "")):
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            failed.append(t.number)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                retry(study, t)
+    # MLflow runs of dead workers of this study: parents and children (also a parent killed before any trial)
+    client = MlflowClient()
+    with contextlib.suppress(MlflowException):
+        exps = [e.experiment_id for e in client.search_experiments()]
+        running = client.search_runs(exps, f"tags.optuna_study = '{study_name}' and attributes.status = 'RUNNING'", max_results=1000)
+        dead = [r.info.run_id for r in running if worker_dead(r.data.tags.get("worker", ""))]
+        _end_runs_of(client, dead, "its tune worker died (killed) before ending it; found by the next tune")
+    for n in failed:
+        print(f"trial {n}: its worker died mid-trial; marked failed and its params re-queued", file=sys.stderr)
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------- the study
+
+
+def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+class Surplus(Exception):
+    """Another worker filled n_trials between this worker's check and its trial: the trial is not run."""
+
+
+def epochs_trained(study: optuna.Study) -> int:
+    return int(sum(t.user_attrs.get("epochs_run", 0) for t in study.get_trials(deepcopy=False)))
+
+
+@dataclasses.dataclass
+class Search:
+    """The objective: one nested MLflow run and one training per trial."""
+
+    prep: pipeline.Prepared
+    train_cfg: TrainConfig
+    tune_cfg: TuneConfig
+    study_name: str
+    parent_run_id: str
+    full: bool = False  # set when another worker filled the study first
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)) if t.number < trial.number]
+        if len(earlier) >= self.tune_cfg.n_trials:
+            trial.set_user_attr("surplus", True)
+            self.full = True
+            raise Surplus(f"trial {trial.number}: the study already holds n_trials={self.tune_cfg.n_trials}")
+        cfg = suggest(trial, self.train_cfg, self.tune_cfg)
+        trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+        tags = {"entry_point": "tune", "role": "trial", "optuna_study": self.study_name, "optuna_trial": str(trial.number),
+                "worker": WORKER, "state": "running"}
+        best = -math.inf
+        epochs = 0
+
+        def report(epoch: int, m: dict[str, float]) -> None:
+            """Prune on the best val_accuracy so far (the objective), which is steadier than one epoch's value."""
+            nonlocal best, epochs
+            best, epochs = max(best, m["val_accuracy"]), epoch
+            trial.report(best, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: best val_accuracy {best:.4f} is below the pruner's bar")
+
+        t0 = time.perf_counter()
+        with tracking.run(f"trial-{trial.number}", nested=True, tags=tags) as child:
+            trial.set_user_attr("mlflow_run_id", child.info.run_id)
+            tracking.log_params({**dataclasses.asdict(cfg), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
+            state, why = "complete", ""
+            try:
+                _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
+                epochs = int(out["epochs_run"])
+                if out["diverged"]:
+                    state, why = "pruned", f"loss became non-finite at epoch {epochs} (lr={cfg.lr:.3g} too high)"
+            except optuna.TrialPruned as e:
+                state, why = "pruned", str(e)
+                tracking.log_metrics({"train_time_s": time.perf_counter() - t0, "epochs_run": epochs,
+                                      "best_val_accuracy": max(best, 0.0)})
+            except BaseException:
+                mlflow.set_tag("state", "failed")
+                trial.set_user_attr("epochs_run", epochs)
+                raise
+            mlflow.set_tag("state", state)
+            if why:
+                mlflow.set_tag("pruned_reason", why)
+            value = out["best_val_accuracy"] if state == "complete" else max(best, 0.0)
+            trial.set_user_attr("epochs_run", epochs)
+            trial.set_user_attr("train_time_s", round(time.perf_counter() - t0, 3))
+        with contextlib.suppress(MlflowException):  # the parent's live view of the search
+            MlflowClient().log_metric(self.parent_run_id, "trial_best_val_accuracy", value, step=trial.number)
+        print(f"trial {trial.number} {state}: best val_accuracy {value:.4f} after {epochs} epochs, lr={cfg.lr:.3g} "
+              f"momentum={cfg.momentum:.3f} batch_size={cfg.batch_size} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if state == "pruned":
+            raise optuna.TrialPruned(why)
+        return value
+
+
+def optimize(study: optuna.Study, search: Search, tune_cfg: TuneConfig) -> None:
+    """Run trials until the study holds n_trials finished ones (all workers and resumes counted) or timeout."""
+    deadline = time.monotonic() + tune_cfg.timeout if tune_cfg.timeout > 0 else math.inf
+    while time.monotonic() < deadline:
+        recover(study, search.study_name)
+        # in-flight trials of live workers count too, so that several workers stop at n_trials, not beyond
+        if count(study, (*FINISHED, TrialState.RUNNING)) >= tune_cfg.n_trials:
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # out of memory is a property of the configuration (batch size): fail that trial, keep searching
+            study.optimize(search, n_trials=1, catch=(torch.OutOfMemoryError, Surplus), gc_after_trial=False)
+        if search.full:
+            break
+
+
+def fixed_settings(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, Any]:
+    return {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items() if k not in _NOT_FIXED}
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, tune_cfg: TuneConfig, fixed: dict[str, Any], seed: int) -> optuna.Study:
+    """Create or resume the study; refuse to resume one run with other fixed settings (its values would not compare)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+                                    sampler=make_sampler(seed, tune_cfg.n_trials), pruner=make_pruner(tune_cfg.pruner, int(fixed["epochs"])))
+    before = study.user_attrs.get("fixed_settings")
+    if before is None:
+        study.set_user_attr("fixed_settings", fixed)
+    else:
+        diff = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in fixed.items() if before.get(k) != v]
+        check(not diff, f"study '{name}' was run with {', '.join(diff[:4])}: use the same settings to resume it, "
+                        "or pass a new --study-name")
+    return study
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _figures(study: optuna.Study, seed: int) -> dict[str, Callable[[], Any]]:
+    v = optuna.visualization
+    return {
+        "optimization_history": lambda: v.plot_optimization_history(study),
+        "intermediate_values": lambda: v.plot_intermediate_values(study),
+        "parallel_coordinate": lambda: v.plot_parallel_coordinate(study),
+        "contour_lr_momentum": lambda: v.plot_contour(study, params=["lr", "momentum"]),
+        "param_importances": lambda: v.plot_param_importances(study, evaluator=_importance_evaluator(seed)),
+    }
+
+
+def _importance_evaluator(seed: int) -> optuna.importance.BaseImportanceEvaluator:
+    """Optuna's default fANOVA (seeded) needs scikit-learn, which bias_lab does not require: PED-ANOVA without it."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return optuna.importance.PedAnovaImportanceEvaluator()
+    return optuna.importance.FanovaImportanceEvaluator(seed=seed)
+
+
+def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, float]:
+    """Counts, best trial, trials table and Optuna's figures on the active (parent) run; returns the metrics."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    out = {
+        "n_trials_complete": float(len(complete)),
+        "n_trials_pruned": float(sum(t.state == TrialState.PRUNED for t in trials)),
+        "n_trials_failed": float(sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in trials)),
+        "epochs_trained": float(epochs_trained(study)),
+        "total_tuning_time_s": time.perf_counter() - t_start,
+    }
+    if complete:
+        best = study.best_trial
+        out.update(best_val_accuracy=float(best.value), best_trial_number=float(best.number))
+        tracking.log_params({f"best_{k}": v for k, v in best.params.items()})
+        mlflow.set_tag("best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
+    else:
+        mlflow.set_tag("best_trial", "none: no trial completed (all pruned or failed); re-run to add trials")
+    tracking.log_metrics(out)
+    if trials:
+        mlflow.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+    need = {"optimization_history": 1, "parallel_coordinate": 2, "contour_lr_momentum": 2, "param_importances": 2}
+    for name, make in _figures(study, seed).items():
+        if name == "intermediate_values" and not any(t.intermediate_values for t in trials):
+            continue
+        if len(complete) < need.get(name, 0):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.log_figure(make(), f"optuna/{name}.html")
+        except Exception as e:  # a figure Optuna cannot draw for this study must not lose the study's results
+            mlflow.set_tag(f"figure_{name}_skipped", _first_line(e))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def register_champion(model_uri: str, name: str, digest: str, val_accuracy: float, tags: dict[str, Any]) -> dict[str, Any]:
+    """Register `model_uri` under `name`; move the `champion` alias to it only if its val_accuracy beats the
+    baseline: the current champion when it was trained on the same data (digest), else the best earlier
+    version on that data. Returns the decision (version, moved, baseline, reason)."""
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    same = [v for v in client.search_model_versions(f"name='{name}'")
+            if v.tags.get("data_digest") == digest and "val_accuracy" in v.tags]
+    if champion is not None and champion.tags.get("data_digest") == digest and "val_accuracy" in champion.tags:
+        baseline = champion
+    else:
+        baseline = max(same, key=lambda v: float(v.tags["val_accuracy"]), default=None)
+    mv = mlflow.register_model(model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, "data_digest": digest,
+                                                      "val_accuracy": repr(float(val_accuracy))})
+    base_acc = float(baseline.tags["val_accuracy"]) if baseline is not None else None
+    if baseline is None:
+        moved = True
+        reason = f"first model registered for data {digest}"
+        if champion is not None:
+            reason += f" (champion was v{champion.version}, trained on other data {champion.tags.get('data_digest', '?')})"
+    elif val_accuracy > base_acc:
+        moved, reason = True, f"val_accuracy {val_accuracy:.4f} > {base_acc:.4f} of v{baseline.version}"
+    else:
+        moved = False
+        reason = f"val_accuracy {val_accuracy:.4f} <= {base_acc:.4f} of v{baseline.version}; champion stays v{champion.version if champion else baseline.version}"
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    client.set_model_version_tag(name, mv.version, "champion_decision", reason)
+    current = mv.version if moved else (champion.version if champion else None)
+    return {"version": mv.version, "moved": moved, "baseline_version": baseline.version if baseline else None,
+            "baseline_val_accuracy": base_acc, "champion_version": current, "reason": reason}
+
+
+def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
+                tune_cfg: TuneConfig, best: FrozenTrial, study_name: str) -> dict[str, float]:
+    """Retrain the best configuration (train split, best-val epoch kept), test it once, log and register it in a
+    child run tagged role=final; record test measures and the champion decision on the parent."""
+    cfg = dataclasses.replace(train_cfg, **best.params)
+    parent = mlflow.active_run().info.run_id
+    digest = prep.dataset.digest
+    tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
+    with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
+        _log_setup(prep, data_cfg, cfg, bias_cfg)
+        net, out = pipeline.train_model(prep, cfg, log_model=False)
+        info = tracking.log_model(net, prep.meta(cfg))
+        decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
+            "model": cfg.model, "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size,
+            "image_size": data_cfg.image_size, "seed": cfg.seed, "optuna_study": study_name,
+            "optuna_trial": best.number, "tune_run_id": parent, "test_accuracy": out.get("test_accuracy", math.nan)})
+        mlflow.set_tags({"registered_model": tune_cfg.registered_model, "registered_version": decision["version"]})
+    tested = {k: v for k, v in out.items() if k.startswith(("test_", "decorrelated_test_"))}
+    tracking.log_metrics({**tested, "final_val_accuracy": out["best_val_accuracy"], "champion_moved": float(decision["moved"]),
+                          **({"champion_previous_val_accuracy": decision["baseline_val_accuracy"]} if decision["baseline_val_accuracy"] is not None else {})})
+    mlflow.set_tags({"final_run_id": child.info.run_id, "registered_model": tune_cfg.registered_model,
+                     "registered_version": decision["version"], "champion_version": str(decision["champion_version"]),
+                     "champion_moved": str(decision["moved"]).lower(), "champion_decision": decision["reason"]})
+    print(f"final model: test_accuracy {out.get('test_accuracy', math.nan):.4f}; registered {tune_cfg.registered_model} "
+          f"v{decision['version']}; champion {'moved' if decision['moved'] else 'kept'}: {decision['reason']}", file=sys.stderr)
+    return {**tested, "final_val_accuracy": out["best_val_accuracy"], "champion_moved": float(decision["moved"])}
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def _log_setup(prep: pipeline.Prepared, *configs: Any) -> None:
+    """pipeline.log_setup, retried when a parallel worker logs the same dataset rows at the same moment (the
+    sqlite store then refuses the second insert with a UNIQUE constraint error; a retry finds the rows)."""
+    for attempt in range(3):
+        try:
+            return pipeline.log_setup(prep, *configs)
+        except MlflowException as e:
+            if "unique constraint" not in str(e).lower() or attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _setup_tracking() -> None:
+    try:
+        tracking.setup()
+    except UserError:  # two workers starting together may race to create the experiment: the second try finds it
+        time.sleep(1.0)
+        tracking.setup()
+
+
+def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, tune_cfg: TuneConfig) -> dict[str, float]:
+    """The `tune` command; returns the parent run's metrics (best_val_accuracy, counts, test_accuracy...)."""
+    t_start = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed here instead
+    validate(tune_cfg)
+    storage, storage_desc = open_storage(tune_cfg.storage)
+    _setup_tracking()
+    prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
+    name = tune_cfg.study_name.strip() or f"bias-lab-{train_cfg.model}-{prep.dataset.digest}"
+    study = open_study(storage, name, tune_cfg, fixed_settings(data_cfg, train_cfg, bias_cfg), train_cfg.seed)
+    resumed = count(study, FINISHED)
+    tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
+    with tracking.run(f"tune-{train_cfg.model}", tags=tags) as parent:
+        _log_setup(prep, data_cfg, train_cfg, bias_cfg, tune_cfg)
+        mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
+        print(f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
+              file=sys.stderr)
+        search = Search(prep, train_cfg, tune_cfg, name, parent.info.run_id)
+        t_search = time.perf_counter()
+        try:
+            optimize(study, search, tune_cfg)
+        except KeyboardInterrupt:  # keep what finished: the summary of the best so far, then end KILLED
+            log_summary(study, t_start, train_cfg.seed)
+            raise
+        out = log_summary(study, t_start, train_cfg.seed)
+        out["search_time_s"] = time.perf_counter() - t_search
+        tracking.log_metrics({"search_time_s": out["search_time_s"]})
+        complete = count(study, (TrialState.COMPLETE,))
+        if complete and tune_cfg.final_model:
+            out.update(final_model(prep, data_cfg, train_cfg, bias_cfg, tune_cfg, study.best_trial, name))
+        elif not complete:
+            print("no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr)
+        out["total_tuning_time_s"] = time.perf_counter() - t_start
+        tracking.log_metrics({"total_tuning_time_s": out["total_tuning_time_s"]})
+        if complete:
+            print(f"run {parent.info.run_id}: best val_accuracy {out['best_val_accuracy']:.4f} (trial "
+                  f"{int(out['best_trial_number'])}: {study.best_params}), {int(out['n_trials_complete'])} complete, "
+                  f"{int(out['n_trials_pruned'])} pruned, {out['total_tuning_time_s']:.0f} s", file=sys.stderr)
+    return out

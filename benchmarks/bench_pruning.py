@@ -1,0 +1,98 @@
+"""Does pruning pay? The same `tune` study with and without pruning: best val accuracy and epochs trained.
+
+    python benchmarks/bench_pruning.py --data DIR      # default /work/shared/data/tiny4; ~5-10 min on 2 cores
+    python benchmarks/bench_pruning.py --quick         # generated tiny data, 3 trials of 2 epochs: a smoke run
+
+Both studies run through bias_lab.tuning.run_tune (what `bias-lab tune` does), with the same TPE seed, the
+same trial count and the same fixed settings, in a temporary MLflow store and journal (nothing is registered).
+Epochs trained = the sum over trials of the epochs each trial actually ran (a pruned trial stops early).
+Prints a table and one `TARGET ... PASS|FAIL` line per target of issue 6:
+  - with pruning, best val accuracy within 1 point of the study without pruning;
+  - with pruning, >= 2x fewer epochs trained in total.
+Not a test: nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import mlflow  # noqa: E402
+import optuna  # noqa: E402
+
+from bias_lab import tuning  # noqa: E402
+from bias_lab.config import BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
+
+DEFAULT_DATA = "/work/shared/data/tiny4"
+
+
+def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, float]:
+    """One study; returns best val accuracy, epochs trained, trial counts and wall time."""
+    data = DataConfig(data=args.data, image_size=args.image_size)
+    train = TrainConfig(model=args.model, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    tune = TuneConfig(n_trials=args.n_trials, pruner=pruner, storage=str(workdir / "optuna.journal"),
+                      study_name=f"bench-pruning-{pruner}", final_model=False)
+    t0 = time.perf_counter()
+    tuning.run_tune(data, train, BiasConfig(), tune)
+    wall = time.perf_counter() - t0
+    s = optuna.load_study(study_name=tune.study_name, storage=tuning.open_storage(tune.storage)[0])
+    states = [t.state for t in s.trials]
+    return {
+        "best_val_accuracy": s.best_value,
+        "epochs_trained": tuning.epochs_trained(s),
+        "complete": states.count(optuna.trial.TrialState.COMPLETE),
+        "pruned": states.count(optuna.trial.TrialState.PRUNED),
+        "wall_s": wall,
+        "best_params": s.best_params,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--model", default="lenet")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--n-trials", type=int, default=16)
+    ap.add_argument("--pruner", default="median", choices=("median", "hyperband"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="generated tiny data, 3 trials of 2 epochs")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.quick:
+            from bias_lab.demo import write_demo
+
+            args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
+            args.epochs, args.n_trials = 2, 3
+            os.environ.setdefault("BIAS_LAB_CACHE", str(workdir / "cache"))
+        mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")  # a throwaway store: benchmarks log nothing lasting
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            os.environ.pop(var, None)
+        print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} "
+              f"n_trials={args.n_trials} seed={args.seed} pruner={args.pruner}", file=sys.stderr)
+        res = {"none": study(args, "none", workdir), args.pruner: study(args, args.pruner, workdir)}
+    print(f"\n| pruner | best val acc | epochs trained | complete | pruned | wall s | best params |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        bp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())
+        print(f"| {name} | {r['best_val_accuracy']:.4f} | {r['epochs_trained']} | {r['complete']} | {r['pruned']} | {r['wall_s']:.0f} | {bp} |")
+    base, pr = res["none"], res[args.pruner]
+    gap = 100 * (base["best_val_accuracy"] - pr["best_val_accuracy"])
+    ratio = base["epochs_trained"] / max(pr["epochs_trained"], 1)
+    print(f"\nTARGET pruning keeps best val accuracy within 1 point: {pr['best_val_accuracy']:.4f} vs "
+          f"{base['best_val_accuracy']:.4f} ({-gap:+.2f} points) {'PASS' if gap <= 1.0 else 'FAIL'}")
+    print(f"TARGET pruning trains >= 2x fewer epochs: {base['epochs_trained']} / {pr['epochs_trained']} = {ratio:.2f}x "
+          f"{'PASS' if ratio >= 2 else 'FAIL'}")
+    print(f"wall time: {base['wall_s']:.0f} s without pruning, {pr['wall_s']:.0f} s with ({base['wall_s'] / max(pr['wall_s'], 1e-9):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The `tune` command against a real MLflow sqlite store and real Optuna storage: nesting, pruning, resume
+(Ctrl-C and SIGKILL), parallel workers, the champion rule, and that the search never reads the test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from bias_lab import pipeline, tracking, tuning
+from bias_lab.bias_eval import champion_hparams
+from bias_lab.data import load
+from bias_lab import config as C
+from bias_lab.models import build
+
+from .conftest import all_runs, invoke
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite db with its schema created once: creating it costs 5-10 s per test on a busy 2-core box."""
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    cwd = os.getcwd()
+    os.chdir(folder)  # the Default experiment's artifact root is resolved from the cwd
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def store(isolated: Path, empty_store: Path) -> Path:
+    """This test's store (conftest points MLflow at it) starts as a copy of the empty one."""
+    shutil.copy(empty_store, isolated / "mlflow.db")
+    return isolated / "mlflow.db"
+
+
+def tiny(data: Path, *extra: str) -> list[str]:
+    """A tune command on tiny data: LeNet at 32 px, 1 thread (tests may run 2 at a time on 2 cores)."""
+    return ["tune", "--data", str(data), "--image-size", "32", "--model", "lenet", "--threads", "1", *extra]
+
+
+def study_at(path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def parent_and_children(client: mlflow.MlflowClient) -> tuple[list, dict[str, list]]:
+    runs = all_runs(client)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents}
+    assert sum(map(len, kids.values())) + len(parents) == len(runs)  # no run outside the parent/child tree
+    return parents, kids
+
+
+class OddPruner(optuna.pruners.BasePruner):
+    """Prunes every odd-numbered trial at its first report: a pruner that surely prunes, deterministically."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number % 2 == 1
+
+
+def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "make_pruner", lambda name, epochs: OddPruner())
+    code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "3", "--study-name", "s"))
+    assert code == 0, out
+    [parent], kids = parent_and_children(client)
+    children = kids[parent.info.run_id]
+    trials = {int(r.data.tags["optuna_trial"]): r for r in children if r.data.tags["role"] == "trial"}
+    [final] = [r for r in children if r.data.tags["role"] == "final"]
+    assert sorted(trials) == [0, 1, 2] and len(children) == 4
+    assert all(r.info.status == "FINISHED" for r in [parent, *children])  # pruned trials are not FAILED runs
+    assert [trials[n].data.tags["state"] for n in (0, 1, 2)] == ["complete", "pruned", "complete"]
+    steps = lambda r: [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")]  # noqa: E731
+    assert steps(trials[0]) == [1, 2] and steps(trials[1]) == [1]  # pruning stopped training after epoch 1
+
+    study = study_at(tmp_path / "optuna.journal", "s")  # default storage: next to the MLflow db
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.user_attrs["mlflow_run_id"] for t in study.trials] == [trials[n].info.run_id for n in (0, 1, 2)]
+    for t in study.trials:  # each child logs its trial's sampled params
+        p = trials[t.number].data.params
+        assert (float(p["lr"]), float(p["momentum"]), int(p["batch_size"])) == (t.params["lr"], t.params["momentum"], t.params["batch_size"])
+
+    m, p = parent.data.metrics, parent.data.params
+    assert (m["n_trials_complete"], m["n_trials_pruned"], m["n_trials_failed"]) == (2, 1, 0)
+    assert m["best_val_accuracy"] == study.best_value and m["epochs_trained"] == 5
+    assert float(p["best_lr"]) == study.best_params["lr"] and int(p["best_batch_size"]) == study.best_params["batch_size"]
+    assert 0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {f"optuna/{n}.html" for n in ("optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum")} <= arts
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv").splitlines()
+    assert len(table) == 4 and "params_lr" in table[0] and "PRUNED" in table[2]
+
+    mv = client.get_model_version_by_alias("bias-lab", "champion")  # first model on this data: champion
+    assert str(mv.version) == "1" and mv.run_id == final.info.run_id and parent.data.tags["champion_moved"] == "true"
+    digest = load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest
+    assert mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
+    assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)
+    hp, uri = champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
+    assert hp == study.best_params and uri == "models:/bias-lab/1"
+
+
+def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C in trial 2: trials 0-1 kept, trial 2 failed, best so far logged; re-run with n_trials=4 completes it.
+    This study uses an RDB URL (sqlite) to cover that storage too."""
+    args = tiny(kaggle_data, "--epochs", "2", "--pruner", "none", "--storage", "sqlite:///optuna.db", "--study-name", "s", "--final-model", "false")
+    real, calls = pipeline.train_model, []
+
+    def ctrl_c_in_third_trial(prep, cfg, **kw):
+        calls.append(cfg)
+        if len(calls) == 3:
+            kw["on_epoch"] = lambda epoch, m: (_ for _ in ()).throw(KeyboardInterrupt())
+        return real(prep, cfg, **kw)
+
+    monkeypatch.setattr(pipeline, "train_model", ctrl_c_in_third_trial)
+    code, out = invoke(*args, "--n-trials", "3")
+    assert code == 130 and "interrupted" in out, out
+    study = optuna.load_study(study_name="s", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    before = [(t.number, t.value, t.datetime_complete) for t in study.trials[:2]]
+    [parent], kids = parent_and_children(client)
+    assert parent.info.status == "KILLED" and parent.data.metrics["n_trials_complete"] == 2
+    assert parent.data.metrics["best_val_accuracy"] == study.best_value  # the best so far was logged
+    assert sorted(r.info.status for r in kids[parent.info.run_id]) == ["FINISHED", "FINISHED", "KILLED"]
+
+    monkeypatch.setattr(pipeline, "train_model", real)
+    code, out = invoke(*args, "--n-trials", "4")
+    assert code == 0, out
+    study = optuna.load_study(study_name="s", storage="sqlite:///optuna.db")
+    assert [(t.number, t.value, t.datetime_complete) for t in study.trials[:2]] == before  # kept, not redone
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    parents, kids = parent_and_children(client)
+    [second] = [p for p in parents if p.info.status == "FINISHED"]
+    assert len(kids[second.info.run_id]) == 2 and second.data.metrics["n_trials_complete"] == 4
+    assert "RUNNING" not in {r.info.status for r in all_runs(client)}
+
+
+def test_sigkill_mid_trial_then_rerun(kaggle_data: Path, client, tmp_path: Path) -> None:
+    """A worker killed with SIGKILL mid-trial: the re-run keeps the completed trial, fails the interrupted one
+    (and retries its params once), and ends the dead worker's MLflow runs KILLED."""
+    args = tiny(kaggle_data, "--epochs", "30", "--pruner", "none", "--n-trials", "2", "--study-name", "k", "--final-model", "false")
+    env = {**os.environ, "BIAS_LAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "bias_lab.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal, deadline = tmp_path / "optuna.journal", time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                trials = study_at(journal, "k").trials
+            except KeyError:  # the study is not created yet
+                trials = []
+            if trials:
+                running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+                if any(t.state == TrialState.COMPLETE for t in trials) and running:
+                    break  # mid-training of trial 1, with trial 0 complete
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    study = study_at(journal, "k")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING], "not killed mid-trial"
+    completed, killed = study.trials
+    status = {r.info.run_id: r.info.status for r in all_runs(client)}
+    assert status[killed.user_attrs["mlflow_run_id"]] == status[killed.user_attrs["mlflow_parent_run_id"]] == "RUNNING"  # SIGKILL
+
+    code, out = invoke(*args)
+    assert code == 0, out
+    study = study_at(journal, "k")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert (study.trials[0].value, study.trials[0].datetime_complete) == (completed.value, completed.datetime_complete)
+    retry = study.trials[2]
+    assert retry.system_attrs["failed_trial"] == killed.number and retry.params == killed.params  # re-queued once
+    statuses = {r.info.run_id: r.info.status for r in all_runs(client)}
+    assert "RUNNING" not in statuses.values()
+    assert statuses[killed.user_attrs["mlflow_run_id"]] == statuses[killed.user_attrs["mlflow_parent_run_id"]] == "KILLED"
+
+
+def test_two_workers_share_one_journal(kaggle_data: Path, client, tmp_path: Path) -> None:
+    mlflow.set_experiment("bias-lab")  # the store exists before the workers start (as after any first run)
+    shared = tmp_path / "shared.journal"
+    args = tiny(kaggle_data, "--epochs", "1", "--pruner", "none", "--n-trials", "4", "--storage", str(shared),
+                "--study-name", "w", "--final-model", "false")
+    procs = [subprocess.Popen([sys.executable, "-m", "bias_lab.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    trials = study_at(shared, "w").trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 4 and len({t.number for t in done}) == 4
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state != TrialState.COMPLETE)  # nothing else failed
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # workers did not propose the same points
+    parents, kids = parent_and_children(client)
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in all_runs(client))
+    children = [r for p in parents for r in kids[p.info.run_id]]
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == sorted(t.number for t in done)
+
+
+def test_champion_moves_only_on_improvement(client) -> None:
+    mlflow.set_experiment("registry")
+    with mlflow.start_run():
+        info = tracking.log_model(build("lenet", 1, 4, 32), {"arch": "lenet", "in_channels": 1, "image_size": 32, "classes": list("abcd")})
+    champion = lambda: str(client.get_model_version_by_alias("m", "champion").version)  # noqa: E731
+
+    def register(digest: str, val: float) -> dict:
+        return tuning.register_champion(info.model_uri, "m", digest, val, {"model": "lenet"})
+
+    assert register("d1", 0.5)["moved"] and champion() == "1"
+    d = register("d1", 0.4)
+    assert not d["moved"] and champion() == "1" and d["baseline_val_accuracy"] == 0.5 and "0.4000 <= 0.5000 of v1" in d["reason"]
+    assert not register("d1", 0.5)["moved"] and champion() == "1"  # a tie does not beat
+    assert register("d1", 0.6)["moved"] and champion() == "4"
+    d = register("d2", 0.1)  # other data: nothing to compare with, so it becomes champion (and says so)
+    assert d["moved"] and champion() == "5" and "other data d1" in d["reason"]
+    d = register("d1", 0.55)  # compared with d1's best (v4, 0.6), not with the d2 champion
+    assert not d["moved"] and str(d["baseline_version"]) == "4" and champion() == "5"
+    assert client.get_model_version("m", "6").tags["val_accuracy"] == "0.55" and client.get_model_version("m", "6").tags["data_digest"] == "d1"
+
+
+def test_search_never_reads_the_test_split(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
+    """Poisoning the test split (inverted images, shifted labels) leaves every trial identical, and the test
+    measures run once, after the study is complete."""
+    common = tiny(kaggle_data, "--epochs", "1", "--pruner", "none", "--n-trials", "2")
+    assert invoke(*common, "--study-name", "clean", "--final-model", "false")[0] == 0
+    real_prepare, real_measure, measured = pipeline.prepare, pipeline.measure, []
+
+    def poisoned(*a, **k):
+        prep = real_prepare(*a, **k)
+        t = prep.test
+        prep.test = dataclasses.replace(t, images=255 - t.images, labels=(t.labels + 1) % len(prep.dataset.classes))
+        return prep
+
+    def spy(*a, **k):
+        measured.append([t.state for t in study_at(tmp_path / "optuna.journal", "poisoned").trials])
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(pipeline, "prepare", poisoned)
+    monkeypatch.setattr(pipeline, "measure", spy)
+    code, out = invoke(*common, "--study-name", "poisoned")
+    assert code == 0, out
+    clean, dirty = study_at(tmp_path / "optuna.journal", "clean").trials, study_at(tmp_path / "optuna.journal", "poisoned").trials
+    assert [(t.params, t.value) for t in clean] == [(t.params, t.value) for t in dirty]
+    assert measured == [[TrialState.COMPLETE, TrialState.COMPLETE]]  # once, after the search
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--storage", "sqlite:////no-such-dir/optuna.db"], "cannot open the Optuna storage"),
+    (["--storage", "/no-such-dir/optuna.journal"], "does not exist"),
+    (["--lr-min", "0"], "0 < lr_min <= lr_max"),
+    (["--batch-sizes", "32,x"], "batch_sizes='32,x'"),
+])
+def test_bad_tune_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out = invoke("tune", *args)
+    assert code == 2 and out.startswith("error: ") and out.count("\n") == 1 and message in out, out
+    assert not (tmp_path / "optuna.journal").exists() and not (tmp_path / "cache").exists()  # rejected before storage and data
+    assert all_runs(mlflow.MlflowClient()) == []
+
+
+def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
+    storage, _ = tuning.open_storage("")
+    study = tuning.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
+    assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
+    tuning.open_study(storage, "f", C.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
+    with pytest.raises(tuning.UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
+        tuning.open_study(storage, "f", C.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
+
+
+def test_worker_liveness() -> None:
+    assert not tuning.worker_dead(tuning.WORKER)  # this process
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = tuning.WORKER.split(":")[0]
+    assert tuning.worker_dead(f"{host}:{dead.pid}:1")
+    assert not tuning.worker_dead(f"other-host:{dead.pid}:1") and not tuning.worker_dead("")
