@@ -73,6 +73,7 @@ class TuneConfig:
     momentum_max: float = knob(0.99, "upper bound of the uniform momentum search")
     batch_sizes: str = knob("32,64,128,256", "comma-separated batch sizes to choose from")
     registered_model: str = knob("bias-lab", "Model Registry name the best model is registered under")
+    final_model: bool = knob(True, "retrain the best configuration, test it once and register it; false for extra parallel workers")
 
 
 @dataclass
