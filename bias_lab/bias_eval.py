@@ -1,10 +1,12 @@
-"""`bias_eval`: does a model take the eps shortcut? model_1 (no usable shortcut) vs model_2 (biased data).
+"""`bias_eval`: does a model take the eps shortcut? model_1 (no usable shortcut) vs model_2 (biased data),
+and optionally model_3 (model_2's data with a mitigation, bias_lab.mitigation).
 
-One parent run; one nested child per (model, seed) tagged role=model_1 / model_2, trained by
+One parent run; one nested child per (model, seed) tagged role=model_1 / model_2 / model_3, trained by
 pipeline.train_model with the same architecture, hyperparameters, splits and seed, so the children carry
-identical metric names (test_* under the training bias, decorrelated_test_* with S independent of y) and the
-MLflow Compare view shows them side by side. The parent holds the comparison: `<role>_<metric>` (mean over
-seeds, `_std` beside it when seeds > 1), comparison.csv/.md, comparison.html (plotly) and conclusion.md.
+identical metric names (test_* under the training bias, decorrelated_test_* with S independent of y, and the
+explanations of bias_lab.explain) and the MLflow Compare view shows them side by side. The parent holds the
+comparison: `<role>_<metric>` (mean over seeds, `_std` beside it when seeds > 1), comparison.csv/.md,
+comparison.html (plotly, + .json) and conclusion.md.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
     """lr / momentum / batch_size of the registered version of `name` trained on this data with this arch.
 
     A version matches when its tags or its source run's params say data_digest in `digests` (the binary
-    subset's digest first, then the full dataset's) and model == arch. Among matches: the `champion` alias
-    wins, then the better digest, then the source run's best_val_accuracy. Returns (params, model URI) or None.
+    subset's digest first, then the full dataset's) and model == arch (tune tags its versions with data_digest,
+    model, lr, momentum, batch_size, val_accuracy). Among matches: the `champion` alias wins, then the better
+    digest, then val_accuracy. Returns (params, model URI) or None.
     """
     client = MlflowClient()
     try:
@@ -96,7 +99,8 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
         digest = params.get("data_digest", params.get("dataset_digest"))
         if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in HPARAMS):
             continue
-        key = (v.version == champion, -digests.index(digest), run.data.metrics.get("best_val_accuracy", -1.0) if run else -1.0, int(v.version))
+        val = float(params.get("val_accuracy", run.data.metrics.get("best_val_accuracy", -1.0) if run else -1.0))
+        key = (v.version == champion, -digests.index(digest), val, int(v.version))
         if best_key is None or key > best_key:
             best, best_key = (params, v.version), key
     if best is None:

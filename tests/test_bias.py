@@ -170,19 +170,20 @@ def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[st
     assert not (tmp_path / "mlflow.db").exists()  # rejected before any store, data or run was touched
 
 
-def _register_champion(client: mlflow.MlflowClient, digest: str) -> None:
-    """A registry version as `tune` leaves it: source run params carry the data digest and the hyperparameters."""
+def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
+    """Two versions tagged as `tune` tags them: v1 trained on this data, v2 (holding the champion alias) on other data."""
     mlflow.set_experiment("tuning")
-    with mlflow.start_run() as run:
-        mlflow.log_params({"model": "lenet", "lr": 0.02, "momentum": 0.5, "batch_size": 24, "data_digest": digest})
-        mlflow.log_metric("best_val_accuracy", 0.9)
     client.create_registered_model("bias-lab")
-    v = client.create_model_version("bias-lab", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    for lr, data in ((0.02, digest), (0.3, "other-data")):
+        with mlflow.start_run() as run:
+            mlflow.log_params({"model": "lenet", "lr": lr})
+        v = client.create_model_version("bias-lab", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags={
+            "model": "lenet", "lr": str(lr), "momentum": "0.5", "batch_size": "24", "data_digest": data, "val_accuracy": "0.9"})
     client.set_registered_model_alias("bias-lab", "champion", v.version)
 
 
 def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    _register_champion(client, load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest)
+    _register_versions(client, load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest)
     code, out = invoke("bias-eval", "--data", str(kaggle_data), *TINY, "--classes", "2,4")
     assert code == 0, out
     runs = [r for r in all_runs(client) if r.data.tags.get("entry_point") == "bias_eval"]
@@ -197,7 +198,7 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
                   "accuracy_s0", "accuracy_s1", "n_s0", "n_s1"):
             assert f"{prefix}{m}" in c1.metrics, f"{prefix}{m}"
     assert "train_time_s" in c1.metrics and "val_accuracy" in c1.metrics
-    # same hyperparameters on both, taken from the registered champion of this data
+    # same hyperparameters on both, from the registered version trained on this data (not the other-data champion)
     for c in (c1, c2):
         assert (c.params["lr"], c.params["momentum"], c.params["batch_size"], c.params["seed"]) == ("0.02", "0.5", "24", "0")
     assert (c1.params["in_channels"], c2.params["in_channels"]) == ("1", "2")
