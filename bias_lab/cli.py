@@ -18,15 +18,16 @@ from bias_lab import config as C
 from bias_lab.errors import UserError
 
 
-def options(*classes: type) -> Callable:
-    """Click options for every field of the given config dataclasses."""
+def options(*classes: type, defaults: dict[str, Any] | None = None) -> Callable:
+    """Click options for every field of the given config dataclasses (`defaults` overrides some, per command,
+    the same way the command's MLproject entry point does)."""
 
     def deco(f: Callable) -> Callable:
         for cls in reversed(classes):
             for fld in reversed(dataclasses.fields(cls)):
                 choices = fld.metadata.get("choices")
                 kind = click.Choice(choices) if choices else {bool: click.BOOL, int: int, float: float}.get(type(fld.default), str)
-                f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=fld.default,
+                f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=(defaults or {}).get(fld.name, fld.default),
                                  show_default=True, help=fld.metadata["help"])(f)
         return f
 
@@ -114,6 +115,15 @@ def kaggle_submit(**kw: Any) -> None:
     from bias_lab.submission import run_submit
 
     run_submit(make(C.DataConfig, kw), make(C.SubmitConfig, kw))
+
+
+@main.command("bias-sweep")
+@options(C.DataConfig, C.TrainConfig, C.SweepConfig, defaults={"epochs": 4})  # a grid of runs: short ones
+def bias_sweep(**kw: Any) -> None:
+    """DI and accuracy of model_2 over a grid of p1-p0 and sigma: how strong must a shortcut be to be taken?"""
+    from bias_lab.sweep import run_sweep
+
+    run_sweep(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.SweepConfig, kw))
 
 
 @main.command()

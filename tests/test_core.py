@@ -89,7 +89,8 @@ def test_demo_data_is_learnable(client: mlflow.MlflowClient) -> None:
     assert run.data.tags["synthetic_data"] == "true" and run.data.params["data_source"] == "demo (synthetic)"
 
 
-@pytest.mark.parametrize("entry,command", [("train", "train"), ("tune", "tune"), ("bias_eval", "bias-eval"), ("kaggle_submit", "kaggle-submit")])
+@pytest.mark.parametrize("entry,command", [("train", "train"), ("tune", "tune"), ("bias_eval", "bias-eval"), ("kaggle_submit", "kaggle-submit"),
+                                           ("bias_sweep", "bias-sweep")])
 def test_mlproject_mirrors_cli(entry: str, command: str) -> None:
     """Every MLproject parameter is a CLI option of the same name (dashes), passed through, with the same default."""
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
