@@ -211,7 +211,7 @@ CLI_CASES = [
 # click's own usage errors (an unknown choice, a non-number) print its usage block: 4 lines, not one yet
 USAGE_CASES = [
     Case("unknown_model_name", ["--model", "vgg99"], 2, "'vgg99' is not one of", "lenet"),
-    Case("batch_size_not_a_number", ["--batch-size", "abc"], 2, "'abc' is not a valid integer", "--batch-size"),
+    Case("batch_size_not_a_number", ["--batch-size", "abc"], 2, "'abc' is not a valid integer", "help"),
 ]
 
 
