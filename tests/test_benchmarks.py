@@ -1,0 +1,32 @@
+"""Smoke run of the benchmark scripts on tiny generated data, so they do not rot. Nothing here is timed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+TARGETS = (
+    "bias_lab/naive LeNet@64",
+    "bias_lab/naive ResNet-18@64",
+    "bias_lab/compute-bound ResNet-18@64",
+    "cached reload / first decode",
+    "MLflow per-epoch logging overhead",
+)
+
+
+@pytest.mark.slow
+def test_bench_epoch_quick_prints_every_target() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_epoch.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| measurement | variant | value | unit |" in out
+    for variant in ("naive:", "bias_lab:", "compute bound, bias_lab's", "compute bound, textbook", "first decode", "cached re-load"):
+        assert variant in out, variant
+    for target in TARGETS:
+        assert re.search(rf"^TARGET {re.escape(target)} [<>]= [\d.]+x?%?: -?[\d.]+x?%? (PASS|FAIL)$", out, re.M), target

@@ -1,0 +1,61 @@
+"""models.build at every supported size and channel count, and models.summarize's layer table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bias_lab.config import MODELS
+from bias_lab.errors import UserError
+from bias_lab.models import build, summarize
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_summary(name: str, size: int, channels: int) -> None:
+    torch.manual_seed(0)
+    model = build(name, channels, 3, size)
+    model.train()
+    summary = summarize(model, channels, size)  # one batch-1 forward
+    assert model.training  # summarize restores the mode it found
+    with torch.inference_mode():  # batch 2, one forward: AlexNet / ResNet at 128 px are heavy on a CPU
+        logits = model.eval()(torch.randn(2, channels, size, size))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    total = sum(p.numel() for p in model.parameters())
+    assert summary.total_params == total
+    assert sum(layer.params for layer in summary.layers) == total  # every parameter sits in a listed leaf layer
+    assert summary.macs > 0
+    assert summary.layers[-1].output_shape == "3"  # the head, in execution order
+    assert f"**{total:,}**" in summary.markdown()
+    assert summary.csv().count("\n") == len(summary.layers)
+
+
+def test_lenet_macs_match_the_hand_count() -> None:
+    """LeNet at 32 px: conv1 6x(5x5x1) over 32x32 (padding 2), pool, conv2 16x(5x5x6) over 12x12, then the FCs."""
+    s = summarize(build("lenet", 1, 4, 32), 1, 32)
+    assert s.macs == 6 * 25 * 32 * 32 + 16 * 6 * 25 * 12 * 12 + 400 * 120 + 120 * 84 + 84 * 4
+    assert [(layer.name, layer.output_shape) for layer in s.layers[:3]] == [
+        ("features.0", "6x32x32"), ("features.1", "6x32x32"), ("features.2", "6x16x16")]
+
+
+def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
+    torch.manual_seed(1)
+    a = build("resnet18", 1, 4, 64)
+    torch.manual_seed(1)
+    b = build("resnet18", 1, 4, 64)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert build("resnet18", 2, 4, 64).conv1.weight.shape == (64, 2, 3, 3)
+    assert build("resnet18", 1, 4, 128).conv1.weight.shape == (64, 1, 7, 7)  # the original stem at >= 128 px
+
+
+@pytest.mark.parametrize("args,message", [
+    (("vgg", 1, 4, 64), "unknown model 'vgg'"),
+    (("lenet", 1, 4, 16), "image_size=16 is out of range"),
+    (("lenet", 1, 4, 256), "image_size=256 is out of range"),
+    (("lenet", 0, 4, 64), "in_channels >= 1"),
+    (("lenet", 1, 1, 64), "num_classes >= 2"),
+])
+def test_bad_arguments_are_user_errors(args: tuple, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build(*args)
