@@ -54,6 +54,12 @@ class App(click.Group):
                 raise
             click.echo("interrupted: runs were ended as KILLED; re-run the same command to resume", err=True)
             ctx.exit(130)
+        except click.UsageError as e:  # a bad option value: one line, not click's usage block
+            if debug:
+                raise
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug, not bad input: still one line, with the way to see more
@@ -65,6 +71,7 @@ class App(click.Group):
 
 
 def _quiet_libraries() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its bars would bury our one-line errors
     for name in ("alembic", "mlflow", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")

@@ -91,7 +91,7 @@ def prepare(data_cfg: DataConfig, bias_cfg: BiasConfig, seed: int, *, binary: bo
     eps = bias_cfg.bias if eps is None else eps
     if binary:
         ds = biasmod.binary_task(ds, bias_cfg.classes)
-    split = stratified_split(ds.labels, data_cfg.val_fraction, data_cfg.test_fraction, seed)
+    split = stratified_split(ds.labels, data_cfg.val_fraction, data_cfg.test_fraction, seed, classes=ds.classes)
     size = int(ds.images.shape[-1])
     ch = ch_train = ch_dec = None
     if binary:

@@ -47,6 +47,13 @@ def install_signal_handlers() -> None:
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at its store (MLFLOW_TRACKING_URI, else ./mlflow.db) and check it answers; returns the URI."""
     uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a refused server fails in seconds, not after MLflow's ~4 min of retries
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+        except requests.RequestException as e:
+            raise UserError(f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI") from e
     try:
         client = MlflowClient()
         client.search_experiments(max_results=1)

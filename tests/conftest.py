@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import time: before bias_lab imports it
+
 import mlflow
 import pytest
 from click.testing import CliRunner
@@ -29,9 +31,20 @@ def kaggle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo(tmp_path_factory.mktemp("data") / "kaggle", seed=1, n_train=40, n_test=5)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store with its tables created once (creating them costs seconds per test)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
     """Each test: its own cwd, MLflow sqlite store, decoded-tensor cache; no progress bars."""
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("BIAS_LAB_CACHE", str(tmp_path / "cache"))
