@@ -229,12 +229,13 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     notes = notes or {}
     g = lambda role, key: summary.get(f"{role}_{key}", math.nan)  # noqa: E731
     row = {(r["model"], r["test"]): r for r in rows}
+    roles = list(dict.fromkeys(r["model"] for r in rows))
     acc1, acc2 = g("model_1", "test_accuracy"), g("model_2", "test_accuracy")
     dacc1, dacc2 = g("model_1", "decorrelated_test_accuracy"), g("model_2", "decorrelated_test_accuracy")
     gain, cost, drop2 = acc2 - acc1, dacc1 - dacc2, acc2 - dacc2
     p = lambda x: fmt(x, True)  # noqa: E731
-    pts = lambda x: "n/a" if math.isnan(x) else f"{100 * x:+.1f} points"  # noqa: E731
     a, b = classes
+    untrained = [r for r in roles if g(r, "test_accuracy") - chance < CLOSE]  # at chance even with the shortcut
     out = [
         "# Conclusion (generated from the measured numbers)",
         "",
@@ -242,13 +243,18 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         f"P(S=1|y=1)={bias_cfg.p1:g}, std sigma={bias_cfg.sigma:g}. The decorrelated test uses the same test images "
         f"with S drawn at p0=p1=0.5. Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
         f"chance (majority class of the test split) is {p(chance)}.",
+    ]
+    if untrained:
+        out += ["", f"**Caution:** {', '.join(untrained)} did not learn the task (in-distribution accuracy within "
+                f"{100 * CLOSE:.0f} points of chance): its DI describes an untrained model. Train longer (epochs) or tune lr."]
+    out += [
         "",
         "## Q2. Accuracy: what does the shortcut buy, and what does it cost?",
         "",
-        f"- In distribution, model_1 reaches {p(acc1)} and model_2 {p(acc2)}: eps buys model_2 {pts(gain)}.",
-        f"- On the decorrelated test, model_1 scores {p(dacc1)} and model_2 {p(dacc2)}: without the correlation "
-        f"model_2 changes by {pts(-drop2)}, and ends {pts(-cost)} relative to model_1"
-        + (" — down towards chance." if dacc2 - chance < CLOSE else "."),
+        f"- In distribution, model_1 reaches {p(acc1)} and model_2 {p(acc2)}: the eps channel {_buys(gain)} for model_2.",
+        f"- On the decorrelated test (S independent of y), model_1 scores {p(dacc1)} and model_2 {p(dacc2)} "
+        f"({_points(-drop2)} from its in-distribution accuracy, {_points(-cost)} vs model_1)"
+        + (" — down to chance: what model_2 learned was eps, not the classes." if dacc2 - chance < CLOSE and drop2 > CLOSE else "."),
         "",
         "## Q3. Disparate impact and the four-fifths rule (DI outside [0.8, 1.25] = biased)",
         "",
@@ -269,20 +275,21 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     v2 = row.get(("model_2", "decorrelated"), {}).get("four_fifths", "undefined")
     if v2 == "biased" and dacc2 - chance < CLOSE:
         out.append("- model_2 took the shortcut: on the decorrelated test its decisions follow S, not the image "
-                   "(DI outside the band, accuracy near chance). Its in-distribution accuracy comes from eps, not from learning the classes.")
+                   "(DI outside the band, accuracy near chance). Its in-distribution accuracy comes from eps, not from the classes.")
     elif v2 == "biased":
         out.append("- model_2 partly relies on eps: its decisions depend on S on the decorrelated test, although it keeps some accuracy from the image.")
     elif v2.startswith("borderline"):
         out.append("- model_2's decorrelated DI is borderline: the CI crosses the band edge; more test data or seeds would settle it.")
+    elif v2 == "undefined":
+        out.append("- model_2's decorrelated DI is undefined (see the di_note tags): no conclusion on its bias.")
     else:
-        out.append("- model_2 shows no measurable reliance on eps on the decorrelated test (the shortcut is too weak or too noisy to be taken).")
+        out.append("- model_2 shows no measurable reliance on eps on the decorrelated test (the shortcut was too weak or too noisy to be taken).")
     if v1 == "not biased":
         out.append("- model_1 is not biased: on the decorrelated test its DI lies inside the four-fifths band, so its decisions do not depend on S.")
     else:
         out.append(f"- model_1 on the decorrelated test: {v1}.")
-    out.append(f"- In short: the shortcut buys {pts(gain)} of in-distribution accuracy and costs {pts(-cost)} (vs model_1) "
-               "as soon as eps no longer predicts the label — a model that looks good on biased data can be useless, and unfair, outside it.")
-    roles = sorted({r["model"] for r in rows})
+    out.append(f"- In short: the shortcut {_buys(gain)} in distribution and costs {_points(cost, signed=False) if cost > 0 else 'nothing'} "
+               "against model_1 once eps no longer predicts the label: good numbers on biased data say nothing about the model outside it.")
     if any(f"{role}_saliency_eps_share" in summary for role in roles):
         out += ["", "## Why: what each model looks at (eps ablation, input-gradient saliency)", ""]
         for role in roles:
@@ -293,16 +300,35 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     if "model_3" in roles:
         r3 = row[("model_3", "decorrelated")]
         dacc3, acc3 = g("model_3", "decorrelated_test_accuracy"), g("model_3", "test_accuracy")
-        fixed = not M.biased(r3["di"]) and not math.isnan(r3["di"]) and abs(dacc3 - dacc1) <= MITIGATION_TOLERANCE
+        inside = not M.biased(r3["di"]) and not math.isnan(r3["di"])
+        close = abs(dacc3 - dacc1) <= MITIGATION_TOLERANCE
         out += ["", f"## Mitigation: model_3 ({r3['trained_on']})", "",
                 f"- On the decorrelated test model_3 has DI = {fmt(r3['di'])} (95% CI {fmt(r3['di_ci_low'])}–{fmt(r3['di_ci_high'])}) "
-                f"→ **{r3['four_fifths']}**, accuracy {p(dacc3)} ({pts(dacc3 - dacc1)} vs model_1, {pts(dacc3 - dacc2)} vs model_2); "
-                f"in distribution {p(acc3)}.",
-                "- " + ("The mitigation works here: decorrelated DI inside the four-fifths band and accuracy within "
-                        f"{100 * MITIGATION_TOLERANCE:.0f} points of model_1." if fixed else
-                        "The mitigation does not fully work here (DI outside the band, or accuracy more than "
-                        f"{100 * MITIGATION_TOLERANCE:.0f} points from model_1's)." + (f" Note: {notes['model_3']}" if notes.get("model_3") else ""))]
+                f"→ **{r3['four_fifths']}**, accuracy {p(dacc3)} ({_points(dacc3 - dacc1)} vs model_1, {_points(dacc3 - dacc2)} vs model_2); "
+                f"in distribution {p(acc3)}."]
+        if inside and close and "model_3" not in untrained:
+            out.append(f"- The mitigation works here: decorrelated DI inside the four-fifths band and accuracy within "
+                       f"{100 * MITIGATION_TOLERANCE:.0f} points of model_1.")
+        else:
+            why = [w for w, bad in (("its decorrelated DI is outside the band", not inside),
+                                    (f"its accuracy is more than {100 * MITIGATION_TOLERANCE:.0f} points from model_1's", not close),
+                                    ("it did not learn the task", "model_3" in untrained)) if bad]
+            out.append("- The mitigation does not work here: " + "; ".join(why) + "."
+                       + (f" {notes['model_3']}." if notes.get("model_3") else ""))
     return "\n".join(out) + "\n"
+
+
+def _points(x: float, signed: bool = True) -> str:
+    if math.isnan(x):
+        return "n/a"
+    v = round(100 * x, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{v:+.1f} points" if signed else f"{v:.1f} points"
+
+
+def _buys(gain: float) -> str:
+    if math.isnan(gain):
+        return "buys n/a"
+    return f"buys {_points(gain, signed=False)} of accuracy" if gain > 0 else f"buys nothing ({_points(gain)})"
 
 
 # ------------------------------------------------------------------------------------------- the command

@@ -150,7 +150,8 @@ def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
     rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1)
     text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
     assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
-    assert "+20.0 points" in text and "-30.0 points" in text
+    assert "buys 20.0 points of accuracy for model_2" in text and "-30.0 points vs model_1" in text and "down to chance" in text
+    assert "costs 30.0 points" in text and "Caution" not in text
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -164,10 +165,12 @@ def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
     (["--seeds", "0"], "seeds=0"),
 ])
 def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    db = tmp_path / "mlflow.db"
+    before = db.read_bytes() if db.exists() else None
     code, out = invoke("bias-eval", "--data", "demo", *args)
     assert code == 2, out
     assert out.count("\n") == 1 and out.startswith("error: ") and message in out and "Traceback" not in out
-    assert not (tmp_path / "mlflow.db").exists()  # rejected before any store, data or run was touched
+    assert (db.read_bytes() if db.exists() else None) == before  # rejected before the store, data or any run was touched
 
 
 def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
