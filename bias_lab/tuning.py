@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -261,6 +262,20 @@ def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+class _QuietFailedTrials(logging.Filter):
+    """Optuna logs a failed trial with its traceback; the CLI prints one line per failure instead (see --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return " failed with " not in record.getMessage()
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed here instead
+    log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietFailedTrials) for f in log.filters):
+        log.addFilter(_QuietFailedTrials())
+
+
 class Surplus(Exception):
     """Another worker filled n_trials between this worker's check and its trial: the trial is not run."""
 
@@ -291,16 +306,19 @@ class Search:
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         tags = {"entry_point": "tune", "role": "trial", "optuna_study": self.study_name, "optuna_trial": str(trial.number),
                 "worker": WORKER, "state": "running"}
-        best = -math.inf
-        epochs = 0
+        best, lowest_loss, epochs = -math.inf, math.inf, 0
 
         def report(epoch: int, m: dict[str, float]) -> None:
-            """Prune on the best val_accuracy so far (the objective), which is steadier than one epoch's value."""
-            nonlocal best, epochs
+            """Report -(lowest val_loss so far) and prune on it. The objective is val accuracy, but accuracy sits at
+            chance level for the first epochs of many good configurations (it only moves once an argmax flips),
+            while the loss already separates them: pruning on accuracy there prunes at random."""
+            nonlocal best, lowest_loss, epochs
             best, epochs = max(best, m["val_accuracy"]), epoch
-            trial.report(best, epoch)
+            if math.isfinite(m["val_loss"]):
+                lowest_loss = min(lowest_loss, m["val_loss"])
+                trial.report(-lowest_loss, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: best val_accuracy {best:.4f} is below the pruner's bar")
+                raise optuna.TrialPruned(f"epoch {epoch}: lowest val_loss {lowest_loss:.4f} is worse than the pruner's bar")
 
         t0 = time.perf_counter()
         with tracking.run(f"trial-{trial.number}", nested=True, tags=tags) as child:
@@ -316,14 +334,16 @@ class Search:
                 state, why = "pruned", str(e)
                 tracking.log_metrics({"train_time_s": time.perf_counter() - t0, "epochs_run": epochs,
                                       "best_val_accuracy": max(best, 0.0)})
-            except BaseException:
+            except BaseException as e:
                 mlflow.set_tag("state", "failed")
                 trial.set_user_attr("epochs_run", epochs)
+                print(f"trial {trial.number} failed after {epochs} epochs: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
                 raise
             mlflow.set_tag("state", state)
             if why:
                 mlflow.set_tag("pruned_reason", why)
             value = out["best_val_accuracy"] if state == "complete" else max(best, 0.0)
+            trial.set_user_attr("best_val_accuracy", value)  # a pruned trial's Optuna value is its last report (-loss)
             trial.set_user_attr("epochs_run", epochs)
             trial.set_user_attr("train_time_s", round(time.perf_counter() - t0, 3))
         with contextlib.suppress(MlflowException):  # the parent's live view of the search
@@ -523,7 +543,7 @@ def _setup_tracking() -> None:
 def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, tune_cfg: TuneConfig) -> dict[str, float]:
     """The `tune` command; returns the parent run's metrics (best_val_accuracy, counts, test_accuracy...)."""
     t_start = time.perf_counter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed here instead
+    _quiet_optuna()
     validate(tune_cfg)
     storage, storage_desc = open_storage(tune_cfg.storage)
     _setup_tracking()

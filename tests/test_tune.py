@@ -111,6 +111,19 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert hp == study.best_params and uri == "models:/bias-lab/1"
 
 
+def test_diverged_trial_is_pruned_not_a_crash(kaggle_data: Path, client, tmp_path: Path) -> None:
+    """lr = 1e30 makes the loss non-finite: the trial ends pruned with the reason, nothing is registered, exit 0."""
+    code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "1", "--lr-min", "1e30", "--lr-max", "1e31", "--batch-sizes", "16", "--study-name", "d"))
+    assert code == 0 and "nothing to register" in out, out
+    [trial] = study_at(tmp_path / "optuna.journal", "d").trials
+    assert trial.state == TrialState.PRUNED
+    [parent], kids = parent_and_children(client)
+    [child] = kids[parent.info.run_id]
+    assert child.info.status == "FINISHED" and child.data.tags["state"] == "pruned" and "non-finite" in child.data.tags["pruned_reason"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials_pruned"] == 1 and "best_val_accuracy" not in parent.data.metrics
+    assert client.search_registered_models() == []
+
+
 def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C in trial 2: trials 0-1 kept, trial 2 failed, best so far logged; re-run with n_trials=4 completes it.
     This study uses an RDB URL (sqlite) to cover that storage too."""
@@ -281,3 +294,20 @@ def test_worker_liveness() -> None:
     host = tuning.WORKER.split(":")[0]
     assert tuning.worker_dead(f"{host}:{dead.pid}:1")
     assert not tuning.worker_dead(f"other-host:{dead.pid}:1") and not tuning.worker_dead("")
+
+
+@pytest.mark.slow
+def test_pruning_benchmark_runs(capsys) -> None:
+    """benchmarks/bench_pruning.py --quick (generated data, 3 trials of 2 epochs) prints both target lines."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pruning.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--quick", "--threads", "1"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert "| none |" in out and "| median |" in out
+    assert "TARGET pruning keeps best val accuracy within 1 point" in out and "TARGET pruning trains >= 2x fewer epochs" in out
