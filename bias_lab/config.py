@@ -64,7 +64,7 @@ class BiasConfig:
 class TuneConfig:
     n_trials: int = knob(20, "trials the study should hold in total (resumed and parallel workers count)")
     timeout: float = knob(0.0, "stop starting new trials after this many seconds; 0 = no limit")
-    pruner: str = knob("median", "early stopping of poor trials on per-epoch val_accuracy", PRUNERS)
+    pruner: str = knob("median", "early stopping of poor trials, judged on their per-epoch val_loss", PRUNERS)
     storage: str = knob("", "Optuna storage: a journal file path or an RDB URL; default optuna.journal by the MLflow db")
     study_name: str = knob("", "default bias-lab-<model>-<data digest>")
     lr_min: float = knob(1e-4, "lower bound of the log-uniform learning-rate search")
