@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,26 +24,6 @@ from bias_lab import config as C
 from bias_lab.models import build
 
 from .conftest import all_runs, invoke
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow sqlite db with its schema created once: creating it costs 5-10 s per test on a busy 2-core box."""
-    folder = tmp_path_factory.mktemp("mlflow-template")
-    cwd = os.getcwd()
-    os.chdir(folder)  # the Default experiment's artifact root is resolved from the cwd
-    try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-    finally:
-        os.chdir(cwd)
-    return folder / "mlflow.db"
-
-
-@pytest.fixture(autouse=True)
-def store(isolated: Path, empty_store: Path) -> Path:
-    """This test's store (conftest points MLflow at it) starts as a copy of the empty one."""
-    shutil.copy(empty_store, isolated / "mlflow.db")
-    return isolated / "mlflow.db"
 
 
 def tiny(data: Path, *extra: str) -> list[str]:
