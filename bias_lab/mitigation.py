@@ -10,6 +10,8 @@ Each method is a change to what pipeline.train_model already does (no second tra
   the label from the features whenever S and y coincide (p0=0, p1=1), leaving a fair but useless model.
 - `channel_dropout`: for a share `dropout_rate` of each train batch the eps channel is re-drawn (zeroed or
   fresh noise, each with probability 1/2) independently of the label (`input_hook`), so eps stops predicting y.
+`adversarial` and `channel_dropout` also select their best epoch on a validation split whose eps is re-drawn
+the same way (`decorrelated_val`); the test splits, and so every reported measure, are model_2's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bias_lab import bias as biasmod
 from bias_lab.config import BiasConfig, BiasEvalConfig
 from bias_lab.errors import check
 from bias_lab.pipeline import Prepared
 from bias_lab.train import InputHook
 
 HEAD_WIDTH = 64  # hidden units of the adversary: small, it only has to read one bit (eps present) off the features
+VAL_SEED_OFFSET = 20_011  # model_3's decorrelated validation draw: a stream of its own (not the test's, not training's)
 
 
 @dataclass
@@ -124,12 +128,16 @@ class Adversarial(nn.Module):
         super().__init__()
         self.net, self.sigma, self.weight, self.seed = net, sigma, weight, seed
         self.out_layer = last_linear(net)
-        self.head = nn.Sequential(nn.Linear(self.out_layer.in_features, HEAD_WIDTH), nn.ReLU(), nn.Linear(HEAD_WIDTH, 2))
+        d = self.out_layer.in_features
+        # BatchNorm (no affine) first: the reversed gradient cannot defeat the adversary by inflating every feature
+        # (the usual GRL blow-up: without it training diverged on tiny4 at weight >= 1), while per-sample
+        # differences, where eps shows, stay visible (a LayerNorm would hide eps's extra energy from the head)
+        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, HEAD_WIDTH), nn.ReLU(), nn.Linear(HEAD_WIDTH, 2))
         self.aux_loss: torch.Tensor | float = 0.0
         self._gen: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.shape[1] < 2:
+        if not self.training or x.shape[1] < 2 or x.shape[0] < 2:  # BatchNorm needs 2 samples (a last batch of 1)
             self.aux_loss = 0.0
             return self.net(x)
         if self._gen is None or self._gen.device != x.device:
@@ -151,6 +159,16 @@ class Adversarial(nn.Module):
 # ------------------------------------------------------------------------------------------- the factory
 
 
+def decorrelated_val(prep: Prepared, sigma: float, seed: int) -> Prepared:
+    """`prep` with the val split's S and eps re-drawn at p0=p1=1/2 (same images, labels and test splits).
+
+    fit keeps the best-val epoch; on model_2's val split, where eps predicts y, that is the epoch that uses the
+    shortcut most, the one a mitigation fights. The methods that know eps is suspect select on this instead."""
+    ch = biasmod.draw(prep.val.labels, 0.5, 0.5, sigma, seed + VAL_SEED_OFFSET, int(prep.val.images.shape[-1]))
+    return dataclasses.replace(prep, val=dataclasses.replace(prep.val, eps=ch.eps, s=ch.s))
+
+
+
 def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig, seed: int) -> Mitigation:
     """model_3's training setup for `method`, on model_2's data `prep` (which is not modified)."""
     check(prep.eps, "a mitigation needs the eps channel in the input: pass model_2's prepared data")
@@ -160,10 +178,12 @@ def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalC
     if method == "adversarial":
         check(eval_cfg.adv_weight > 0, f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1")
         note = "" if bias_cfg.sigma > 0 else "sigma=0: eps is always zero, there is nothing for the adversary to remove"
-        return Mitigation(f"model_2's data, adversary on S (gradient reversal, weight {eval_cfg.adv_weight:g})", prep,
+        return Mitigation(f"model_2's data, adversary on S (gradient reversal, weight {eval_cfg.adv_weight:g})",
+                          decorrelated_val(prep, bias_cfg.sigma, seed),
                           wrap=lambda net: Adversarial(net, bias_cfg.sigma, eval_cfg.adv_weight, seed), note=note)
     if method == "channel_dropout":
         check(0 < eval_cfg.dropout_rate <= 1, f"dropout_rate={eval_cfg.dropout_rate}: use a share in (0, 1]")
-        return Mitigation(f"model_2's data, eps re-drawn for {eval_cfg.dropout_rate:.0%} of each batch", prep,
+        return Mitigation(f"model_2's data, eps re-drawn for {eval_cfg.dropout_rate:.0%} of each batch",
+                          decorrelated_val(prep, bias_cfg.sigma, seed),
                           input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate))
     raise ValueError(f"unknown mitigation {method}")  # validated by bias_eval.validate before any work

@@ -62,7 +62,7 @@ def test_gradient_reversal_and_the_adversarial_wrapper() -> None:
     logits = model.train()(batch)
     assert logits.shape == (8, 2) and model.aux_loss.item() > 0
     model.aux_loss.backward()  # reaches both the adversary and (reversed) the network
-    assert model.head[0].weight.grad is not None and model.net.features[0].weight.grad.abs().sum() > 0
+    assert model.head[1].weight.grad is not None and model.net.features[0].weight.grad.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(model.eval()(batch), model.net(batch)) and model.aux_loss == 0.0
 
