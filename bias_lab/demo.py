@@ -1,7 +1,7 @@
 """The built-in demo dataset: SYNTHETIC images in the competition's Kaggle layout, so every entry point runs
 without downloads.
 
-Four procedurally drawn classes (1 disc, 2 square, 3 triangle, 4 cross) of random colour (strong luma contrast), size, position and
+Four procedurally drawn classes (1 disc, 2 cross, 3 triangle, 4 square) of random colour (strong luma contrast), size, position and
 rotation on noisy random backgrounds, RGB JPEGs of 40-120 px. Deterministic from its seed; written once to
 the cache folder (about 2 s). Shapes differ in form, not brightness, so the grayscale task is learnable
 (LeNet > 80% val accuracy in a few epochs) but not trivial.
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-DEMO_VERSION = 2
-CLASSES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}
+DEMO_VERSION = 3
+# disc vs cross first: the default binary task of bias_eval (the first two labels) must be learnable by LeNet
+CLASSES = {1: "disc", 2: "cross", 3: "triangle", 4: "square"}
 N_TRAIN_PER_CLASS = 300
 N_TEST_PER_CLASS = 40
 
@@ -41,11 +42,12 @@ def _draw(label: int, rng: np.random.Generator) -> Image.Image:
     def poly(k: int, radius: float, phase: float) -> list[tuple[float, float]]:
         return [(cx + radius * math.cos(phase + 2 * math.pi * i / k), cy + radius * math.sin(phase + 2 * math.pi * i / k)) for i in range(k)]
 
-    if label == 1:
+    shape = CLASSES[label]
+    if shape == "disc":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif label == 2:
+    elif shape == "square":
         d.polygon(poly(4, r * 1.2, angle), fill=fg)
-    elif label == 3:
+    elif shape == "triangle":
         d.polygon(poly(3, r * 1.3, angle), fill=fg)
     else:
         w = r * 0.35

@@ -28,7 +28,7 @@ from bias_lab.errors import UserError, check
 ENTRY_POINTS = ("train", "tune", "bias_eval", "bias_sweep")
 KEY_PARAMS = ("data_source", "data_digest", "model", "image_size", "epochs", "batch_size", "lr", "momentum", "seed",
               "classes", "p0", "p1", "sigma", "mitigation", "n_trials", "pruner")
-TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "model_summary.md")
+TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "sweep.md", "model_summary.md")
 MAX_TABLE_ROWS = 40  # the trials table of a long study is cut here; the CSV artifact has it all
 
 

@@ -444,7 +444,7 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mlflow.log_figure(make(), f"optuna/{name}.html")
+                tracking.log_figure(make(), f"optuna/{name}.html")
         except Exception as e:  # a figure Optuna cannot draw for this study must not lose the study's results
             mlflow.set_tag(f"figure_{name}_skipped", _first_line(e))
     return out
