@@ -2,11 +2,11 @@
 
 The whole split sits on the device as uint8; each step gathers a batch by index, normalises it, augments it
 with one batched grid_sample, appends the eps channel when the task has one, and takes an SGD step. No
-DataLoader, no worker processes, no per-image Python: on a 2-core CPU LeNet @64 px runs ~5x faster than the
-textbook torchvision pipeline and ResNet-18 is within a few % of the pure compute bound (benchmarks/).
+DataLoader, no worker processes, no per-image Python: on 2 CPU cores LeNet @64 px trains ~2x more images per
+CPU-second than the textbook torchvision pipeline and ResNet-18 ~1.2x, at 0.9-1.0 of the pure compute bound
+(benchmarks/README.md).
 Models and batches are channels_last on every device (oneDNN and cuDNN convolutions run 1.1-1.7x faster in
-NHWC), and convolutions run under bf16 autocast wherever the hardware has native bf16 (CUDA; CPUs with
-AVX512-BF16 or AMX, where it is another ~1.3-1.8x). Same seed on the same machine -> same numbers.
+NHWC); on CUDA also bf16 autocast. Same seed, same machine, same thread count -> same numbers.
 """
 
 from __future__ import annotations
@@ -81,14 +81,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware computes it natively, None (fp32) elsewhere: emulated bf16 would be slower.
+    """bf16 on CUDA; None (fp32) on a CPU.
 
-    Only conv / linear run in bf16 (torch.autocast's policy); weights, optimizer state and the loss stay fp32.
+    Only conv / linear run in bf16 (torch.autocast's policy); weights, optimizer state and the loss stay fp32. On a
+    CPU with native bf16 (AVX512-BF16), one thread trains ResNet-18 2.2x faster per core in bf16, but with two
+    threads on a shared machine oneDNN's bf16 weight-gradient convolutions ran 2-4x *slower* than fp32 (AlexNet and
+    ResNet-18; measured in benchmarks/), so the CPU stays in fp32, the predictable choice.
     """
-    if device.type == "cuda":
-        return torch.bfloat16
-    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return torch.bfloat16 if device.type == "cpu" and native else None
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def autocast(device: torch.device) -> torch.autocast:

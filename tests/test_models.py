@@ -36,7 +36,7 @@ def test_lenet_macs_match_the_hand_count() -> None:
     s = summarize(build("lenet", 1, 4, 32), 1, 32)
     assert s.macs == 6 * 25 * 32 * 32 + 16 * 6 * 25 * 12 * 12 + 400 * 120 + 120 * 84 + 84 * 4
     assert [(layer.name, layer.output_shape) for layer in s.layers[:3]] == [
-        ("features.0", "6x32x32"), ("features.1", "6x32x32"), ("features.2", "6x16x16")]
+        ("features.0", "6x32x32"), ("features.1", "6x16x16"), ("features.2", "6x16x16")]
 
 
 def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
