@@ -34,6 +34,8 @@ from optuna.trial import TrialState
 
 from bias_lab import tracking
 
+from .conftest import all_runs, invoke
+
 N_TRIALS = 6
 EPOCHS = 12  # long enough (~1-3 s per trial) to SIGKILL a worker between two of its epochs
 WORKERS = 3
@@ -295,8 +297,6 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     "redacted URL (diff in the scale-out report)"))
 def test_storage_password_is_not_logged(kaggle_data: Path, postgres: Postgres) -> None:
     """A password written in --storage stays out of MLflow (params and tags); the run still names the database."""
-    from .conftest import all_runs, invoke
-
     code, out = invoke("tune", "--data", str(kaggle_data), "--image-size", "32", "--model", "lenet", "--threads", "1",
                        "--epochs", "1", "--n-trials", "1", "--final-model", "false", "--storage", postgres.url("optuna"),
                        "--study-name", "password")
