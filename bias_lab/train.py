@@ -5,8 +5,8 @@ with one batched grid_sample, appends the eps channel when the task has one, and
 DataLoader, no worker processes, no per-image Python: on 2 CPU cores LeNet @64 px trains ~2x more images per
 CPU-second than the textbook torchvision pipeline and ResNet-18 ~1.2x, at 0.9-1.0 of the pure compute bound
 (benchmarks/README.md).
-Models and batches are channels_last on every device (oneDNN and cuDNN convolutions run 1.1-1.7x faster in
-NHWC); on CUDA also bf16 autocast. Same seed, same machine, same thread count -> same numbers.
+Models and batches are channels_last on every device (oneDNN trains 1.05-1.3x more images per CPU-second in
+NHWC; cuDNN's tensor-core kernels want it); on CUDA also bf16 autocast. Same seed, same machine, same thread count -> same numbers.
 """
 
 from __future__ import annotations
