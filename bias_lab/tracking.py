@@ -58,6 +58,11 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         client = MlflowClient()
         client.search_experiments(max_results=1)
         if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+            # create first: when K workers start together, mlflow.set_experiment's loser of the create race returns
+            # without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
+            if client.get_experiment_by_name(experiment) is None:
+                with contextlib.suppress(MlflowException):  # another worker created it a moment ago
+                    client.create_experiment(experiment)
             mlflow.set_experiment(experiment)
     except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -146,16 +146,25 @@ def _redact(url: str) -> str:
     return url.split("@")[-1]
 
 
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """PostgreSQL: give up on an unreachable host after 10 s (not the OS's ~2 min TCP timeout), and test pooled
+    connections before use, so a long-running worker survives a restarted server or a dropped idle connection."""
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    return {}
+
+
 def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
     """(storage, description). A URL with '://' is an RDB (heartbeat on), anything else a journal file path."""
     if "://" in spec:
         retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        on_stale = _StaleTrialCallback(retry(max_retry=1))
         key = "heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **{key: on_stale})
+                on_stale = _StaleTrialCallback(retry(max_retry=1))
+                storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                     engine_kwargs=_engine_kwargs(spec), **{key: on_stale})
         except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
             raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({_first_line(e)}): start the database, "
                             "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
@@ -553,7 +562,8 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     resumed = count(study, FINISHED)
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags) as parent:
-        _log_setup(prep, data_cfg, train_cfg, bias_cfg, tune_cfg)
+        # the storage as described (password redacted): a URL's password must not become a run param
+        _log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc))
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
         print(f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
               file=sys.stderr)

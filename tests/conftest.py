@@ -52,6 +52,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # else it leaks from the last test's store
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()

@@ -223,9 +223,6 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
-    # created before the workers start: MLflow's set_experiment loses a creation race silently (see
-    # test_workers_racing_to_create_the_experiment_share_it); drop this line once tracking.setup handles it
-    client.create_experiment(tracking.DEFAULT_EXPERIMENT)
     # worker 0 is the victim; worker 2 also retrains, registers and logs the best model (through the server)
     procs = [subprocess.Popen(_tune_command(kaggle_data, storage_url, final_model=i == 2), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(WORKERS)]
@@ -292,9 +289,6 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     assert meta["arch"] == "lenet" and meta["image_size"] == 32 and sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage (with its password) is logged as a param of the tune run; tuning.run_tune should log the "
-    "redacted URL (diff in the scale-out report)"))
 def test_storage_password_is_not_logged(kaggle_data: Path, postgres: Postgres) -> None:
     """A password written in --storage stays out of MLflow (params and tags); the run still names the database."""
     code, out = invoke("tune", "--data", str(kaggle_data), "--image-size", "32", "--model", "lenet", "--threads", "1",
@@ -307,10 +301,6 @@ def test_storage_password_is_not_logged(kaggle_data: Path, postgres: Postgres) -
     assert postgres.password not in out and not any(postgres.password in v for v in values)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mlflow.set_experiment returns early without activating the experiment when another process created it "
-    "between its lookup and its create (mlflow/tracking/fluent.py), so the loser's runs go to the Default "
-    "experiment; tracking.setup should create-if-missing then set_experiment (diff in the scale-out report)"))
 def test_workers_racing_to_create_the_experiment_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """K workers started together on a fresh server all log to the `bias-lab` experiment. The race is made
     deterministic: another worker (a second client) creates the experiment right after this one looked it up."""
@@ -346,9 +336,7 @@ def _unreachable(case: str) -> tuple[list[str], dict[str, str], str]:
 
 @pytest.mark.parametrize("case", [
     "mlflow",  # without tracking.setup's /health probe, MLflow retries a refused connection for ~8 min
-    pytest.param("storage", marks=pytest.mark.xfail(strict=True, reason=(
-        "tuning.open_storage builds RetryHeartbeatStaleTrialCallback outside catch_warnings, so an "
-        "'experimental' warning line precedes the error (diff in the scale-out report)"))),
+    "storage",
 ])
 def test_unreachable_store_fails_fast(case: str, tmp_path: Path) -> None:
     """A worker started before its server (or with a wrong host/port) exits 2 with one line, quickly."""
