@@ -210,10 +210,14 @@ def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: Bias
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics."""
     tracking.setup()
+    seed_everything(train_cfg.seed, train_cfg.threads)  # before prepare: `threads` shapes its float sums too
     prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
     ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint: resume continues that run
-    previous = _resumable_run(run_file) if train_cfg.resume and ck.exists() else None
+    previous = _resumable_run(run_file)
+    if previous and not (train_cfg.resume and ck.exists()):
+        _end_orphan(previous)  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
+        previous = None
     with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(active.info.run_id)
@@ -238,6 +242,14 @@ def _resumable_run(run_file: Path) -> str | None:
     except Exception:  # deleted, or another tracking store: start a fresh run
         return None
     return run_id
+
+
+def _end_orphan(run_id: str) -> None:
+    """End a run left RUNNING by a killed `train` (SIGKILL runs no handler) as KILLED."""
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "error", "killed (the process ended without closing its run); superseded by a new run")
+        client.set_terminated(run_id, "KILLED")
 
 
 _SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")

@@ -123,3 +123,14 @@ def test_mlflow_run_entry_point(kaggle_data: Path, client: mlflow.MlflowClient, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     [run] = all_runs(client)
     assert run.info.status == "FINISHED" and run.data.params["classes"] == "1,3" and "test_di" in run.data.metrics
+
+
+def test_fresh_train_ends_a_run_left_running_by_a_killed_one(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    args = ("train", "--data", str(kaggle_data), *FAST)
+    assert invoke(*args)[0] == 0
+    [old] = all_runs(client)
+    client.update_run(old.info.run_id, status="RUNNING")  # what SIGKILL leaves behind: no handler ran
+    assert invoke(*args)[0] == 0  # no resume: a fresh run
+    runs = {r.info.run_id: r for r in all_runs(client)}
+    assert len(runs) == 2 and runs[old.info.run_id].info.status == "KILLED"
+    assert [r.info.status for rid, r in runs.items() if rid != old.info.run_id] == ["FINISHED"]
