@@ -1,6 +1,6 @@
 """Shared fixtures: tiny generated datasets and an isolated MLflow sqlite store per test.
 
-Nothing here reads ../shared: tests make their own data (the demo generator at a small size).
+Nothing here reads the real competition data (users do not have it): tests make their own data (the demo generator at a small size).
 """
 
 from __future__ import annotations
