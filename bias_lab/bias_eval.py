@@ -394,6 +394,6 @@ def _log_comparison(rows: list[dict[str, Any]], summary: dict[str, float], bias_
     tracking.log_figure(plots.bias_comparison(rows, title), "comparison.html")
     mlflow.log_text(conclusion(summary, rows, bias_cfg, classes, chance, base_di, seeds, notes), "conclusion.md")
     for r in rows:  # NaN / inf comparisons get their reason on the parent too
-        note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not tracking.finite(r["di"]) else ""
+        note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not math.isfinite(r["di"]) else ""
         if note:
             mlflow.set_tag(f"{r['model']}_{TESTS[r['test']]}di_note", note)

@@ -17,6 +17,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -276,11 +277,12 @@ def _fingerprint(listing: _Listing, root: Path, size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _atomic_save(obj: object, path: Path) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` then rename over `path`: readers never see a partial file, a failure leaves the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -296,7 +298,7 @@ def _cached(listing: _Listing, root: Path, size: int, path: Path) -> dict:
             warnings.warn(f"ignoring the unreadable cache file {path}; decoding again", stacklevel=3)
     blob = _build(listing, root, size)
     try:
-        _atomic_save(blob, path)
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
     except OSError as e:
         warnings.warn(f"cannot write the decoded-image cache {path} ({e.strerror}): set cache_dir to a writable folder "
                       "to make later runs start faster", stacklevel=3)

@@ -8,6 +8,12 @@ class UserError(Exception):
     """
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def check(ok: bool, message: str) -> None:
     """Raise UserError(message) unless ok."""
     if not ok:

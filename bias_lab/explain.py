@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import mlflow
 import numpy as np
 import torch
 from torch import nn

@@ -27,7 +27,7 @@ from bias_lab import plots, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
 from bias_lab.models import build, summarize
-from bias_lab.train import EpochHook, InputHook, Norm, Part, evaluate, fit, predict, resolve_device, seed_everything
+from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything
 
 
 @dataclass
@@ -173,7 +173,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
             tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves.html")
             tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix.html")
         for k in ("test_di", "decorrelated_test_di"):
-            if k in out and not tracking.finite(out[k]):
+            if k in out and not math.isfinite(out[k]):
                 mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
         if res.diverged:
             mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: lower lr")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from mlflow.entities import Run
 
 from bias_lab import tracking
 from bias_lab.config import ReportConfig
+from bias_lab.data import atomic_write
 from bias_lab.errors import UserError, check
 
 ENTRY_POINTS = ("train", "tune", "bias_eval", "bias_sweep")
@@ -174,13 +174,6 @@ def render_html(sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_report(cfg: ReportConfig) -> Path:
     """Write the HTML report (and its markdown twin next to it); returns the HTML path."""
     tracking.setup(cfg.experiment)
@@ -188,7 +181,7 @@ def run_report(cfg: ReportConfig) -> Path:
     sections = [s for run in select_runs(client, cfg) for s in _run_section(client, run)]
     out = Path(cfg.output)
     html_text, md_text = render_html(sections), to_markdown(sections)
-    _atomic_write(out.with_suffix(".md"), md_text)
-    _atomic_write(out, html_text)
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(md_text, encoding="utf-8"))
+    atomic_write(out, lambda tmp: tmp.write_text(html_text, encoding="utf-8"))
     print(f"report: {out} ({len(sections)} sections) and {out.with_suffix('.md')}")
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import tempfile
@@ -25,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from bias_lab.errors import UserError
+from bias_lab.errors import UserError, first_line
 from bias_lab.models import build
 
 DEFAULT_EXPERIMENT = "bias-lab"
@@ -65,8 +64,7 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
                     client.create_experiment(experiment)
             mlflow.set_experiment(experiment)
     except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot use the MLflow tracking store {uri} ({first[:200]}): start the server or fix MLFLOW_TRACKING_URI") from e
+        raise UserError(f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI") from e
     return uri
 
 
@@ -173,8 +171,7 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except (MlflowException, OSError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"cannot load model '{model_uri}' ({first}): check the name/alias/version in the MLflow UI, or run tune first") from e
+        raise UserError(f"cannot load model '{model_uri}' ({first_line(e)}): check the name/alias/version in the MLflow UI, or run tune first") from e
     metas = list(local.rglob(META_FILE))
     weights = list(local.rglob(WEIGHTS_FILE))
     if not metas or not weights:
@@ -183,7 +180,3 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
     model = build(meta["arch"], meta["in_channels"], len(meta["classes"]), meta["image_size"])
     model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

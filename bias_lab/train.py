@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bias_lab.config import TrainConfig
-from bias_lab.data import augment, normalize
+from bias_lab.data import atomic_write, augment, normalize
 from bias_lab.errors import check
 
 
@@ -276,18 +276,13 @@ def fit(
 
 def _save_checkpoint(path: Path, model, opt, sched, order_gen, aug_gen, state: dict) -> None:
     """Everything needed to continue bit-exactly, written atomically (weights_only-loadable: no pickled code)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "order_gen": order_gen.get_state(),
-            "aug_gen": aug_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            **state,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    blob = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "order_gen": order_gen.get_state(),
+        "aug_gen": aug_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        **state,
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bias_lab import pipeline, tracking
 from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
-from bias_lab.errors import UserError, check
+from bias_lab.errors import UserError, check, first_line
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
@@ -133,11 +133,6 @@ def default_storage_path() -> Path:
     return Path.cwd() / JOURNAL_FILE
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
 def _redact(url: str) -> str:
     with contextlib.suppress(Exception):
         from sqlalchemy.engine import make_url
@@ -166,7 +161,7 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
                 storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                                      engine_kwargs=_engine_kwargs(spec), **{key: on_stale})
         except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
-            raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({_first_line(e)}): start the database, "
+            raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({first_line(e)}): start the database, "
                             "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
         return storage, _redact(spec)
     path = Path(spec).expanduser() if spec else default_storage_path()
@@ -176,7 +171,7 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
 
         return JournalStorage(JournalFileBackend(str(path))), str(path.resolve())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot open the Optuna journal {path} ({_first_line(e)}): pass a writable --storage path") from e
+        raise UserError(f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path") from e
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -346,7 +341,7 @@ class Search:
             except BaseException as e:
                 mlflow.set_tag("state", "failed")
                 trial.set_user_attr("epochs_run", epochs)
-                print(f"trial {trial.number} failed after {epochs} epochs: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+                print(f"trial {trial.number} failed after {epochs} epochs: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
                 raise
             mlflow.set_tag("state", state)
             if why:
@@ -455,7 +450,7 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
                 warnings.simplefilter("ignore")
                 tracking.log_figure(make(), f"optuna/{name}.html")
         except Exception as e:  # a figure Optuna cannot draw for this study must not lose the study's results
-            mlflow.set_tag(f"figure_{name}_skipped", _first_line(e))
+            mlflow.set_tag(f"figure_{name}_skipped", first_line(e))
     return out
 
 
