@@ -80,12 +80,17 @@ def _quiet_libraries() -> None:
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def main(debug: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Compare CNNs on an ImageNet subset, tune them, and measure how a shortcut channel biases them."""
+    from bias_lab.distributed import launched
     from bias_lab.tracking import install_signal_handlers
 
     _quiet_libraries()
     install_signal_handlers()
+    if launched() and ctx.invoked_subcommand != "train":
+        raise UserError(f"only train runs under torchrun; start `{ctx.invoked_subcommand}` without it "
+                        "(for tune, start several workers on one --storage: README, Scaling out)")
 
 
 @main.command()

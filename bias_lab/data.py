@@ -440,9 +440,14 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return images.float().sub_(mean * 255.0).div_(std * 255.0)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.7, 1.0)) -> torch.Tensor:
-    """Random resized crop (area `scale`, aspect 3/4..4/3) + horizontal flip, the whole batch in one grid_sample."""
-    n = x.shape[0]
+def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.7, 1.0), *,
+            batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """Random resized crop (area `scale`, aspect 3/4..4/3) + horizontal flip, the whole batch in one grid_sample.
+
+    Under data parallelism `x` is `rows` of a global batch of `batch` samples: the crops are drawn for the whole
+    batch, so every rank's generator stays in step and each sample gets the crop a single process would give it.
+    """
+    n = x.shape[0] if batch is None else batch
     u = torch.rand(n, 4, generator=gen, device=gen.device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_ratio = (u[:, 1] * 2 - 1) * np.log(4 / 3)
@@ -451,12 +456,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = 
     tx = (u[:, 2] * 2 - 1) * (1 - sx)  # crop centre, kept inside the image
     ty = (u[:, 3] * 2 - 1) * (1 - sy)
     flip = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
+    sx, sy, tx, ty, flip = sx[rows], sy[rows], tx[rows], ty[rows], flip[rows]
     # The grid F.affine_grid would build from this diagonal theta, without its batched matmul (which cost ~5x the
     # grid_sample on a CPU): x depends on the column only, y on the row only. Pixel centres, align_corners=False.
     h, w = x.shape[-2:]
     cols = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
-    rows = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    lines = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
     gx = (sx * flip).to(x.dtype)[:, None, None] * cols + tx.to(x.dtype)[:, None, None]  # N x 1 x W
-    gy = sy.to(x.dtype)[:, None, None] * rows[:, None] + ty.to(x.dtype)[:, None, None]  # N x H x 1
+    gy = sy.to(x.dtype)[:, None, None] * lines[:, None] + ty.to(x.dtype)[:, None, None]  # N x H x 1
     grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # N x H x W x 2
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

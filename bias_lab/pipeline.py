@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bias_lab import bias as biasmod
+from bias_lab import distributed as D
 from bias_lab import metrics as M
 from bias_lab import plots, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
@@ -208,11 +209,21 @@ def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: Bias
 
 
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
-    """The `train` command: one tracked run; returns its metrics."""
-    tracking.setup()
-    seed_everything(train_cfg.seed, train_cfg.threads)  # before prepare: `threads` shapes its float sums too
-    prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
-    ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
+    """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
+    with D.session(resolve_device(train_cfg.device)):
+        if D.is_main():
+            tracking.setup()
+        seed_everything(train_cfg.seed, train_cfg.threads)  # before prepare: `threads` shapes its float sums too
+        with D.main_first():  # rank 0 decodes into the cache, the other ranks then read it
+            prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
+        ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
+        if not D.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
+            train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
+            return {}
+        return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
+
+
+def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint: resume continues that run
     previous = _resumable_run(run_file)
     if previous and not (train_cfg.resume and ck.exists()):
@@ -225,7 +236,7 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
             mlflow.set_tag("resumed", "true")
         else:
             log_setup(prep, data_cfg, train_cfg, bias_cfg)
-        mlflow.log_param("device_resolved", str(resolve_device(train_cfg.device)))
+        tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": D.world()})
         mlflow.set_tag("checkpoint", str(ck))
         _, out = train_model(prep, train_cfg, checkpoint=ck)
         print(f"run {active.info.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)

@@ -7,6 +7,8 @@ CPU-second than the textbook torchvision pipeline and ResNet-18 ~1.2x, at 0.9-1.
 (benchmarks/README.md).
 Models and batches are channels_last on every device (oneDNN trains 1.05-1.3x more images per CPU-second in
 NHWC; cuDNN's tensor-core kernels want it); on CUDA also bf16 autocast. Same seed, same machine, same thread count -> same numbers.
+Under torchrun the same loop runs data-parallel (bias_lab.distributed): each rank takes its shard of every
+global batch, DDP all-reduces the gradients, and the epoch's metrics are all-reduced sums.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bias_lab import distributed as D
 from bias_lab.config import TrainConfig
 from bias_lab.data import atomic_write, augment, normalize
 from bias_lab.errors import check
@@ -74,10 +77,11 @@ InputHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present; under torchrun a bare 'cuda' is this process's GPU (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return D.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     check(name == "cpu" or torch.cuda.is_available(), f"device={name} but CUDA is not available: use device=cpu or auto")
-    return torch.device(name)
+    return D.local_device(torch.device(name))
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -104,11 +108,14 @@ def seed_everything(seed: int, threads: int = 0) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def batch_inputs(part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None) -> torch.Tensor:
-    """The model input for samples `idx`: normalised image (augmented when train_gen is given) [+ eps]."""
+def batch_inputs(part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None,
+                 batch: int | None = None) -> torch.Tensor:
+    """The model input for samples `idx`: normalised image (augmented when train_gen is given) [+ eps].
+
+    `batch`: under torchrun, `idx` is this rank's shard of a global batch of that many samples (see augment)."""
     x = normalize(part.images[idx], norm.mean, norm.std)
     if train_gen is not None:
-        x = augment(x, train_gen)
+        x = augment(x, train_gen, batch=batch, rows=slice(D.rank(), None, D.world()) if batch else slice(None))
     if part.eps is not None:
         x = torch.cat([x, part.eps[idx]], dim=1)
     return x
@@ -129,30 +136,39 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (t - warm) / (1 - warm)))
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, smoothing: float, total: float) -> torch.Tensor:
+    """Mean loss over the global batch, whose size (or weight sum) is `total`. Times the number of ranks, because
+    DistributedDataParallel averages the ranks' gradients: the sum over shards / total, as one process computes."""
     per = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
-    return per.mean() if w is None else (per * w).sum() / w.sum()
+    return (per.sum() if w is None else (per * w).sum()) * (D.world() / total)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512) -> torch.Tensor:
-    """Logits (float32, on the CPU) for every sample of `part`, in order."""
+def predict(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (float32, on the CPU) for the samples `rows` of `part` (default all), in order."""
     model.eval()
     device = next(model.parameters()).device
+    rows = torch.arange(len(part)) if rows is None else rows.cpu()
     out = []
-    for start in range(0, len(part), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(part)), device=part.images.device)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size].to(part.images.device)
         x = batch_inputs(part, idx, norm).to(device, non_blocking=True)
         with autocast(device):
             out.append(model(channels_last(x)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512) -> dict[str, float]:
-    """loss and accuracy of `model` on `part`."""
-    logits = predict(model, part, norm, batch_size)
-    y = part.labels.cpu()
-    return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
+def evaluate(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sharded: bool = False) -> dict[str, float]:
+    """loss and accuracy of `model` on `part`. `sharded`: under torchrun each rank scores its share and the sums
+    are all-reduced, so every rank returns the numbers of the whole split."""
+    rows = torch.arange(len(part))
+    rows = D.shard(rows) if sharded else rows
+    y = part.labels.cpu()[rows]
+    logits = predict(model, part, norm, batch_size, rows) if len(rows) else torch.zeros(0, 1)
+    loss_sum, correct, count = D.all_sum(F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()),
+                                         (logits.argmax(1) == y).sum(), torch.tensor(len(rows)))
+    n = float(count)
+    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n} if n else {"loss": math.nan, "accuracy": math.nan}
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +203,11 @@ def fit(
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
     n = len(train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    batches = D.batch_bounds(n, cfg.batch_size, D.world())  # the same global batches on every rank
+    total_steps = len(batches) * cfg.epochs
+    # torchrun: each rank runs its shard of every batch and DDP all-reduces the gradients; rank 0's buffers
+    # (BatchNorm statistics) are sent to the others before each evaluation rather than before each step
+    step_model = model if D.world() == 1 else D.wrap(model)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
@@ -196,7 +215,7 @@ def fit(
     order_gen = torch.Generator().manual_seed(cfg.seed)  # batch order (CPU: identical across devices)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # augmentation draws, on the data's device
     state = {"epoch": 0, "history": [], "best": (-1.0, 0), "best_state": None, "train_s": 0.0, "wall_s": 0.0}
-    if checkpoint is not None and cfg.resume and checkpoint.exists():
+    if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
         ck = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -211,32 +230,37 @@ def fit(
 
     t_start = time.perf_counter() - state["wall_s"]
     diverged = False
-    bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state["epoch"], total=cfg.epochs)
+    bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state["epoch"],
+               total=cfg.epochs, **({} if D.is_main() else {"disable": True}))  # one bar, rank 0's; TQDM_DISABLE still works
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x = batch_inputs(train, idx, norm, aug_gen if cfg.augment else None)
+        for start, end in batches:
+            batch = perm[start:end]
+            idx = D.shard(batch)  # all of it without torchrun
+            x = batch_inputs(train, idx, norm, aug_gen if cfg.augment else None, batch=len(batch))
             if input_hook is not None:
                 x = input_hook(x, idx, aug_gen)
             y = train.labels[idx]
+            total = len(batch) if train.weights is None else train.weights[batch].sum()  # a tensor: no sync per step
             with autocast(device):
-                logits = model(channels_last(x))
-                loss = _loss(logits, y, None if train.weights is None else train.weights[idx], cfg.label_smoothing)
+                logits = step_model(channels_last(x))
+                loss = _loss(logits, y, None if train.weights is None else train.weights[idx], cfg.label_smoothing, total)
                 loss = loss + getattr(model, "aux_loss", 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * (len(batch) / D.world())  # summed over ranks: batch mean x batch size
             correct += (logits.argmax(1) == y).sum()
-        train_loss = float(loss_sum) / n  # one device sync per epoch, not per step
+        loss_sum, correct = D.all_sum(loss_sum, correct)  # one device sync (and collective) per epoch, not per step
+        train_loss = float(loss_sum) / n
         state["train_s"] += time.perf_counter() - t0
-        v = evaluate(model, val, norm)
+        D.sync_buffers(model)
+        v = evaluate(model, val, norm, sharded=True)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": float(correct) / n,
@@ -258,7 +282,7 @@ def fit(
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
         if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
             on_epoch(epoch + 1, metrics)
-        if checkpoint is not None:
+        if checkpoint is not None and D.is_main():  # the ranks hold the same state: one writer
             _save_checkpoint(checkpoint, model, opt, sched, order_gen, aug_gen, state)
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])

@@ -230,7 +230,8 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     try:
         killed_number = _kill_mid_trial(victim, optuna.storages.RDBStorage(storage_url), timeout_s=90)
         storage = optuna.storages.RDBStorage(storage_url)
-        assert optuna.load_study(study_name=STUDY, storage=storage).trials[killed_number].state == TrialState.RUNNING
+        # not finished: still RUNNING, or already failed by a survivor that saw its pid gone (same host, no wait)
+        assert optuna.load_study(study_name=STUDY, storage=storage).trials[killed_number].state in (TrialState.RUNNING, TrialState.FAIL)
         errs = [p.communicate(timeout=120)[1] for p in survivors]
     finally:
         for p in procs:
