@@ -323,7 +323,7 @@ def main() -> int:
     print(f"| data.load, {n_dec} images | first decode (+ cache write) | {first:,.0f} | |")
     print(f"| data.load, {n_dec} images | cached re-load | {cached:,.0f} | |")
     epochs = f"MLflow, LeNet {plan.mlflow_epochs} epochs"
-    print(f"\n| measurement | variant | value |\n|---|---|---:|")
+    print("\n| measurement | variant | value |\n|---|---|---:|")
     for variant, value in (("fit without logging", f"{ml['fit_s_off']:.2f} s"), ("fit with per-epoch logging", f"{ml['fit_s_on']:.2f} s"),
                            ("one per-epoch log_metrics call", f"{ml['log_ms']:.1f} ms"),
                            ("train_model without logging", f"{ml['wall_s_off']:.2f} s"),

@@ -79,7 +79,7 @@ def main() -> None:
         print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} "
               f"n_trials={args.n_trials} seed={args.seed} pruner={args.pruner}", file=sys.stderr)
         res = {"none": study(args, "none", workdir), args.pruner: study(args, args.pruner, workdir)}
-    print(f"\n| pruner | best val acc | epochs trained | complete | pruned | wall s | best params |")
+    print("\n| pruner | best val acc | epochs trained | complete | pruned | wall s | best params |")
     print("|---|---|---|---|---|---|---|")
     for name, r in res.items():
         bp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())

@@ -16,7 +16,7 @@ from bias_lab import bias as biasmod
 from bias_lab import bias_eval as BE
 from bias_lab import config as C
 from bias_lab import metrics as M
-from bias_lab import pipeline, plots
+from bias_lab import plots
 from bias_lab.data import load
 
 from .conftest import all_runs, invoke

@@ -6,7 +6,6 @@ Regenerate after adding a setting: `python tests/test_readme.py --write`.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
