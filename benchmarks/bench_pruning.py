@@ -27,7 +27,7 @@ import mlflow  # noqa: E402
 import optuna  # noqa: E402
 
 from bias_lab import tuning  # noqa: E402
-from bias_lab.config import BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
+from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--n-trials", type=int, default=16)
-    ap.add_argument("--pruner", default="median", choices=("median", "hyperband"))
+    ap.add_argument("--pruner", default="median", choices=[p for p in PRUNERS if p != "none"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 3 trials of 2 epochs")
