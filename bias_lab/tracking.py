@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,18 +55,30 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         except requests.RequestException as e:
             raise UserError(f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI") from e
     try:
-        client = MlflowClient()
-        client.search_experiments(max_results=1)
-        if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
-            # create first: when K workers start together, mlflow.set_experiment's loser of the create race returns
-            # without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
-            if client.get_experiment_by_name(experiment) is None:
-                with contextlib.suppress(MlflowException):  # another worker created it a moment ago
-                    client.create_experiment(experiment)
-            mlflow.set_experiment(experiment)
+        with _first_use_lock(uri):
+            client = MlflowClient()
+            client.search_experiments(max_results=1)
+            if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+                # create first: when K workers start together, mlflow.set_experiment's loser of the create race
+                # returns without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
+                if client.get_experiment_by_name(experiment) is None:
+                    with contextlib.suppress(MlflowException):  # another worker created it a moment ago
+                        client.create_experiment(experiment)
+                mlflow.set_experiment(experiment)
     except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
         raise UserError(f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI") from e
     return uri
+
+
+def _first_use_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A file lock beside a sqlite store. MLflow creates and migrates the tables on first use, without a lock:
+    K processes starting on a new mlflow.db together failed 2 in 3 times ('table params already exists',
+    half-applied migrations). A server or PostgreSQL store serialises that itself."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///").split("?")[0] + ".lock", timeout=300)
 
 
 @contextlib.contextmanager
@@ -133,7 +146,14 @@ def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: st
     for context in ("train", "val", "test"):
         part = df[df.split == context].reset_index(drop=True)
         ds = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36])
-        mlflow.log_input(ds, context=context)
+        for attempt in range(3):
+            try:
+                mlflow.log_input(ds, context=context)
+                break
+            except MlflowException as e:  # a parallel worker inserted the same dataset row a moment ago (sqlite
+                if "unique constraint" not in str(e).lower() or attempt == 2:  # says UNIQUE constraint): the retry finds it
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:

@@ -241,8 +241,9 @@ def recover(study: optuna.Study, study_name: str) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not worker_dead(t.user_attrs.get("worker", "")):
             continue
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        # a lost race (another worker failed it first) raises instead of skipping: only the winner re-queues it
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            study.tell(t.number, state=TrialState.FAIL)
             failed.append(t.number)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -502,7 +503,7 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     digest = prep.dataset.digest
     tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
-        _log_setup(prep, data_cfg, cfg, bias_cfg)
+        pipeline.log_setup(prep, data_cfg, cfg, bias_cfg)
         net, out = pipeline.train_model(prep, cfg, log_model=False)
         info = tracking.log_model(net, prep.meta(cfg))
         decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
@@ -524,33 +525,13 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
 # ----------------------------------------------------------------------------------------------- the command
 
 
-def _log_setup(prep: pipeline.Prepared, *configs: Any) -> None:
-    """pipeline.log_setup, retried when a parallel worker logs the same dataset rows at the same moment (the
-    sqlite store then refuses the second insert with a UNIQUE constraint error; a retry finds the rows)."""
-    for attempt in range(3):
-        try:
-            return pipeline.log_setup(prep, *configs)
-        except MlflowException as e:
-            if "unique constraint" not in str(e).lower() or attempt == 2:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-
-
-def _setup_tracking() -> None:
-    try:
-        tracking.setup()
-    except UserError:  # two workers starting together may race to create the experiment: the second try finds it
-        time.sleep(1.0)
-        tracking.setup()
-
-
 def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, tune_cfg: TuneConfig) -> dict[str, float]:
     """The `tune` command; returns the parent run's metrics (best_val_accuracy, counts, test_accuracy...)."""
     t_start = time.perf_counter()
     _quiet_optuna()
     validate(tune_cfg)
     storage, storage_desc = open_storage(tune_cfg.storage)
-    _setup_tracking()
+    tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
     name = tune_cfg.study_name.strip() or f"bias-lab-{train_cfg.model}-{prep.dataset.digest}"
     study = open_study(storage, name, tune_cfg, fixed_settings(data_cfg, train_cfg, bias_cfg), train_cfg.seed)
@@ -558,7 +539,7 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
-        _log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc))
+        pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc))
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
         print(f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
               file=sys.stderr)
