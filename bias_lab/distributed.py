@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from bias_lab.errors import check
+from bias_lab.errors import UserError, check, first_line
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a slow rank (data decode on rank 0)
 
@@ -55,6 +55,11 @@ def session(device: torch.device) -> Iterator[None]:
                             device_id=device if device.type == "cuda" else None)
     try:
         yield
+    except RuntimeError as e:  # a peer died (its own error is printed already): say so in one line, not gloo's
+        if not isinstance(e, dist.DistError) and not any(w in str(e) for w in ("peer", "NCCL", "timed out")):
+            raise
+        raise UserError(f"process {rank()} of {world()}: another process of this torchrun stopped, see its error "
+                        f"above ({first_line(e, 120)})") from e
     finally:
         dist.destroy_process_group()
 

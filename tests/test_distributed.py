@@ -60,11 +60,25 @@ def test_other_commands_refuse_torchrun(kaggle_data: Path, monkeypatch: pytest.M
     assert not all_runs(mlflow.MlflowClient())
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bias_lab.cli", *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_bad_input_stops_every_process_with_one_line_each(tmp_path: Path, client: mlflow.MlflowClient) -> None:
+    done = _torchrun("train", "--data", str(tmp_path / "missing"), *ARGS)
+    lines = done.stderr.splitlines()
+    assert done.returncode != 0
+    assert any(e.startswith("error: data folder") and "does not exist" in e for e in lines), done.stderr[-2000:]  # rank 0
+    # rank 1, waiting at the barrier: it sees its peer gone (one line), unless torchrun's SIGTERM reaches it first
+    assert any(e.startswith(("error: process 1 of 2: another process of this torchrun stopped", "interrupted:")) for e in lines), \
+        done.stderr[-2000:]
+    assert not all_runs(client)
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bias_lab.cli"]
-    done = subprocess.run([*torchrun, "train", "--data", str(kaggle_data), *ARGS], env=env, capture_output=True, text=True, timeout=300)
+    done = _torchrun("train", "--data", str(kaggle_data), *ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = all_runs(client)  # rank 1 wrote nothing
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
@@ -81,7 +95,7 @@ def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(kaggle_da
 
     # the same command in one process takes the same SGD steps (LeNet has no BatchNorm): the same curves
     single = subprocess.run([sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, "--threads", "1"],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     [one] = [r for r in all_runs(client) if r.info.run_id != run.info.run_id]
     assert one.data.params["world_size"] == "1"
