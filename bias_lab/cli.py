@@ -96,7 +96,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @options(C.DataConfig, C.TrainConfig, C.BiasConfig)
 def train(**kw: Any) -> None:
-    """Train one model; log params, curves, test accuracy (and DI on a binary task) and the model."""
+    """Train one model; log params, curves, test accuracy (and DI on a binary task) and the model.
+
+    Data-parallel on K GPUs or CPU processes: torchrun --nproc_per_node=K -m bias_lab.cli train ...
+    """
     from bias_lab.pipeline import run_train
 
     run_train(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw))
