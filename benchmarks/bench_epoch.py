@@ -90,7 +90,7 @@ QUICK = Plan(64, lenet=Workload(8, None, 1, 1), resnet=Workload(2, 1, 0, 1), mlf
 class FilesDataset(torch.utils.data.Dataset):
     """The textbook map-style dataset for a CSV-labelled folder: open, decode and transform one file per item."""
 
-    def __init__(self, files: list[Path], labels: list[int], transform: Callable):
+    def __init__(self, files: list[str], labels: list[int], transform: Callable):
         self.files, self.labels, self.transform = files, labels, transform
 
     def __len__(self) -> int:

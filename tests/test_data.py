@@ -132,6 +132,18 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
     assert ds.images.shape == (7, 1, 48, 48) and ds.test_ids == ["t0", "t1", "t2"]
 
 
+def test_hidden_files_are_not_images(tmp_path: Path) -> None:
+    """macOS '._x.jpg' resource forks (copied along with a dataset) are neither training images nor orphans."""
+    root = write_kaggle(tmp_path / "k", labels={"a": 2, "b": 2})
+    (root / "train" / "train" / "._1001.jpg").write_bytes(b"\x00\x05\x16\x07 not a picture")
+    (root / "test" / "test" / ".5000.jpg").write_bytes(b"junk")
+    ds = data.load(cfg(root))
+    assert len(ds.ids) == 4 and ds.skipped == [] and ds.test_ids == ["5000", "5001", "5002", "5003"]
+    folder = write_imagefolder(tmp_path / "f", {"cat": 2, "dog": 2})
+    (folder / "train" / "cat" / "._img0.png").write_bytes(b"junk")
+    assert data.load(cfg(folder)).ids == ["cat/img0", "cat/img1", "dog/img0", "dog/img1"]
+
+
 def test_pixels_follow_the_picture(tmp_path: Path) -> None:
     """Decoded pixels are the grayscale of the file (not blank, not scrambled): the bright disc is in the middle."""
     root = write_kaggle(tmp_path / "k", labels={"a": 3, "b": 3})
