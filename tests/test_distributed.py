@@ -65,6 +65,28 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
+def test_ranks_sum_and_must_agree(tmp_path: Path) -> None:
+    """all_sum adds over the 2 processes; agree() fails on every rank when they disagree (a checkpoint seen by one)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import torch\n"
+        "from bias_lab import distributed as D\n"
+        "with D.session(torch.device('cpu')):\n"
+        "    total = D.all_sum(torch.tensor(D.rank() + 1.0), torch.tensor(2))\n"
+        "    print(f'rank {D.rank()} sums {[float(t) for t in total]}', flush=True)\n"
+        "    assert D.agree(True, 'x') and not D.agree(False, 'x')\n"
+        "    try:\n"
+        "        D.agree(D.rank() == 0, 'the checkpoint')\n"
+        "    except Exception as e:\n"
+        "        print(f'rank {D.rank()} refused: {e}', flush=True)\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for r in (0, 1):
+        assert f"rank {r} sums [3.0, 4.0]" in done.stdout
+        assert f"rank {r} refused: the checkpoint on 1 of 2 processes" in done.stdout, done.stdout
+
+
 def test_torchrun_bad_input_stops_every_process_with_one_line_each(tmp_path: Path, client: mlflow.MlflowClient) -> None:
     done = _torchrun("train", "--data", str(tmp_path / "missing"), *ARGS)
     lines = done.stderr.splitlines()
