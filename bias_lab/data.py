@@ -84,11 +84,15 @@ def _scan(folder: Path, stats: dict[str, tuple[int, int]]) -> list[str]:
     names = []
     with os.scandir(folder) as entries:
         for e in entries:
-            if e.name.lower().endswith(IMAGE_EXTS) and not e.name.startswith(".") and e.is_file():
+            if _is_image_name(e.name) and e.is_file():
                 st = e.stat()
                 stats[base + e.name] = (st.st_size, st.st_mtime_ns)
                 names.append(e.name)
     return sorted(names)
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
 
 
 def _images_in(folder: Path, stats: dict[str, tuple[int, int]] | None = None) -> list[str]:
@@ -212,7 +216,7 @@ def list_files(root: Path) -> _Listing:
         if (root / "train.csv").is_file():
             return _list_kaggle(root)
         train_dir = root / "train" if (root / "train").is_dir() else root
-        if any(n.lower().endswith(IMAGE_EXTS) for d in _class_dirs(train_dir) for n in os.listdir(d)):
+        if any(_is_image_name(n) for d in _class_dirs(train_dir) for n in os.listdir(d)):
             return _list_imagefolder(root)
         empty = not any(root.iterdir())
     except PermissionError as e:

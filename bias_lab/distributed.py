@@ -56,7 +56,7 @@ def session(device: torch.device) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:  # a peer died (its own error is printed already): say so in one line, not gloo's
-        if not isinstance(e, dist.DistError) and not any(w in str(e) for w in ("peer", "NCCL", "timed out")):
+        if not isinstance(e, dist.DistError) and not any(w in str(e) for w in ("closed by peer", "reset by peer", "timed out")):
             raise
         raise UserError(f"process {rank()} of {world()}: another process of this torchrun stopped, see its error "
                         f"above ({first_line(e, 120)})") from e
@@ -66,9 +66,12 @@ def session(device: torch.device) -> Iterator[None]:
 
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun each process drives its own GPU: cuda:LOCAL_RANK (a bare 'cuda' means that one)."""
-    if device.type == "cuda" and device.index is None and launched():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    if device.type != "cuda" or not launched():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    check(device.index in (None, local), f"device={device} under torchrun: each process uses its own GPU "
+          "(cuda:LOCAL_RANK); pass device=cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    return torch.device("cuda", local)
 
 
 @contextlib.contextmanager
@@ -83,7 +86,7 @@ def main_first() -> Iterator[None]:
 
 def batch_bounds(n: int, batch_size: int, ranks: int = 1) -> list[tuple[int, int]]:
     """[start, end) of each global batch of an epoch. With several ranks a last batch too small to give every rank
-    a sample joins the one before (a rank with nothing to forward would stall DDP's gradient all-reduce)."""
+    a sample joins the one before, so every step has work for every rank."""
     check(n >= ranks, f"{n} training samples cannot be shared by {ranks} processes: use fewer processes")
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < ranks:

@@ -54,26 +54,42 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
             requests.get(f"{uri.rstrip('/')}/health", timeout=5)
         except requests.RequestException as e:
             raise UserError(f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI") from e
-    try:
-        with _first_use_lock(uri):
-            client = MlflowClient()
-            client.search_experiments(max_results=1)
-            if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
-                # create first: when K workers start together, mlflow.set_experiment's loser of the create race
-                # returns without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
-                if client.get_experiment_by_name(experiment) is None:
-                    with contextlib.suppress(MlflowException):  # another worker created it a moment ago
-                        client.create_experiment(experiment)
-                mlflow.set_experiment(experiment)
-    except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
-        raise UserError(f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI") from e
-    return uri
+    for attempt in range(3):
+        try:
+            with _first_use_lock(uri):
+                _open(experiment)
+            return uri
+        except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
+            if attempt < 2 and _creation_race(e):
+                time.sleep(1.0 + attempt)  # another process was creating the tables: the next try finds them made
+                continue
+            raise UserError(f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI") from e
+    raise AssertionError("unreachable")
+
+
+def _open(experiment: str) -> None:
+    client = MlflowClient()
+    client.search_experiments(max_results=1)  # creates and migrates the tables of a new database store
+    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+        # create first: when K workers start together, mlflow.set_experiment's loser of the create race returns
+        # without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
+        if client.get_experiment_by_name(experiment) is None:
+            with contextlib.suppress(MlflowException):  # another worker created it a moment ago
+                client.create_experiment(experiment)
+        mlflow.set_experiment(experiment)
+
+
+def _creation_race(e: Exception) -> bool:
+    """The errors of two processes creating one new database store's tables at once (MLflow does not lock)."""
+    text = str(e).lower()
+    return any(w in text for w in ("already exists", "duplicate", "unique constraint", "alembic", "migration"))
 
 
 def _first_use_lock(uri: str) -> contextlib.AbstractContextManager:
     """A file lock beside a sqlite store. MLflow creates and migrates the tables on first use, without a lock:
     K processes starting on a new mlflow.db together failed 2 in 3 times ('table params already exists',
-    half-applied migrations). A server or PostgreSQL store serialises that itself."""
+    half-applied migrations, which a retry cannot mend). PostgreSQL runs the creation in transactions: there the
+    loser of the race gets an error and `setup` retries."""
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     from filelock import FileLock

@@ -165,8 +165,9 @@ def evaluate(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sh
     rows = D.shard(rows) if sharded else rows
     y = part.labels.cpu()[rows]
     logits = predict(model, part, norm, batch_size, rows) if len(rows) else torch.zeros(0, 1)
-    loss_sum, correct, count = D.all_sum(F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()),
-                                         (logits.argmax(1) == y).sum(), torch.tensor(len(rows)))
+    sums = (F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()), (logits.argmax(1) == y).sum(),
+            torch.tensor(len(rows)))
+    loss_sum, correct, count = D.all_sum(*sums) if sharded else sums  # unsharded: no collective (rank 0 alone may call it)
     n = float(count)
     return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n} if n else {"loss": math.nan, "accuracy": math.nan}
 
@@ -199,6 +200,9 @@ def fit(
     check(0 <= cfg.momentum < 1, f"momentum={cfg.momentum}: use a value in [0, 1)")
     check(not cfg.nesterov or cfg.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false")
     check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
+    check(D.world() == 1 or input_hook is None, "a train-batch hook (channel dropout) does not run under torchrun: start without it")
+    check(cfg.batch_size >= D.world(), f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
+          "use batch_size >= nproc_per_node")
     device = next(model.parameters()).device
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
@@ -234,6 +238,8 @@ def fit(
                total=cfg.epochs, **({} if D.is_main() else {"disable": True}))  # one bar, rank 0's; TQDM_DISABLE still works
     for epoch in bar:
         model.train()
+        if D.world() > 1:  # dropout masks: each rank its own stream, a function of (seed, epoch, rank), so resume-safe
+            torch.manual_seed(hash((cfg.seed, epoch, D.rank())) & 0xFFFF_FFFF)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
         loss_sum = torch.zeros((), device=device)

@@ -241,13 +241,14 @@ def recover(study: optuna.Study, study_name: str) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not worker_dead(t.user_attrs.get("worker", "")):
             continue
-        # a lost race (another worker failed it first) raises instead of skipping: only the winner re-queues it
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        try:  # a lost race (another worker failed it first) raises instead of skipping: only the winner re-queues it
             study.tell(t.number, state=TrialState.FAIL)
-            failed.append(t.number)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                retry(study, t)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            continue
+        failed.append(t.number)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            retry(study, t)
     # MLflow runs of dead workers of this study: parents and children (also a parent killed before any trial)
     client = MlflowClient()
     with contextlib.suppress(MlflowException):

@@ -290,6 +290,24 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     assert meta["arch"] == "lenet" and meta["image_size"] == 32 and sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_workers_starting_together_on_a_new_postgres_mlflow_store(postgres: Postgres) -> None:
+    """K processes whose first MLflow use creates a new PostgreSQL store's tables at once: all start (the losers of
+    MLflow's unlocked table creation retry), one bias-lab experiment."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres.url("postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("CREATE DATABASE fresh"))
+    engine.dispose()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"postgresql://bias@127.0.0.1:{postgres.port}/fresh", "PGPASSWORD": postgres.password}
+    procs = [subprocess.Popen([sys.executable, "-c", "from bias_lab import tracking; tracking.setup()"], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * WORKERS, errs
+    client = mlflow.MlflowClient(tracking_uri=postgres.url("fresh"))
+    assert [e.name for e in client.search_experiments()].count(tracking.DEFAULT_EXPERIMENT) == 1
+
+
 def test_storage_password_is_not_logged(kaggle_data: Path, postgres: Postgres) -> None:
     """A password written in --storage stays out of MLflow (params and tags); the run still names the database."""
     code, out = invoke("tune", "--data", str(kaggle_data), "--image-size", "32", "--model", "lenet", "--threads", "1",
