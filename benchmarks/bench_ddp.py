@@ -1,0 +1,100 @@
+"""Does `train` under torchrun go faster? The same training run in 1 process and in K DistributedDataParallel ones.
+
+    python benchmarks/bench_ddp.py --data DIR --model alexnet        # default /work/shared/data/tiny4, K=2, CPU (gloo)
+    python benchmarks/bench_ddp.py --device cuda --nproc 4 --model resnet18 --epochs 5    # 1 GPU vs 4 GPUs (nccl)
+    python benchmarks/bench_ddp.py --quick                            # generated tiny data, LeNet, 1 epoch: a smoke run
+
+Both sides are the command users run (`python -m bias_lab.cli train ...`, and the same under
+`torch.distributed.run --standalone --nproc_per_node=K`), alternated `--repeats` times so that drift in the machine's
+other load hits both alike; medians are compared. On a CPU the total threads are the same on both sides (1 process
+x K threads vs K processes x 1 thread): the comparison is data parallelism against intra-op threads on the same
+cores. On CUDA it is 1 GPU against K. Each run's own `images_per_s` (train steps only, all ranks' images) and
+`train_time_s` are read back from its MLflow run. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import mlflow  # noqa: E402
+
+from bias_lab.config import DataConfig  # noqa: E402
+from bias_lab.data import load  # noqa: E402
+
+DEFAULT_DATA = "/work/shared/data/tiny4"
+SHOWN = ("images_per_s", "train_time_s", "best_val_accuracy", "test_accuracy")
+
+
+def run(args: argparse.Namespace, nproc: int, env: dict[str, str]) -> dict[str, float]:
+    """One `train` run with `nproc` processes; its logged metrics."""
+    train = ["-m", "bias_lab.cli", "train", "--data", args.data, "--model", args.model, "--image-size", str(args.image_size),
+             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device]
+    if nproc == 1:
+        cmd = [sys.executable, *train, "--threads", str(args.nproc * args.threads if args.device == "cpu" else args.threads)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train,
+               "--threads", str(args.threads)]
+    before = {r.info.run_id for r in _runs()}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    [new] = [r for r in _runs() if r.info.run_id not in before]
+    return {"nproc": nproc, **{k: new.data.metrics[k] for k in SHOWN}, "world_size": int(new.data.params["world_size"])}
+
+
+def _runs() -> list:
+    client = mlflow.MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--model", default="alexnet")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
+    ap.add_argument("--nproc", type=int, default=2, help="K, compared with 1 process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process under torchrun (the single process gets K times as many on a CPU)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="generated tiny data, LeNet @32 px, 1 epoch, 1 repeat")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+        env["BIAS_LAB_CACHE"] = str(workdir / "cache")
+        if args.quick:
+            from bias_lab.demo import write_demo
+
+            args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
+            args.model, args.image_size, args.epochs, args.batch_size, args.lr, args.repeats = "lenet", 32, 1, 32, 0.05, 1
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # a throw-away store
+        os.environ.update(BIAS_LAB_CACHE=env["BIAS_LAB_CACHE"], MLFLOW_TRACKING_URI=env["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        load(DataConfig(data=args.data, image_size=args.image_size))  # decode once: neither side pays it
+        load1 = os.getloadavg()[0]
+        print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} batch_size={args.batch_size} "
+              f"device={args.device} nproc={args.nproc} threads={args.threads} cpus={os.cpu_count()} load={load1:.1f}", file=sys.stderr)
+        res = [run(args, n, env) for _ in range(args.repeats) for n in (1, args.nproc)]
+    print("\n| processes | world_size logged | images/s | train_time_s | best val acc | test acc |")
+    print("|---|---|---|---|---|---|")
+    for r in res:
+        print(f"| {r['nproc']} | {r['world_size']} | {r['images_per_s']:,.1f} | {r['train_time_s']:.1f} | {r['best_val_accuracy']:.4f} | "
+              f"{r['test_accuracy']:.4f} |")
+    med = {n: statistics.median(r["images_per_s"] for r in res if r["nproc"] == n) for n in (1, args.nproc)}
+    print(f"\n1 -> {args.nproc} processes (median of {args.repeats}, {args.device}): {med[1]:,.1f} -> {med[args.nproc]:,.1f} images/s "
+          f"({med[args.nproc] / med[1]:.2f}x); load average {load1:.1f} before, {os.getloadavg()[0]:.1f} after")
+
+
+if __name__ == "__main__":
+    main()
