@@ -28,6 +28,7 @@ import mlflow  # noqa: E402
 
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
+from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
 SHOWN = ("images_per_s", "train_time_s", "best_val_accuracy", "test_accuracy")
@@ -71,16 +72,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
-        env["BIAS_LAB_CACHE"] = str(workdir / "cache")
+        env = scratch_env(workdir)
         if args.quick:
-            from bias_lab.demo import write_demo
-
-            args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
+            args.data = quick_data(workdir)
             args.model, args.image_size, args.epochs, args.batch_size, args.lr, args.repeats = "lenet", 32, 1, 32, 0.05, 1
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # a throw-away store
-        os.environ.update(BIAS_LAB_CACHE=env["BIAS_LAB_CACHE"], MLFLOW_TRACKING_URI=env["MLFLOW_TRACKING_URI"])
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         load(DataConfig(data=args.data, image_size=args.image_size))  # decode once: neither side pays it
         load1 = os.getloadavg()[0]
         print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} batch_size={args.batch_size} "

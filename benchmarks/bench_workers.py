@@ -30,13 +30,13 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import mlflow  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from bias_lab import tracking, tuning  # noqa: E402
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
+from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
 
@@ -89,18 +89,12 @@ def main() -> None:
     args.tag = time.strftime("%Y%m%d-%H%M%S")  # fresh study names on a reused storage
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
-        env["BIAS_LAB_CACHE"] = str(workdir / "cache")
+        env = scratch_env(workdir, args.tracking_uri)
         if args.quick:
-            from bias_lab.demo import write_demo
-
-            args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
+            args.data = quick_data(workdir)
             args.epochs, args.n_trials = 2, 6
         args.storage = args.storage or str(workdir / "optuna.journal")
-        env["MLFLOW_TRACKING_URI"] = args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-        os.environ.update(BIAS_LAB_CACHE=env["BIAS_LAB_CACHE"], MLFLOW_TRACKING_URI=env["MLFLOW_TRACKING_URI"])
         load(DataConfig(data=args.data, image_size=args.image_size))  # fill the tensor cache once, for both studies
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         tracking.setup()  # the experiment exists before K workers start (they would race to create it)
         load1 = os.getloadavg()[0]
         print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} n_trials={args.n_trials} "

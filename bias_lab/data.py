@@ -72,7 +72,7 @@ class _Listing:
     train_labels: list[str]
     train_ids: list[str]
     test_files: list[str]
-    stats: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (st_size, st_mtime_ns)
+    stats: dict[str, tuple[int, int]]  # path -> (st_size, st_mtime_ns) of every file above, taken by _scan
 
 
 def _scan(folder: Path, stats: dict[str, tuple[int, int]]) -> list[str]:
@@ -300,14 +300,9 @@ def _fingerprint(listing: _Listing, root: Path, size: int) -> str:
     skip = len(str(root)) + 1  # str slicing == relative_to(root) for paths listed under root, without pathlib's cost
     files = [*listing.train_files, *listing.test_files]
     labels = [*listing.train_labels, *["?"] * len(listing.test_files)]
-    stats = [listing.stats.get(p) or _stat(p) for p in files]
+    stats = [listing.stats[p] for p in files]  # taken while listing: no second stat per file
     h.update("\n".join(f"{p[skip:]}|{lab}|{size}|{mtime}" for p, lab, (size, mtime) in zip(files, labels, stats)).encode())
     return h.hexdigest()[:24]
-
-
-def _stat(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
