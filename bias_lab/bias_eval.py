@@ -26,10 +26,12 @@ from bias_lab import bias as biasmod
 from bias_lab import explain
 from bias_lab import metrics as M
 from bias_lab import mitigation as mit
+from bias_lab import markdown as md
 from bias_lab import plots, tracking
-from bias_lab.config import MITIGATIONS, MODEL_1_MODES, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
+from bias_lab.config import MITIGATIONS, MODEL_1_MODES, NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
-from bias_lab.errors import check
+from bias_lab.errors import UserError, check
+from bias_lab.markdown import fmt
 from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
 from bias_lab.train import InputHook
 
@@ -113,7 +115,8 @@ def hyperparameters(train_cfg: TrainConfig, eval_cfg: BiasEvalConfig, digests: t
     """The training settings both models share: the champion's lr/momentum/batch_size when asked and found."""
     found = champion_hparams(eval_cfg.registered_model, digests, train_cfg.model) if eval_cfg.use_champion else None
     if found is None:
-        return train_cfg, "command line" + ("" if not eval_cfg.use_champion else " (no registered champion for this data and model)")
+        return train_cfg, "command line" + ("" if not eval_cfg.use_champion else
+                                            " (no registered model tuned on this binary task with this architecture)")
     params, uri = found
     return dataclasses.replace(train_cfg, **params), uri
 
@@ -142,7 +145,7 @@ def train_arm(arm: Arm, seed: int, data_cfg: DataConfig, train_cfg: TrainConfig,
               eval_cfg: BiasEvalConfig, nested_name: str) -> dict[str, float]:
     """One child run: setup, training, the test measures and the explanations; returns its metrics."""
     with tracking.run(nested_name, nested=True, tags={"role": arm.role, "seed": str(seed), "entry_point": "bias_eval"}):
-        log_setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg)
+        log_setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg, skip=NOT_USED_BY["bias_eval"])
         tracking.log_params({"role": arm.role, "model_description": arm.description, "eps_channel": arm.prep.eps})
         if arm.note:
             mlflow.set_tag("note", arm.note)
@@ -176,28 +179,36 @@ def _mean(values: Any) -> float:
     return math.nan if np.isnan(v).all() else float(np.nanmean(v))
 
 
-def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: int) -> list[dict[str, Any]]:
-    """One row per (model, test distribution), as logged in comparison.csv."""
+def learned(accuracy: float, ci_low: float, chance: float) -> bool:
+    """Did a model learn its (in-distribution) task? Its test accuracy's 95% CI lies above chance (a point
+    estimate at least CLOSE above chance when there is no CI). A model at chance predicts one class or at
+    random: its DI describes no decision rule, so it gets no verdict."""
+    if math.isnan(accuracy) or math.isnan(chance):
+        return False
+    return ci_low > chance if not math.isnan(ci_low) else accuracy - chance >= CLOSE
+
+
+def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: int, chance: float,
+               notes: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per (model, test distribution), as logged in comparison.csv. `four_fifths` is the verdict, or
+    'inconclusive: did not learn ...' for a model whose in-distribution accuracy is not above `chance`, or
+    'not applicable: ...' for a model_3 whose mitigation could not act on this data (`notes`)."""
+    notes = notes or {}
     rows = []
     for role, desc in descriptions.items():
+        acc, low = (summary.get(f"{role}_test_{m}", math.nan) for m in ("accuracy", "accuracy_ci_low"))
         for test, prefix in TESTS.items():
             get = lambda m: summary.get(f"{role}_{prefix}{m}", math.nan)  # noqa: E731
             row = {"model": role, "trained_on": desc, "test": test, **{m: get(m) for m in MEASURES}}
             if seeds > 1:
                 row.update({f"{m}_std": get(f"{m}_std") for m in ("accuracy", "di")})
-            row["four_fifths"] = M.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
+            verdict = M.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
+            row["four_fifths"] = (verdict if verdict == "undefined" or learned(acc, low, chance) else
+                                  f"inconclusive: did not learn (test accuracy {fmt(acc, True)}, chance {fmt(chance, True)})")
+            if role in notes:
+                row["four_fifths"] = f"not applicable: {notes[role].split(':')[0]}"
             rows.append(row)
     return rows
-
-
-def fmt(x: float, pct: bool = False) -> str:
-    if isinstance(x, str):
-        return x
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf"
-    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -208,18 +219,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
     head = ["model", "test", "accuracy [95% CI]", "DI [95% CI]", "DP ratio", "P(ŷ=1|S=0)", "P(ŷ=1|S=1)",
             "acc S=0", "acc S=1", "n S=0 / S=1", "four-fifths rule"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
-            f"{r['model']} ({r['trained_on']})", r["test"],
-            f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
-            f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]",
-            fmt(r["dp_ratio"]), fmt(r["selection_rate_s0"]), fmt(r["selection_rate_s1"]),
-            fmt(r["accuracy_s0"], True), fmt(r["accuracy_s1"], True), f"{fmt(r['n_s0'])} / {fmt(r['n_s1'])}",
-            r["four_fifths"],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return md.table(head, ([
+        f"{r['model']} ({r['trained_on']})", r["test"],
+        f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
+        f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]",
+        fmt(r["dp_ratio"]), fmt(r["selection_rate_s0"]), fmt(r["selection_rate_s1"]),
+        fmt(r["accuracy_s0"], True), fmt(r["accuracy_s1"], True), f"{fmt(r['n_s0'])} / {fmt(r['n_s1'])}",
+        r["four_fifths"],
+    ] for r in rows))
+
+
+def short_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison in five columns (model, test, accuracy, DI, verdict): what fits a run page or a terminal."""
+    def pm(r: dict, m: str, pct: bool) -> str:
+        return fmt(r[m], pct) + (f" ± {fmt(r[m + '_std'], pct)}" if not math.isnan(r.get(m + "_std", math.nan)) else "")
+
+    return md.table(["model", "test", "accuracy [95% CI]", "DI [95% CI]", "four-fifths rule"], ([
+        r["model"], r["test"], f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
+        f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]", r["four_fifths"]] for r in rows))
 
 
 def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: BiasConfig, classes: tuple[str, str],
@@ -235,7 +252,7 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     gain, cost, drop2 = acc2 - acc1, dacc1 - dacc2, acc2 - dacc2
     p = lambda x: fmt(x, True)  # noqa: E731
     a, b = classes
-    untrained = [r for r in roles if g(r, "test_accuracy") - chance < CLOSE]  # at chance even with the shortcut
+    untrained = [r for r in roles if any(row[(r, t)]["four_fifths"].startswith("inconclusive") for t in TESTS)]
     out = [
         "# Conclusion (generated from the measured numbers)",
         "",
@@ -245,8 +262,9 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         f"chance (majority class of the test split) is {p(chance)}.",
     ]
     if untrained:
-        out += ["", f"**Caution:** {', '.join(untrained)} did not learn the task (in-distribution accuracy within "
-                f"{100 * CLOSE:.0f} points of chance): its DI describes an untrained model. Train longer (epochs) or tune lr."]
+        out += ["", f"**Caution: {' and '.join(untrained)} did not learn the task** (in-distribution test accuracy not "
+                f"above chance, {p(chance)}, within its 95% CI): no verdict on {'its' if len(untrained) == 1 else 'their'} bias. "
+                "Train longer (epochs), or tune lr / batch_size for this binary task."]
     out += [
         "",
         "## Q2. Accuracy: what does the shortcut buy, and what does it cost?",
@@ -273,7 +291,9 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     ]
     v1 = row.get(("model_1", "decorrelated"), {}).get("four_fifths", "undefined")
     v2 = row.get(("model_2", "decorrelated"), {}).get("four_fifths", "undefined")
-    if v2 == "biased" and dacc2 - chance < CLOSE:
+    if v2.startswith("inconclusive"):
+        out.append("- model_2 did not learn the task: no verdict on whether it took the shortcut.")
+    elif v2 == "biased" and dacc2 - chance < CLOSE:
         out.append("- model_2 took the shortcut: on the decorrelated test its decisions follow S, not the image "
                    "(DI outside the band, accuracy near chance). Its in-distribution accuracy comes from eps, not from the classes.")
     elif v2 == "biased":
@@ -288,8 +308,11 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         out.append("- model_1 is not biased: on the decorrelated test its DI lies inside the four-fifths band, so its decisions do not depend on S.")
     else:
         out.append(f"- model_1 on the decorrelated test: {v1}.")
-    out.append(f"- In short: the shortcut {_buys(gain)} in distribution and costs {_points(cost, signed=False) if cost > 0 else 'nothing'} "
-               "against model_1 once eps no longer predicts the label: good numbers on biased data say nothing about the model outside it.")
+    if untrained:
+        out.append("- In short: no conclusion on bias until both models learn the task.")
+    else:
+        out.append(f"- In short: the shortcut {_buys(gain)} in distribution and costs {_points(cost, signed=False) if cost > 0 else 'nothing'} "
+                   "against model_1 once eps no longer predicts the label: good numbers on biased data say nothing about the model outside it.")
     if any(f"{role}_saliency_eps_share" in summary for role in roles):
         out += ["", "## Why: what each model looks at (eps ablation, input-gradient saliency)", ""]
         for role in roles:
@@ -306,15 +329,17 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
                 f"- On the decorrelated test model_3 has DI = {fmt(r3['di'])} (95% CI {fmt(r3['di_ci_low'])}–{fmt(r3['di_ci_high'])}) "
                 f"→ **{r3['four_fifths']}**, accuracy {p(dacc3)} ({_points(dacc3 - dacc1)} vs model_1, {_points(dacc3 - dacc2)} vs model_2); "
                 f"in distribution {p(acc3)}."]
-        if inside and close and "model_3" not in untrained:
+        if notes.get("model_3"):
+            out.append(f"- Not applicable here: {notes['model_3']}. model_3 is trained on model_2's data with no effective "
+                       "change, so its numbers say nothing about the method.")
+        elif inside and close and "model_3" not in untrained:
             out.append(f"- The mitigation works here: decorrelated DI inside the four-fifths band and accuracy within "
                        f"{100 * MITIGATION_TOLERANCE:.0f} points of model_1.")
         else:
             why = [w for w, bad in (("its decorrelated DI is outside the band", not inside),
                                     (f"its accuracy is more than {100 * MITIGATION_TOLERANCE:.0f} points from model_1's", not close),
                                     ("it did not learn the task", "model_3" in untrained)) if bad]
-            out.append("- The mitigation does not work here: " + "; ".join(why) + "."
-                       + (f" {notes['model_3']}." if notes.get("model_3") else ""))
+            out.append("- The mitigation does not work here: " + "; ".join(why) + ".")
     return "\n".join(out) + "\n"
 
 
@@ -341,7 +366,11 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
     ds = load(data_cfg)
     check_classes(ds)
     classes = biasmod.parse_classes(ds, bias_cfg.classes)
-    train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}", ds.digest))
+    # only a model tuned on this binary task (`tune --bias true --classes A,B`) vouches for its hyperparameters:
+    # the 4-class champion's (lr 0.34, batch 128, say) made model_2 collapse to one class on the pair
+    train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}",))
+    print(f"hyperparameters of both models: {', '.join(f'{h}={getattr(train_cfg, h)}' for h in HPARAMS)}, "
+          f"epochs={train_cfg.epochs} (from {source})", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {}
     descriptions: dict[str, str] = {}
     notes: dict[str, str] = {}
@@ -354,7 +383,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             models = arms(ds, data_cfg, bias_cfg, eval_cfg, seed)
             ref = models[1].prep  # model_2's data: the splits and S draws every model is measured on
             if k == 0:
-                log_setup(ref, data_cfg, train_cfg, bias_cfg, eval_cfg)
+                log_setup(ref, data_cfg, train_cfg, bias_cfg, eval_cfg, skip=NOT_USED_BY["bias_eval"])
                 tracking.log_params({"hparams_source": source, "label_y0": classes[0], "label_y1": classes[1],
                                      "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in HPARAMS)})
             y = ref.test.labels.numpy()
@@ -364,6 +393,8 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             for arm in models:
                 name = arm.role if eval_cfg.seeds == 1 else f"{arm.role}-seed{seed}"
                 descriptions[arm.role] = arm.description
+                if arm.note and arm.role not in notes:  # said before the training it makes moot, not only after
+                    print(f"note: {arm.role} ({eval_cfg.mitigation}): {arm.note}", file=sys.stderr)
                 if arm.note:
                     notes[arm.role] = arm.note
                 results.setdefault(arm.role, []).append(train_arm(arm, seed, data_cfg, cfg, bias_cfg, eval_cfg, name))
@@ -377,22 +408,45 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
         })
         if "model_3" in results:  # how far the mitigated model is from the one that never had the shortcut
             summary["mitigation_accuracy_gap"] = summary["model_3_decorrelated_test_accuracy"] - summary["model_1_decorrelated_test_accuracy"]
-        rows = table_rows(summary, descriptions, eval_cfg.seeds)
+        rows = table_rows(summary, descriptions, eval_cfg.seeds, _mean(chance), notes)
         tracking.log_metrics(summary)
-        _log_comparison(rows, summary, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, train_cfg.model, notes)
-        print(f"bias_eval run {parent.info.run_id}:\n{markdown_table(rows)}", file=sys.stderr)
+        text = conclusion(summary, rows, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, notes)
+        _log_comparison(rows, text, bias_cfg, classes, train_cfg.model)
+        print(f"\n{short_table(rows)}\n\n{verdicts(text)}", file=sys.stderr)
+        print(tracking.ui_hint(parent), file=sys.stderr)
+    untrained = sorted({r["model"] for r in rows if r["four_fifths"].startswith("inconclusive")})
+    if data_cfg.strict and untrained:  # the run stays FINISHED: its numbers are right, they just settle nothing
+        raise UserError(f"{' and '.join(untrained)} did not learn the task, so there is no verdict (strict=true): "
+                        "train longer (epochs) or tune lr / batch_size for this pair")
     return summary
 
 
-def _log_comparison(rows: list[dict[str, Any]], summary: dict[str, float], bias_cfg: BiasConfig, classes: tuple[str, str],
-                    chance: float, base_di: dict[str, float], seeds: int, arch: str, notes: dict[str, str]) -> None:
+def verdicts(conclusion_md: str) -> str:
+    """The conclusion's cautions and its Q4 answer (which model is biased), for the terminal."""
+    lines = conclusion_md.splitlines()
+    keep = [l for l in lines if l.startswith("**Caution")]
+    if "## Q4. Which model is biased, and why?" in lines:
+        q4 = lines[lines.index("## Q4. Which model is biased, and why?") + 1:]
+        keep += [l for l in q4[:next((i for i, l in enumerate(q4) if l.startswith("#")), len(q4))] if l.strip()]
+    return "\n".join(l.replace("**", "") for l in keep)
+
+
+def _log_comparison(rows: list[dict[str, Any]], text: str, bias_cfg: BiasConfig, classes: tuple[str, str], arch: str) -> None:
+    """The parent's comparison: CSV, a browsable MLflow table, markdown, the figure, the conclusion, and the run's
+    Description (what the MLflow UI shows on the run page): the conclusion with the table under it."""
     import pandas as pd
 
-    mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "comparison.csv")
+    table = pd.DataFrame(rows)
+    mlflow.log_text(table.to_csv(index=False), "comparison.csv")
+    mlflow.log_table(table, "comparison.json")
     mlflow.log_text(markdown_table(rows) + "\n", "comparison.md")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: p0={bias_cfg.p0:g}, p1={bias_cfg.p1:g}, sigma={bias_cfg.sigma:g}"
-    tracking.log_figure(plots.bias_comparison(rows, title), "comparison.html")
-    mlflow.log_text(conclusion(summary, rows, bias_cfg, classes, chance, base_di, seeds, notes), "conclusion.md")
+    tracking.log_figure(plots.bias_comparison(rows, title), "comparison")
+    mlflow.log_text(text, "conclusion.md")
+    mlflow.set_tag("mlflow.note.content", f"{verdicts(text)}\n\n{short_table(rows)}\n\n"
+                   "Figure: Artifacts → `figures.html`; every measure: `comparison.md`; the models' own runs are nested "
+                   f"below (model_1, model_2...).\n\n" + text.replace("\n#", "\n###").replace("# Conclusion", "### Conclusion", 1))
+    mlflow.set_tags({f"{r['model']}_verdict": r["four_fifths"] for r in rows if r["test"] == "decorrelated"})
     for r in rows:  # NaN / inf comparisons get their reason on the parent too
         note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not math.isfinite(r["di"]) else ""
         if note:

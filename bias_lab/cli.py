@@ -18,13 +18,13 @@ from bias_lab import config as C
 from bias_lab.errors import UserError
 
 
-def options(*classes: type, defaults: dict[str, Any] | None = None) -> Callable:
-    """Click options for every field of the given config dataclasses (`defaults` overrides some, per command,
-    the same way the command's MLproject entry point does)."""
+def options(*classes: type, defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> Callable:
+    """Click options for every field of the given config dataclasses but `skip` (`defaults` overrides some, per
+    command, the same way the command's MLproject entry point does)."""
 
     def deco(f: Callable) -> Callable:
         for cls in reversed(classes):
-            for fld in reversed(dataclasses.fields(cls)):
+            for fld in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
                 choices = fld.metadata.get("choices")
                 kind = click.Choice(choices) if choices else {bool: click.BOOL, int: int, float: float}.get(type(fld.default), str)
                 f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=(defaults or {}).get(fld.name, fld.default),
@@ -35,8 +35,8 @@ def options(*classes: type, defaults: dict[str, Any] | None = None) -> Callable:
 
 
 def make(cls: type, kwargs: dict[str, Any]) -> Any:
-    """Pop the fields of `cls` out of the click kwargs."""
-    return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+    """Pop the fields of `cls` out of the click kwargs (a field the command does not offer keeps its default)."""
+    return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs})
 
 
 class App(click.Group):
@@ -106,7 +106,7 @@ def train(**kw: Any) -> None:
 
 
 @main.command()
-@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig)
+@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig, skip=C.NOT_USED_BY["tune"])
 def tune(**kw: Any) -> None:
     """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
     from bias_lab.tuning import run_tune
@@ -115,7 +115,7 @@ def tune(**kw: Any) -> None:
 
 
 @main.command("bias-eval")
-@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.BiasEvalConfig)
+@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.BiasEvalConfig, skip=C.NOT_USED_BY["bias_eval"])
 def bias_eval(**kw: Any) -> None:
     """Train model_1 (clean) and model_2 (biased eps channel); compare accuracy and DI side by side."""
     from bias_lab.bias_eval import run_bias_eval
@@ -133,7 +133,7 @@ def kaggle_submit(**kw: Any) -> None:
 
 
 @main.command("bias-sweep")
-@options(C.DataConfig, C.TrainConfig, C.SweepConfig, defaults={"epochs": 4})  # a grid of runs: short ones
+@options(C.DataConfig, C.TrainConfig, C.SweepConfig, defaults={"epochs": 4}, skip=C.NOT_USED_BY["bias_sweep"])  # a grid of runs: short ones
 def bias_sweep(**kw: Any) -> None:
     """DI and accuracy of model_2 over a grid of p1-p0 and sigma: how strong must a shortcut be to be taken?"""
     from bias_lab.sweep import run_sweep

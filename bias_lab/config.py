@@ -29,7 +29,8 @@ class DataConfig:
     image_size: int = knob(64, "side of the square grayscale input, px (32-224); 64 is Tiny-ImageNet's native size")
     val_fraction: float = knob(0.15, "share of each class held out for tuning / model selection")
     test_fraction: float = knob(0.15, "share of each class held out for final numbers only")
-    strict: bool = knob(False, "fail on an unreadable image instead of skipping it with a warning")
+    strict: bool = knob(False, "fail on an unreadable image instead of skipping it with a warning; bias_eval: also exit "
+                               "non-zero when a model did not learn (no verdict)")
     cache_dir: str = knob("", "decoded-tensor cache; default $BIAS_LAB_CACHE or ~/.cache/bias_lab")
 
 
@@ -106,16 +107,27 @@ class SubmitConfig:
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
 
 
-def flat(*configs: Any) -> dict[str, Any]:
-    """One flat dict of all fields, as logged to MLflow params."""
+# Settings a command's runs never read (tune searches lr/momentum/batch_size; only train resumes; bias_eval always
+# adds eps to model_2): the command does not offer them and its runs do not log them, so no run page shows a
+# value the run did not use.
+NOT_USED_BY: dict[str, tuple[str, ...]] = {
+    "tune": ("lr", "momentum", "batch_size", "resume"),
+    "bias_eval": ("bias", "resume"),
+    "bias_sweep": ("resume",),
+}
+
+
+def flat(*configs: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One flat dict of all fields (less `skip`), as logged to MLflow params."""
     out: dict[str, Any] = {}
     for c in configs:
         out.update(dataclasses.asdict(c))
-    return out
+    return {k: v for k, v in out.items() if k not in skip}
 
 
 @dataclass
 class ReportConfig:
     output: str = knob("report.html", "HTML file to write; a markdown twin is written next to it (.md)")
-    experiment: str = knob("bias-lab", "experiment to read the latest train / tune / bias_eval runs from")
+    experiment: str = knob("", "experiment to read the latest train / tune / bias_eval runs from; default 'bias-lab', "
+                               "else wherever the latest runs are")
     run_ids: str = knob("", "comma-separated run ids to report instead of the latest runs")

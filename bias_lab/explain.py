@@ -21,7 +21,7 @@ from bias_lab import plots, tracking
 from bias_lab.pipeline import Prepared
 from bias_lab.train import Norm, Part, batch_inputs, predict
 
-N_FIGURE = 4  # test images shown in saliency.html: 2 per class
+N_FIGURE = 4  # test images shown in the saliency figure: 2 per class
 SALIENCY_BATCH = 128
 
 
@@ -95,8 +95,8 @@ def explain(model: nn.Module, prep: Prepared, seed: int) -> tuple[dict[str, floa
 
 
 def log_explanations(model: nn.Module, prep: Prepared, seed: int) -> dict[str, float]:
-    """Log the explanation metrics and saliency.html on the active run; return the metrics."""
+    """Log the explanation metrics and the saliency figure on the active run; return the metrics."""
     metrics, fig = explain(model, prep, seed)
     tracking.log_metrics(metrics)
-    tracking.log_figure(fig, "saliency.html")
+    tracking.log_figure(fig, "saliency")
     return metrics

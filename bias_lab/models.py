@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from bias_lab import markdown as md
 from bias_lab.config import MODELS
 from bias_lab.errors import check
 
@@ -94,10 +95,8 @@ class Summary:
     macs: int  # multiply-accumulates per image (conv + linear), the usual "FLOPs/2"
 
     def markdown(self) -> str:
-        rows = ["| layer | type | output shape | parameters |", "|---|---|---|---:|"]
-        rows += [f"| {l.name} | {l.type} | {l.output_shape} | {l.params:,} |" for l in self.layers]
-        rows += [f"| **total** | | | **{self.total_params:,}** |", "", f"MACs per image: {self.macs:,}"]
-        return "\n".join(rows)
+        rows = [(l.name, l.type, l.output_shape, f"{l.params:,}") for l in self.layers] + [("**total**", "", "", f"**{self.total_params:,}**")]
+        return md.table(["layer", "type", "output shape", "parameters"], rows, align=["", "", "", "r"]) + f"\n\nMACs per image: {self.macs:,}"
 
     def csv(self) -> str:
         return "\n".join(["layer,type,output_shape,params", *(f"{l.name},{l.type},\"{l.output_shape}\",{l.params}" for l in self.layers)])

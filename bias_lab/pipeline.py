@@ -170,9 +170,9 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
         out.update(m)
     if log:
         tracking.log_metrics(out)
-        if cm is not None:  # full runs only: a tune trial's curves are in its metrics, not 3 MB of HTML each
-            tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves.html")
-            tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix.html")
+        if cm is not None:  # full runs only: a tune trial's curves are in its metrics, not 5 MB of HTML each
+            tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves")
+            tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix")
         for k in ("test_di", "decorrelated_test_di"):
             if k in out and not math.isfinite(out[k]):
                 mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
@@ -183,10 +183,10 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
     return net, out
 
 
-def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any) -> None:
-    """Params (every knob, verbatim), dataset inputs, split sizes and data tags of the active run."""
+def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any, skip: tuple[str, ...] = ()) -> None:
+    """Params (every knob the run uses, verbatim; not `skip`), dataset inputs, split sizes and data tags of the active run."""
     ds = prep.dataset
-    tracking.log_params({**flat(data_cfg, *configs), "data_digest": ds.digest, "data_source": ds.source,
+    tracking.log_params({**flat(data_cfg, *configs, skip=skip), "data_digest": ds.digest, "data_source": ds.source,
                          "in_channels": prep.channels, "num_classes": len(ds.classes)})
     n = len(ds.labels)
     splits = np.empty(n, dtype=object)
@@ -239,7 +239,8 @@ def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig,
         tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": D.world()})
         mlflow.set_tag("checkpoint", str(ck))
         _, out = train_model(prep, train_cfg, checkpoint=ck)
-        print(f"run {active.info.run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
+        print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
+        print(tracking.ui_hint(active), file=sys.stderr)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Plotly figures logged with the runs (mlflow.log_figure writes them as self-contained HTML)."""
+"""Plotly figures logged with the runs (tracking.log_figure gathers each run's figures in one offline figures.html)."""
 
 from __future__ import annotations
 

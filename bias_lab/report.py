@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import plotly.io as pio
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from bias_lab import markdown as md
 from bias_lab import tracking
 from bias_lab.config import ReportConfig
 from bias_lab.data import atomic_write
@@ -27,9 +29,11 @@ from bias_lab.errors import UserError, check
 
 ENTRY_POINTS = ("train", "tune", "bias_eval", "bias_sweep")
 KEY_PARAMS = ("data_source", "data_digest", "model", "image_size", "epochs", "batch_size", "lr", "momentum", "seed",
-              "classes", "p0", "p1", "sigma", "mitigation", "n_trials", "pruner")
+              "best_lr", "best_momentum", "best_batch_size", "hparams", "hparams_source",
+              "classes", "p0", "p1", "sigma", "mitigation", "seeds", "n_trials", "pruner")
 TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "sweep.md", "model_summary.md")
 MAX_TABLE_ROWS = 40  # the trials table of a long study is cut here; the CSV artifact has it all
+STEP_ONLY = ("scheduled_lr", "best_val_accuracy_so_far")  # curves: their last value alone means little
 
 
 @dataclass
@@ -39,20 +43,24 @@ class Section:
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, plotly JSON)
 
 
-def _fmt(v: float) -> str:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return str(v)
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    rows += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(rows)
+def trials_table(df: pd.DataFrame) -> str:
+    """The study's trials: one accuracy column (a pruned trial's Optuna value is a negative loss, not an
+    accuracy), epochs, seconds and the sampled params."""
+    acc, ep = "user_attrs_best_val_accuracy", "user_attrs_epochs_run"
+    params = [c for c in df.columns if c.startswith("params_")]
+    rows = []
+    for _, t in df.head(MAX_TABLE_ROWS).iterrows():
+        seconds = pd.to_timedelta(t["duration"]).total_seconds() if pd.notna(t.get("duration")) else math.nan
+        rows.append([int(t["number"]), str(t["state"]).lower(),
+                     md.fmt(float(t[acc]), pct=True) if pd.notna(t.get(acc)) else "n/a",
+                     int(t[ep]) if pd.notna(t.get(ep)) else "n/a",
+                     f"{seconds:.1f}" if math.isfinite(seconds) else "n/a", *(t[c] for c in params)])
+    return md.table(["trial", "state", "best val accuracy", "epochs", "seconds", *(c.removeprefix("params_") for c in params)], rows)
 
 
 def select_runs(client: MlflowClient, cfg: ReportConfig) -> list[Run]:
-    """The given runs, or the latest top-level run of each entry point in the experiment."""
+    """The given runs, or the latest top-level run of each entry point: in `cfg.experiment`, or by default in
+    'bias-lab' or else wherever the latest runs are (`mlflow run` without --experiment-name puts them in Default)."""
     if cfg.run_ids.strip():
         runs = []
         for rid in (r.strip() for r in cfg.run_ids.split(",") if r.strip()):
@@ -61,15 +69,29 @@ def select_runs(client: MlflowClient, cfg: ReportConfig) -> list[Run]:
             except Exception as e:
                 raise UserError(f"run '{rid}' is not in the tracking store {mlflow.get_tracking_uri()}: check the id in the MLflow UI") from e
         return runs
-    exp = client.get_experiment_by_name(cfg.experiment)
-    check(exp is not None, f"experiment '{cfg.experiment}' is not in {mlflow.get_tracking_uri()}: run train/tune/bias_eval first, or pass --experiment")
+    named = cfg.experiment.strip()
+    name = named or tracking.DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    check(exp is not None or not named,
+          f"experiment '{name}' is not in {mlflow.get_tracking_uri()}: run train/tune/bias_eval first, or pass --experiment")
+    runs = _latest(client, [exp.experiment_id] if exp else [])
+    if not runs and not named:  # the default: look wherever the runs are
+        runs = _latest(client, [e.experiment_id for e in client.search_experiments()])
+        if runs:
+            where = sorted({client.get_experiment(r.info.experiment_id).name for r in runs})
+            print(f"report: no runs in experiment '{name}'; reading the latest runs of {', '.join(map(repr, where))}", file=sys.stderr)
+    check(bool(runs), f"no finished train/tune/bias_eval run in {'experiment ' + repr(name) if named else mlflow.get_tracking_uri()}: "
+                      "run one first")
+    return runs
+
+
+def _latest(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
+    """The latest finished top-level run of each entry point in these experiments."""
     runs = []
-    for ep in ENTRY_POINTS:
-        found = client.search_runs([exp.experiment_id], f"tags.entry_point = '{ep}' and attributes.status = 'FINISHED'",
+    for ep in ENTRY_POINTS if experiment_ids else ():
+        found = client.search_runs(experiment_ids, f"tags.entry_point = '{ep}' and attributes.status = 'FINISHED'",
                                    order_by=["attributes.start_time DESC"], max_results=50)
-        top = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-        runs += top[:1]
-    check(bool(runs), f"no finished train/tune/bias_eval run in experiment '{cfg.experiment}': run one first")
+        runs += [r for r in found if "mlflow.parentRunId" not in r.data.tags][:1]
     return runs
 
 
@@ -95,19 +117,19 @@ def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section
     sec = Section(title)
     params = {k: run.data.params[k] for k in KEY_PARAMS if k in run.data.params}
     if params:
-        sec.markdown.append("| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in params.items()))
-    metrics = {k: v for k, v in sorted(run.data.metrics.items()) if not k.startswith(("n_", "lr"))}
+        sec.markdown.append(md.table(["parameter", "value"], params.items()))
+    metrics = {k: v for k, v in sorted(run.data.metrics.items()) if not k.startswith("n_") and k not in STEP_ONLY}
     if metrics:
-        sec.markdown.append("| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()))
+        sec.markdown.append(md.table(["metric", "value"], ((k, md.fmt(v)) for k, v in metrics.items())))
     files = _artifacts(client, rid)
     for name in TEXT_ARTIFACTS:
         if name in files:
             sec.markdown.append(f"**{name}**\n\n" + _load_text(rid, name))
     if "trials.csv" in files:
         df = pd.read_csv(io.StringIO(_load_text(rid, "trials.csv")))
-        cols = [c for c in df.columns if c in ("number", "state", "value", "duration") or c.startswith("params_")]
-        sec.markdown.append(f"**Optuna trials** ({len(df)}; first {MAX_TABLE_ROWS} shown)\n\n" + _md_table(df[cols].head(MAX_TABLE_ROWS)))
-    for f in sorted(p for p in files if p.endswith(".json") and Path(p).with_suffix(".html").as_posix() in files):
+        shown = f"first {MAX_TABLE_ROWS} of {len(df)}" if len(df) > MAX_TABLE_ROWS else str(len(df))
+        sec.markdown.append(f"**Optuna trials** ({shown}; every trial in trials.csv)\n\n" + trials_table(df))
+    for f in sorted(p for p in files if p.startswith("figures/") and p.endswith(".json")):
         sec.figures.append((Path(f).stem.replace("_", " "), _load_text(rid, f)))
     sections = [sec]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'", order_by=["attributes.start_time ASC"])
@@ -134,7 +156,7 @@ def _md_block(text: str) -> str:
     """Markdown tables -> HTML tables; anything else -> paragraphs (no markdown library needed)."""
     lines = text.strip().splitlines()
     if len(lines) >= 2 and lines[0].startswith("|") and set(lines[1].replace("|", "").strip()) <= set("-: "):
-        row = lambda l: [html.escape(c.strip()).replace("**", "") for c in l.strip().strip("|").split("|")]  # noqa: E731
+        row = lambda l: [html.escape(c).replace("**", "") for c in md.split_row(l)]  # noqa: E731
         head = "".join(f"<th>{c}</th>" for c in row(lines[0]))
         body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row(l)) + "</tr>" for l in lines[2:] if l.startswith("|"))
         rest = [l for l in lines[2:] if not l.startswith("|")]
@@ -176,7 +198,7 @@ def render_html(sections: list[Section]) -> str:
 
 def run_report(cfg: ReportConfig) -> Path:
     """Write the HTML report (and its markdown twin next to it); returns the HTML path."""
-    tracking.setup(cfg.experiment)
+    tracking.setup(cfg.experiment.strip() or tracking.DEFAULT_EXPERIMENT)
     client = MlflowClient()
     sections = [s for run in select_runs(client, cfg) for s in _run_section(client, run)]
     out = Path(cfg.output)

@@ -16,14 +16,15 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import bias_eval as BE
 from bias_lab import explain
+from bias_lab import markdown as md
 from bias_lab import metrics as M
 from bias_lab import plots, tracking
 from bias_lab.bias import parse_classes
-from bias_lab.config import BiasConfig, DataConfig, SweepConfig, TrainConfig
+from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
 from bias_lab.data import check_classes, load
 from bias_lab.errors import UserError, check
+from bias_lab.markdown import fmt
 from bias_lab.pipeline import log_setup, prepare, train_model
 
 SHOWN = {  # heatmap panel -> metric of each cell
@@ -77,18 +78,19 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                 bias = cell_bias(gap, sigma, sweep_cfg.classes)
                 prep = prepare(data_cfg, bias, seed, binary=True, eps=True, ds=ds)
                 if not cells:
-                    log_setup(prep, data_cfg, train_cfg, sweep_cfg)
+                    log_setup(prep, data_cfg, train_cfg, sweep_cfg, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"label_y0": a, "label_y1": b})
                 tags = {"role": "model_2", "entry_point": "bias_sweep", "gap": f"{gap:g}", "sigma": f"{sigma:g}"}
                 with tracking.run(f"gap={gap:g} sigma={sigma:g}", nested=True, tags=tags):
-                    log_setup(prep, data_cfg, train_cfg, bias)
+                    log_setup(prep, data_cfg, train_cfg, bias, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"role": "model_2", "gap": gap})
                     net, out = train_model(prep, train_cfg, bootstrap=sweep_cfg.bootstrap, log_model=sweep_cfg.log_models)
                     ex, _ = explain.explain(net, prep, seed)
                     tracking.log_metrics(ex)
                 cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **out, **ex})
         summary = _log_sweep(cells, gaps, sigmas, train_cfg.model, (a, b))
-        print(f"bias_sweep run {parent.info.run_id}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()), file=sys.stderr)
+        print(", ".join(f"{k}={v:g}" for k, v in summary.items()), file=sys.stderr)
+        print(tracking.ui_hint(parent), file=sys.stderr)
     return summary
 
 
@@ -107,15 +109,14 @@ def _log_sweep(cells: list[dict[str, float]], gaps: list[float], sigmas: list[fl
     table = table[[c for c in keep if c in table]]
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: model_2 over p1-p0 and sigma (p0=(1-gap)/2, p1=(1+gap)/2)"
-    tracking.log_figure(plots.sweep_heatmaps(gaps, sigmas, {k: grid(m) for k, m in SHOWN.items()}, title), "sweep.html")
-    lines = [f"# Bias sweep: {title}", "",
-             "| sigma | gap | p0 | p1 | decorrelated DI [95% CI] | four-fifths | decorrelated acc | in-dist acc | saliency on eps |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in table.to_dict("records"):
-        lines.append(f"| {r['sigma']:g} | {r['gap']:g} | {r['p0']:g} | {r['p1']:g} | {BE.fmt(r['decorrelated_test_di'])} "
-                     f"[{BE.fmt(r['decorrelated_test_di_ci_low'])}, {BE.fmt(r['decorrelated_test_di_ci_high'])}] | "
-                     f"{M.verdict(r['decorrelated_test_di'], r['decorrelated_test_di_ci_low'], r['decorrelated_test_di_ci_high'])} | "
-                     f"{BE.fmt(r['decorrelated_test_accuracy'], True)} | {BE.fmt(r['test_accuracy'], True)} | {BE.fmt(r['saliency_eps_share'], True)} |")
+    tracking.log_figure(plots.sweep_heatmaps(gaps, sigmas, {k: grid(m) for k, m in SHOWN.items()}, title), "sweep")
+    head = ["sigma", "gap", "p0", "p1", "decorrelated DI [95% CI]", "four-fifths", "decorrelated acc", "in-dist acc", "saliency on eps"]
+    lines = [f"# Bias sweep: {title}", "", md.table(head, ([
+        f"{r['sigma']:g}", f"{r['gap']:g}", f"{r['p0']:g}", f"{r['p1']:g}",
+        f"{fmt(r['decorrelated_test_di'])} [{fmt(r['decorrelated_test_di_ci_low'])}, {fmt(r['decorrelated_test_di_ci_high'])}]",
+        M.verdict(r['decorrelated_test_di'], r['decorrelated_test_di_ci_low'], r['decorrelated_test_di_ci_high']),
+        fmt(r['decorrelated_test_accuracy'], True), fmt(r['test_accuracy'], True), fmt(r['saliency_eps_share'], True),
+    ] for r in table.to_dict("records")))]
     lines += ["", "## Threshold: the smallest p1-p0 from which the model takes the shortcut", ""]
     for s in sigmas:
         t = summary[f"threshold_gap_sigma_{s:g}"]

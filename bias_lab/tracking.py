@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -67,6 +68,11 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     raise AssertionError("unreachable")
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless this tag says it holds
+# model training: then it opens on the runs table, as an experiment of train/tune/bias_eval runs should.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _open(experiment: str) -> None:
     client = MlflowClient()
     client.search_experiments(max_results=1)  # creates and migrates the tables of a new database store
@@ -77,6 +83,10 @@ def _open(experiment: str) -> None:
             with contextlib.suppress(MlflowException):  # another worker created it a moment ago
                 client.create_experiment(experiment)
         mlflow.set_experiment(experiment)
+    exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or mlflow.tracking.fluent._get_experiment_id()
+    with contextlib.suppress(MlflowException):  # a label for the UI: never worth failing a run over
+        if exp_id and EXPERIMENT_KIND[0] not in client.get_experiment(exp_id).tags:
+            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
 
 
 def _creation_race(e: Exception) -> bool:
@@ -138,8 +148,10 @@ def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = N
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
-    """Log finite metrics; NaN/inf (an undefined DI, say) are logged too, MLflow stores them as is."""
-    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+    """Log metrics; an infinite one (a DI with a zero denominator) is stored as NaN: SQL tracking stores turn ±inf
+    into ±1.797e308, which the UI, the Compare view and the report would show as a number. The caller tags why
+    (an undefined DI's `*_di_note`)."""
+    mlflow.log_metrics({f"{prefix}{k}": math.nan if math.isinf(v) else float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -172,11 +184,50 @@ def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: st
                 time.sleep(0.5 * (attempt + 1))
 
 
-def log_figure(fig: Any, artifact_file: str) -> None:
-    """A plotly figure as self-contained HTML (opens offline, in the MLflow UI too) plus its JSON beside it,
-    from which `bias-lab report` rebuilds every figure with a single copy of plotly.js."""
-    mlflow.log_figure(fig, artifact_file)
-    mlflow.log_text(fig.to_json(), str(Path(artifact_file).with_suffix(".json")))
+FIGURES_FILE = "figures.html"
+_figures: dict[str, dict[str, Any]] = {}  # run id -> {artifact name: figure}, in the order they were logged
+
+
+def log_figure(fig: Any, name: str) -> None:
+    """Add a plotly figure to the active run: its JSON as `figures/<name>.json` (what `bias-lab report` rebuilds
+    figures from), and the run's one `figures.html` rewritten to hold every figure logged so far.
+
+    figures.html embeds plotly.js once (about 4.7 MB) so it renders offline, in the MLflow UI's artifact viewer too:
+    mlflow.log_figure's HTML loads plotly.js from a CDN and shows an empty frame without internet, and one
+    inlined copy per figure would make a 20-trial tune ~35 MB instead of ~10."""
+    import plotly.io as pio
+
+    run_id = mlflow.active_run().info.run_id
+    figs = _figures.setdefault(run_id, {})
+    figs[name] = fig
+    mlflow.log_text(fig.to_json(), f"figures/{name}.json")
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>figures</title>",
+             "<style>body{font-family:system-ui,sans-serif;margin:0 12px}h2{font-size:15px;margin:18px 0 0}</style></head><body>"]
+    for i, (n, f) in enumerate(figs.items()):
+        parts += [f"<h2>{n.replace('_', ' ')}</h2>",
+                  pio.to_html(f, include_plotlyjs=i == 0, full_html=False, default_width="100%", config={"displaylogo": False})]
+    mlflow.log_text("\n".join([*parts, "</body></html>"]), FIGURES_FILE)
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview unless the sidebar's "Model training" switch was chosen
+# once (it is kept in the browser) or the address says so: the addresses printed here say so.
+UI_MODE = "?workflowType=machine_learning"
+
+
+def ui_hint(run: Any) -> str:
+    """Where a person finds a run: the experiment, the run id and the address of its page in the MLflow UI."""
+    exp = MlflowClient().get_experiment(run.info.experiment_id)
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{UI_MODE}"
+    if uri.startswith(("http://", "https://")):
+        where = f"{uri.rstrip('/')}/{page}"
+    else:
+        store = "" if uri == "sqlite:///mlflow.db" else f" --backend-store-uri {uri}"
+        where = f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
+    hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {where}"
+    if exp.experiment_id == "0" and os.environ.get("MLFLOW_RUN_ID"):
+        hint += f"\nnote: this run is in the 'Default' experiment: pass `--experiment-name {DEFAULT_EXPERIMENT}` to `mlflow run`"
+    return hint
 
 
 def log_model(model: nn.Module, meta: dict[str, Any], name: str = "model") -> Any:

@@ -272,7 +272,7 @@ def fit(
             "train_accuracy": float(correct) / n,
             "val_loss": v["loss"],
             "val_accuracy": v["accuracy"],
-            "lr": opt.param_groups[0]["lr"],
+            "scheduled_lr": opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
             "epoch_time_s": time.perf_counter() - t0,
         }
         state["history"].append(metrics)

@@ -36,9 +36,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
+from bias_lab import markdown as md
 from bias_lab import pipeline, tracking
-from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
+from bias_lab.config import NOT_USED_BY, PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import UserError, check, first_line
+from bias_lab.markdown import fmt
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
@@ -329,7 +331,7 @@ class Search:
         t0 = time.perf_counter()
         with tracking.run(f"trial-{trial.number}", nested=True, tags=tags) as child:
             trial.set_user_attr("mlflow_run_id", child.info.run_id)
-            tracking.log_params({**dataclasses.asdict(cfg), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
+            tracking.log_params({**flat(cfg, skip=("resume",)), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
             state, why = "complete", ""
             try:
                 _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
@@ -352,8 +354,11 @@ class Search:
             trial.set_user_attr("best_val_accuracy", value)  # a pruned trial's Optuna value is its last report (-loss)
             trial.set_user_attr("epochs_run", epochs)
             trial.set_user_attr("train_time_s", round(time.perf_counter() - t0, 3))
-        with contextlib.suppress(MlflowException):  # the parent's live view of the search
-            MlflowClient().log_metric(self.parent_run_id, "trial_best_val_accuracy", value, step=trial.number)
+        done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number]
+        so_far = max([*done, *([value] if state == "complete" else [])], default=None)
+        if so_far is not None:
+            with contextlib.suppress(MlflowException):  # the parent's live view of the search (step = trial number)
+                MlflowClient().log_metric(self.parent_run_id, "best_val_accuracy_so_far", so_far, step=trial.number)
         print(f"trial {trial.number} {state}: best val_accuracy {value:.4f} after {epochs} epochs, lr={cfg.lr:.3g} "
               f"momentum={cfg.momentum:.3f} batch_size={cfg.batch_size} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         if state == "pruned":
@@ -450,7 +455,7 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tracking.log_figure(make(), f"optuna/{name}.html")
+                tracking.log_figure(make(), name)
         except Exception as e:  # a figure Optuna cannot draw for this study must not lose the study's results
             mlflow.set_tag(f"figure_{name}_skipped", first_line(e))
     return out
@@ -504,14 +509,16 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     digest = prep.dataset.digest
     tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
-        pipeline.log_setup(prep, data_cfg, cfg, bias_cfg)
+        pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=("resume",))
         net, out = pipeline.train_model(prep, cfg, log_model=False)
-        info = tracking.log_model(net, prep.meta(cfg))
-        decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
-            "model": cfg.model, "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size,
-            "image_size": data_cfg.image_size, "seed": cfg.seed, "optuna_study": study_name,
-            "optuna_trial": best.number, "tune_run_id": parent, "test_accuracy": out.get("test_accuracy", math.nan)})
-        mlflow.set_tags({"registered_model": tune_cfg.registered_model, "registered_version": decision["version"]})
+    # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
+    info = tracking.log_model(net, prep.meta(cfg))
+    decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
+        "model": cfg.model, "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size,
+        "image_size": data_cfg.image_size, "seed": cfg.seed, "optuna_study": study_name,
+        "optuna_trial": best.number, "tune_run_id": parent, "final_run_id": child.info.run_id,
+        "test_accuracy": out.get("test_accuracy", math.nan)})
+    MlflowClient().set_tag(child.info.run_id, "registered_version", f"{tune_cfg.registered_model} v{decision['version']} (model logged on the tune run)")
     tested = {k: v for k, v in out.items() if k.startswith(("test_", "decorrelated_test_"))}
     tracking.log_metrics({**tested, "final_val_accuracy": out["best_val_accuracy"], "champion_moved": float(decision["moved"]),
                           **({"champion_previous_val_accuracy": decision["baseline_val_accuracy"]} if decision["baseline_val_accuracy"] is not None else {})})
@@ -540,7 +547,8 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
-        pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc))
+        pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc),
+                           skip=NOT_USED_BY["tune"])
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
         print(f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
               file=sys.stderr)
@@ -561,8 +569,33 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
             print("no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr)
         out["total_tuning_time_s"] = time.perf_counter() - t_start
         tracking.log_metrics({"total_tuning_time_s": out["total_tuning_time_s"]})
+        mlflow.set_tag("mlflow.note.content", describe(study, name, out, MlflowClient().get_run(parent.info.run_id).data.tags))
         if complete:
-            print(f"run {parent.info.run_id}: best val_accuracy {out['best_val_accuracy']:.4f} (trial "
-                  f"{int(out['best_trial_number'])}: {study.best_params}), {int(out['n_trials_complete'])} complete, "
+            print(f"best val_accuracy {out['best_val_accuracy']:.4f} (trial {int(out['best_trial_number'])}: "
+                  f"{_hparams(study.best_params)}), {int(out['n_trials_complete'])} complete, "
                   f"{int(out['n_trials_pruned'])} pruned, {out['total_tuning_time_s']:.0f} s", file=sys.stderr)
+        print(tracking.ui_hint(parent), file=sys.stderr)
     return out
+
+
+def _hparams(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
+
+
+def describe(study: optuna.Study, name: str, out: dict[str, float], tags: dict[str, str]) -> str:
+    """The tune run's Description in the MLflow UI (markdown): the best configuration, the registered model,
+    the trial counts and where the figures are."""
+    lines = [f"**Optuna study** `{name}`: {int(out['n_trials_complete'])} complete, {int(out['n_trials_pruned'])} pruned, "
+             f"{int(out['n_trials_failed'])} failed trials (nested runs below), objective: best val accuracy.", ""]
+    if "best_trial_number" not in out:
+        return "\n".join([*lines, "No trial completed: nothing was registered. Re-run the same command to add trials."])
+    best = study.best_trial
+    lines += [md.table(["", "lr", "momentum", "batch size", "val accuracy", "test accuracy"], [
+        [f"best trial {best.number}", best.params["lr"], best.params["momentum"], best.params["batch_size"],
+         fmt(out["best_val_accuracy"], True), fmt(out.get("test_accuracy", math.nan), True)]]), ""]
+    if "registered_version" in tags:
+        lines.append(f"Retrained once and tested: registered as **{tags['registered_model']} v{tags['registered_version']}** "
+                     f"(logged on this run); champion {'moved to it' if tags.get('champion_moved') == 'true' else 'kept'}: "
+                     f"{tags.get('champion_decision', '')}.")
+    lines.append("Figures (optimisation history, parallel coordinates, importances...): Artifacts → `figures.html`.")
+    return "\n".join(lines)

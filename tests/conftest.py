@@ -78,3 +78,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 def all_runs(client: mlflow.MlflowClient) -> list:
     exps = client.search_experiments()
     return client.search_runs([e.experiment_id for e in exps], max_results=1000)
+
+
+def figures_page(client: mlflow.MlflowClient, run_id: str, names: set[str]) -> str:
+    """The run's figures.html, checked to render offline: plotly.js inlined exactly once, no <script src=...>
+    (a CDN is unreachable offline), every named figure in it with its JSON under figures/."""
+    import re
+
+    arts = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {f"figures/{n}.json" for n in names} <= arts, arts
+    page = mlflow.artifacts.load_text(f"runs:/{run_id}/figures.html")
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1, "plotly.js must be inlined exactly once"
+    assert not re.search(r"<script[^>]*\bsrc=", page), "figures.html loads a script from elsewhere: blank offline"
+    assert page.count("Plotly.newPlot(") == len(arts) and all(f"<h2>{n.replace('_', ' ')}</h2>" in page for n in names)
+    return page

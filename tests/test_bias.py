@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ from bias_lab import metrics as M
 from bias_lab import plots
 from bias_lab.data import load
 
-from .conftest import all_runs, invoke
+from .conftest import all_runs, figures_page, invoke
 
 logging.getLogger().setLevel(logging.ERROR)  # aif360 logs one warning per optional backend it lacks (tensorflow...)
 from aif360.sklearn.metrics import disparate_impact_ratio  # noqa: E402
@@ -131,7 +132,7 @@ def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
     assert summary["model_1_test_accuracy"] == pytest.approx(0.75)
     assert summary["model_1_test_accuracy_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
     assert math.isnan(summary["model_1_decorrelated_test_di"]) and math.isinf(summary["model_2_decorrelated_test_di"])
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2)
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
     assert [(r["model"], r["test"]) for r in rows] == [("model_1", "in distribution"), ("model_1", "decorrelated"),
                                                        ("model_2", "in distribution"), ("model_2", "decorrelated")]
     assert "±" in BE.markdown_table(rows) and "inf" in BE.markdown_table(rows)
@@ -147,11 +148,37 @@ def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
     for role, di, lo, hi in (("model_1", 1.0, 0.9, 1.1), ("model_2", 0.0, 0.0, 0.0)):
         for prefix in ("test_", "decorrelated_test_"):
             summary.update({f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi})
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1)
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
     text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
     assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
     assert "buys 20.0 points of accuracy for model_2" in text and "-30.0 points vs model_1" in text and "down to chance" in text
     assert "costs 30.0 points" in text and "Caution" not in text
+
+
+def test_an_infinite_di_reads_back_as_undefined_not_1e308(client: mlflow.MlflowClient) -> None:
+    """SQL stores turn inf into 1.797e308: an infinite DI is stored as NaN (undefined) instead."""
+    from bias_lab import tracking
+
+    with mlflow.start_run() as run:
+        tracking.log_metrics({"decorrelated_test_di": math.inf, "di_low": -math.inf, "accuracy": 0.5})
+    m = client.get_run(run.info.run_id).data.metrics
+    assert math.isnan(m["decorrelated_test_di"]) and math.isnan(m["di_low"]) and m["accuracy"] == 0.5
+
+
+def test_a_model_at_chance_gets_no_verdict() -> None:
+    """model_2 predicting one class (50 %, DI exactly 1 [1, 1]) is 'inconclusive', never 'not biased'."""
+    summary = {}
+    for role, acc, lo in (("model_1", 0.9, 0.82), ("model_2", 0.5, 0.4)):
+        for prefix in ("test_", "decorrelated_test_"):
+            summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": 1.0,
+                            f"{role}_{prefix}di_ci_low": 1.0, f"{role}_{prefix}di_ci_high": 1.0})
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
+    verdicts = {(r["model"], r["test"]): r["four_fifths"] for r in rows}
+    assert verdicts[("model_1", "decorrelated")] == "not biased"
+    assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in BE.TESTS)
+    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    assert "Caution: model_2 did not learn the task" in text and "model_2 did not learn the task: no verdict" in text
+    assert "no measurable reliance" not in text and "not biased" not in BE.verdicts(text).replace("model_1 is not biased", "")
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -174,10 +201,11 @@ def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[st
 
 
 def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
-    """Two versions tagged as `tune` tags them: v1 trained on this data, v2 (holding the champion alias) on other data."""
+    """Two versions tagged as `tune` tags them: v1 tuned on this binary task, v2 (holding the champion alias) on the
+    4-class task of the same data: its hyperparameters are no evidence for the pair."""
     mlflow.set_experiment("tuning")
     client.create_registered_model("bias-lab")
-    for lr, data in ((0.02, digest), (0.3, "other-data")):
+    for lr, data in ((0.02, f"{digest}-2v4"), (0.3, digest)):
         with mlflow.start_run() as run:
             mlflow.log_params({"model": "lenet", "lr": lr})
         v = client.create_model_version("bias-lab", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags={
@@ -201,7 +229,7 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
                   "accuracy_s0", "accuracy_s1", "n_s0", "n_s1"):
             assert f"{prefix}{m}" in c1.metrics, f"{prefix}{m}"
     assert "train_time_s" in c1.metrics and "val_accuracy" in c1.metrics
-    # same hyperparameters on both, from the registered version trained on this data (not the other-data champion)
+    # same hyperparameters on both, from the version tuned on this pair (not the 4-class champion)
     for c in (c1, c2):
         assert (c.params["lr"], c.params["momentum"], c.params["batch_size"], c.params["seed"]) == ("0.02", "0.5", "24", "0")
     assert (c1.params["in_channels"], c2.params["in_channels"]) == ("1", "2")
@@ -217,14 +245,37 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     # model_1 never sees eps: same predictions on both test distributions
     assert c1.metrics["test_accuracy"] == c1.metrics["decorrelated_test_accuracy"]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.csv", "comparison.md", "comparison.html", "conclusion.md"} <= arts
+    assert {"comparison.csv", "comparison.json", "comparison.md", "figures.html", "conclusion.md"} <= arts
     uri = f"runs:/{parent.info.run_id}"
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"{uri}/comparison.csv"))
     assert list(table["model"]) == ["model_1", "model_1", "model_2", "model_2"]
     assert table.loc[3, "di"] == pytest.approx(c2.metrics["decorrelated_test_di"], nan_ok=True)
     text = mlflow.artifacts.load_text(f"{uri}/conclusion.md")
     assert "Q2" in text and "Q4" in text and f"{100 * c2.metrics['test_accuracy']:.1f}%" in text
-    assert "four-fifths band" in mlflow.artifacts.load_text(f"{uri}/comparison.html")
+    assert "four-fifths band" in figures_page(client, parent.info.run_id, {"comparison"})
+    note = parent.data.tags["mlflow.note.content"]  # the run page's Description: the conclusion, then the table
+    assert note.startswith(BE.verdicts(text))  # the verdicts first, then the table, then the whole conclusion
+    assert all(line in note for line in text.splitlines() if not line.startswith("#")) and "### Conclusion" in note
+    assert "| model_1 | in distribution |" in note and "| model_2 | decorrelated |" in note  # and the table between
+    assert parent.data.tags["model_2_verdict"] == table.loc[3, "four_fifths"]
+    logged = json.loads(mlflow.artifacts.load_text(f"{uri}/comparison.json"))  # mlflow.log_table: browsable in the UI
+    assert logged["columns"][:3] == ["model", "trained_on", "test"] and len(logged["data"]) == 4
+
+
+def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """lr=1e-6 for one epoch: both models stay at chance. No 'not biased' anywhere; strict=true exits non-zero
+    with the run FINISHED (its numbers are right, they settle nothing)."""
+    args = ["bias-eval", "--data", str(kaggle_data), *TINY, "--lr", "1e-6", "--classes", "2,4", "--use-champion", "false"]
+    code, out = invoke(*args)
+    assert code == 0, out
+    assert "Caution: model_1 and model_2 did not learn the task" in out and "experiment 'bias-lab', run " in out
+    assert "inconclusive: did not learn" in out and "not biased" not in out
+    [parent] = [r for r in all_runs(client) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["model_2_verdict"].startswith("inconclusive: did not learn")
+    assert "not biased" not in parent.data.tags["mlflow.note.content"]
+    code, out = invoke(*args, "--strict", "true")
+    assert code == 2 and out.strip().splitlines()[-1].startswith("error: model_1 and model_2 did not learn the task"), out
+    assert all(r.info.status == "FINISHED" for r in all_runs(client))
 
 
 def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client: mlflow.MlflowClient) -> None:

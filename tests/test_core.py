@@ -15,7 +15,7 @@ from bias_lab import pipeline
 from bias_lab.cli import main
 from bias_lab.tracking import load_model
 
-from .conftest import FAST, REPO, all_runs, invoke
+from .conftest import FAST, REPO, all_runs, figures_page, invoke
 
 
 def test_train_run_logs_everything(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
@@ -36,7 +36,8 @@ def test_train_run_logs_everything(kaggle_data: Path, client: mlflow.MlflowClien
         assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert "test_di" not in m  # multiclass: no bias measures
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model_summary.md", "model_summary.csv", "learning_curves.html", "confusion_matrix.html"} <= artifacts
+    assert {"model_summary.md", "model_summary.csv", "figures.html"} <= artifacts
+    figures_page(client, run.info.run_id, {"learning_curves", "confusion_matrix"})
     assert "| **total** |" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.md")
     contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
     assert contexts == ["test", "train", "val"]

@@ -18,7 +18,7 @@ from bias_lab.data import load
 from bias_lab.models import build
 from bias_lab.pipeline import prepare
 
-from .conftest import all_runs
+from .conftest import all_runs, figures_page
 
 
 def test_reweighing_makes_s_independent_of_y_and_says_when_it_cannot() -> None:
@@ -108,7 +108,7 @@ def test_bias_eval_with_a_mitigation_logs_model_3_and_explanations(kaggle_data: 
     assert children["model_1"].data.metrics["saliency_eps_share"] == 0.0  # no eps channel at all
     assert "adversary" in children["model_3"].data.params["model_description"]
     for c in children.values():
-        assert "saliency.html" in {a.path for a in client.list_artifacts(c.info.run_id)}
+        figures_page(client, c.info.run_id, {"learning_curves", "confusion_matrix", "saliency"})
     assert math.isfinite(out["mitigation_accuracy_gap"])
     parent = next(r for r in runs if "role" not in r.data.tags)
     text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/conclusion.md")

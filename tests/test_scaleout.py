@@ -285,7 +285,7 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     [final] = [r for r in runs if r.data.tags.get("role") == "final"]
     assert by_id[final.data.tags["mlflow.parentRunId"]].data.tags["worker"].split(":")[-2] == str(survivors[1].pid)
     mv = client.get_model_version_by_alias("bias-lab", "champion")
-    assert mv.run_id == final.info.run_id and str(mv.version) == "1"
+    assert mv.run_id == final.data.tags["mlflow.parentRunId"] and mv.tags["final_run_id"] == final.info.run_id and str(mv.version) == "1"
     model, meta = tracking.load_model("models:/bias-lab@champion")
     assert meta["arch"] == "lenet" and meta["image_size"] == 32 and sum(p.numel() for p in model.parameters()) > 0
 

@@ -13,7 +13,7 @@ from bias_lab import config as C
 from bias_lab import sweep
 from bias_lab.errors import UserError
 
-from .conftest import all_runs
+from .conftest import all_runs, figures_page
 
 
 def test_grid_parsing_and_cells() -> None:
@@ -54,7 +54,8 @@ def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.Ml
         for key in ("decorrelated_test_di", "decorrelated_test_accuracy", "test_accuracy", "saliency_eps_share"):
             assert key in r.data.metrics, key
     assert parent.data.metrics["threshold_gap_sigma_1"] == pytest.approx(out["threshold_gap_sigma_1"], nan_ok=True)
-    assert {"sweep.csv", "sweep.md", "sweep.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.csv", "sweep.md", "figures.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    figures_page(client, parent.info.run_id, {"sweep"})
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/sweep.csv"))
     assert list(table.gap) == [0.0, 1.0]
     assert table.decorrelated_test_di.iloc[1] == pytest.approx(by_gap["1"].data.metrics["decorrelated_test_di"], nan_ok=True)

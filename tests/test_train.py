@@ -182,7 +182,7 @@ def test_fit_follows_the_schedule(schedule: str) -> None:
     """The lr fit reports after epoch e is the peak lr times lr_factor at that epoch's last step."""
     _, res = run_fit(3, schedule=schedule, augment=False)
     steps = math.ceil(len(TRAIN) / 32)
-    assert [h["lr"] for h in res.history] == pytest.approx([0.05 * lr_factor(schedule, e * steps, 3 * steps) for e in (1, 2, 3)])
+    assert [h["scheduled_lr"] for h in res.history] == pytest.approx([0.05 * lr_factor(schedule, e * steps, 3 * steps) for e in (1, 2, 3)])
 
 
 # ------------------------------------------------------------------------------------------ killed `bias-lab train`

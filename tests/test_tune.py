@@ -23,7 +23,7 @@ from bias_lab.data import load
 from bias_lab import config as C
 from bias_lab.models import build
 
-from .conftest import all_runs, invoke
+from .conftest import all_runs, figures_page, invoke
 
 
 def tiny(data: Path, *extra: str) -> list[str]:
@@ -76,13 +76,16 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert m["best_val_accuracy"] == study.best_value and m["epochs_trained"] == 5
     assert float(p["best_lr"]) == study.best_params["lr"] and int(p["best_batch_size"]) == study.best_params["batch_size"]
     assert 0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
-    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
-    assert {f"optuna/{n}.html" for n in ("optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum")} <= arts
+    figures_page(client, parent.info.run_id, {"optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum"})
+    assert not {"lr", "momentum", "batch_size", "resume"} & set(p)  # searched or unused: the tune run did not use one value
+    assert f"best trial {study.best_trial.number}" in parent.data.tags["mlflow.note.content"]  # the run page's Description
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv").splitlines()
     assert len(table) == 4 and "params_lr" in table[0] and "PRUNED" in table[2]
 
     mv = client.get_model_version_by_alias("bias-lab", "champion")  # first model on this data: champion
-    assert str(mv.version) == "1" and mv.run_id == final.info.run_id and parent.data.tags["champion_moved"] == "true"
+    # the model is logged on the tune run itself: its page lists the registered version
+    assert str(mv.version) == "1" and mv.run_id == parent.info.run_id and parent.data.tags["champion_moved"] == "true"
+    assert mv.tags["final_run_id"] == final.info.run_id and "bias-lab v1" in parent.data.tags["mlflow.note.content"]
     digest = load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest
     assert mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
     assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)

@@ -1,0 +1,126 @@
+"""The README's Quick start as a person runs it: `mlflow run . -e tune` in a fresh copy of the project (the
+default ./mlflow.db store, no environment set up), then `bias-lab report` with no flags; and every markdown
+table the project writes parses with the same number of cells in every row."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from bias_lab import markdown as md
+
+from .conftest import REPO
+
+README = (REPO / "README.md").read_text()
+SMALL = ["-P", "n_trials=2", "-P", "epochs=2", "-P", "image_size=32"]  # the README's command, smaller
+
+
+def quickstart_command() -> list[str]:
+    """The `mlflow run` of the README's first Quick-start command, as written there."""
+    block = README[README.index("## Quick start"):]
+    line = next(l for l in block.splitlines() if "mlflow run . -e tune" in l)
+    return line[line.index("mlflow run"):].split("#")[0].split()
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in `text`, as rows of cells."""
+    out, cur = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.lstrip().startswith("|"):
+            cur.append(md.split_row(line))
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out
+
+
+def assert_tables_well_formed(text: str, where: str) -> int:
+    found = tables(text)
+    for t in found:
+        assert len(t) >= 2 and all(set(c) <= set("-: ") and c for c in t[1]), f"{where}: no separator row under {t[0]}"
+        widths = {len(r) for r in t}
+        assert widths == {len(t[0])}, f"{where}: rows of {sorted(widths)} cells in the table headed {t[0]}"
+    return len(found)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A fresh copy of the project's tracked files, after the README's tune and a short bias_eval ran in it."""
+    root = tmp_path_factory.mktemp("clone") / "bias_lab"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store: ./mlflow.db
+    env.update(BIAS_LAB_CACHE=str(root.parent / "cache"), TQDM_DISABLE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    cmd = quickstart_command()
+    assert cmd[:5] == ["mlflow", "run", ".", "-e", "tune"] and "--experiment-name" in cmd, cmd
+    for args in (cmd + SMALL, [*cmd[:4], "bias_eval", *cmd[5:], "-P", "epochs=3", "-P", "image_size=32"]):
+        p = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "experiment 'bias-lab', run " in p.stderr and "mlflow ui" in p.stderr  # the last lines say where to look
+    return root, env
+
+
+def test_quickstart_runs_land_in_bias_lab_and_report_needs_no_flags(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("bias-lab")
+    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"  # the UI opens its runs
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert {r.data.tags.get("entry_point") for r in runs} == {"tune", "bias_eval"}
+    assert not client.search_runs(["0"]), "runs landed in the Default experiment"
+    p = subprocess.run(["bias-lab", "report"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    page, text = (root / "report.html").read_text(), (root / "report.md").read_text()
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1 and not re.search(r"<script[^>]*\bsrc=", page)
+    assert "optimization history" in page and "comparison" in page and "**Optuna trials** (2;" in text
+    tune_section = text.split("## tune-lenet")[1].split("## final")[0]
+    assert "0 days" not in text and "\n| lr |" not in tune_section and "\n| best_lr |" in tune_section  # tune used no single lr
+    assert assert_tables_well_formed(text, "report.md") >= 8
+
+
+def test_report_finds_runs_made_without_an_experiment_name(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """`mlflow run` without --experiment-name puts runs in Default: the report still finds them, and says so."""
+    root, env = project
+    store = tmp_path / "mlflow.db"
+    shutil.copy(root / "mlflow.db", store)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    exp = client.get_experiment_by_name("bias-lab")
+    client.rename_experiment(exp.experiment_id, "elsewhere")
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    p = subprocess.run(["bias-lab", "report", "--output", str(tmp_path / "r.html")], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "reading the latest runs of 'elsewhere'" in p.stderr, p.stderr
+    p = subprocess.run(["bias-lab", "report", "--experiment", "bias-lab", "--output", str(tmp_path / "s.html")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "no finished" in p.stderr  # a named experiment is read as named
+
+
+def test_every_markdown_table_parses(project: tuple[Path, dict[str, str]]) -> None:
+    """Tables the runs wrote (comparison, conclusion, layer tables, run descriptions): equal cells in every row."""
+    root, _ = project
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("bias-lab")
+    n = 0
+    for r in client.search_runs([exp.experiment_id], max_results=100):
+        if "mlflow.note.content" in r.data.tags:
+            n += assert_tables_well_formed(r.data.tags["mlflow.note.content"], f"{r.info.run_name} description")
+        for name in ("comparison.md", "conclusion.md", "model_summary.md"):
+            if name in {a.path for a in client.list_artifacts(r.info.run_id)}:
+                n += assert_tables_well_formed(Path(client.download_artifacts(r.info.run_id, name)).read_text(), name)
+    assert n >= 6
+
+
+def test_a_pipe_in_a_header_is_escaped() -> None:
+    text = md.table(["P(ŷ=1|S=0)", "b"], [["x|y", 1.5]])
+    assert [len(r) for r in tables(text)[0]] == [2, 2, 2] and tables(text)[0][2] == ["x|y", "1.5"]
