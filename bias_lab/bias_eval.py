@@ -260,6 +260,13 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         f"P(S=1|y=1)={bias_cfg.p1:g}, std sigma={bias_cfg.sigma:g}. The decorrelated test uses the same test images "
         f"with S drawn at p0=p1=0.5. Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
         f"chance (majority class of the test split) is {p(chance)}.",
+        "",
+        ("Uncertainty: [brackets] are 95% intervals of the test sampling (Wilson for accuracy, bootstrap for DI), averaged "
+         "over the seeds; ± is the standard deviation across seeds (training: initialisation, batch order, eps draws); "
+         "'across seeds' intervals are 95% t-intervals of the mean over seeds."
+         if seeds > 1 else
+         "Uncertainty: [brackets] are 95% intervals of the test sampling only (Wilson for accuracy, bootstrap for DI); "
+         "they do not cover training variance: run with seeds=3 for that."),
     ]
     if untrained:
         out += ["", f"**Caution: {' and '.join(untrained)} did not learn the task** (in-distribution test accuracy not "
@@ -278,7 +285,12 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         "",
     ]
     for (role, test), r in row.items():
-        out.append(f"- {role}, {test}: DI = {fmt(r['di'])} (95% CI {fmt(r['di_ci_low'])}–{fmt(r['di_ci_high'])}) → **{r['four_fifths']}**.")
+        spread = ""
+        if seeds > 1 and not math.isnan(r.get("di_std", math.nan)):
+            lo, hi = seed_interval(r["di"], r["di_std"], seeds)
+            spread = f"; across seeds {fmt(r['di'])} ± {fmt(r['di_std'])}, 95% t-interval {fmt(lo)}–{fmt(hi)}"
+        out.append(f"- {role}, {test}: DI = {fmt(r['di'])} (95% CI {fmt(r['di_ci_low'])}–{fmt(r['di_ci_high'])}{spread}) "
+                   f"→ **{r['four_fifths']}**.")
     out += [
         "",
         f"In distribution the labels themselves have DI = {fmt(base_di['in distribution'])} "
@@ -343,6 +355,17 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     return "\n".join(out) + "\n"
 
 
+# Student t 97.5% quantiles for df = 1..30 (index = df); beyond 30 the df=30 value, slightly conservative
+T975 = (math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(mean: float, std: float, n: int) -> tuple[float, float]:
+    """95% t-interval of a mean over n >= 2 seeds from their sample std: the training variance of the mean."""
+    half = T975[min(n - 1, len(T975) - 1)] * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def _points(x: float, signed: bool = True) -> str:
     if math.isnan(x):
         return "n/a"
@@ -370,7 +393,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
     # the 4-class champion's (lr 0.34, batch 128, say) made model_2 collapse to one class on the pair
     train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}",))
     print(f"hyperparameters of both models: {', '.join(f'{h}={getattr(train_cfg, h)}' for h in HPARAMS)}, "
-          f"epochs={train_cfg.epochs} (from {source})", file=sys.stderr)
+          f"epochs={train_cfg.epochs}; source: {source}", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {}
     descriptions: dict[str, str] = {}
     notes: dict[str, str] = {}

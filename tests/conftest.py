@@ -35,7 +35,12 @@ def kaggle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite store with its tables created once (creating them costs seconds per test)."""
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # the Default experiment's artifact folder (./mlruns/0) is resolved now: not in the repo
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(cwd)
     return path
 
 

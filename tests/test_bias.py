@@ -165,6 +165,15 @@ def test_an_infinite_di_reads_back_as_undefined_not_1e308(client: mlflow.MlflowC
     assert math.isnan(m["decorrelated_test_di"]) and math.isnan(m["di_low"]) and m["accuracy"] == 0.5
 
 
+def test_the_across_seeds_interval_is_students_t() -> None:
+    from scipy import stats
+
+    for n in range(2, 40):
+        lo, hi = BE.seed_interval(0.5, 0.1, n)
+        exact = stats.t.ppf(0.975, min(n - 1, 30)) * 0.1 / math.sqrt(n)
+        assert (lo, hi) == pytest.approx((0.5 - exact, 0.5 + exact), abs=2e-4), n
+
+
 def test_a_model_at_chance_gets_no_verdict() -> None:
     """model_2 predicting one class (50 %, DI exactly 1 [1, 1]) is 'inconclusive', never 'not biased'."""
     summary = {}
