@@ -130,6 +130,8 @@ def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] |
     else:
         if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
             mlflow.end_run("FINISHED")
+    finally:
+        _figures.pop(active.info.run_id, None)  # its figures.html is written: no need to hold the figures
 
 
 def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = None) -> None:

@@ -287,6 +287,35 @@ def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(ka
     assert all(r.info.status == "FINISHED" for r in all_runs(client))
 
 
+def _brightness_pair(root: Path, n: int = 200) -> Path:
+    """A two-class Kaggle-layout set any CNN learns in an epoch or two: dark vs bright noisy squares."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "train" / "train").mkdir(parents=True)
+    rows = ["id,label"]
+    for i in range(2 * n):
+        label = 1 + i % 2
+        pixels = np.clip(rng.normal(70 if label == 1 else 185, 40, (32, 32)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "train" / "train" / f"{i:05d}.jpg")
+        rows.append(f"{i:05d},{label}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_control_p0_equal_p1_does_not_cry_wolf(tmp_path: Path, client: mlflow.MlflowClient) -> None:
+    """eps present equally often in both classes (p0 = p1 = 0.5) carries no label. model_2 learns the images; its
+    decorrelated DI is the labels' own DI there (it does not use S), and it is not called biased."""
+    data = _brightness_pair(tmp_path / "pair")
+    out = BE.run_bias_eval(C.DataConfig(data=str(data), image_size=32), C.TrainConfig(model="lenet", epochs=3, batch_size=16, lr=0.05),
+                           C.BiasConfig(classes="1,2", p0=0.5, p1=0.5), C.BiasEvalConfig(bootstrap=300, use_champion=False))
+    [parent] = [r for r in all_runs(client) if "mlflow.parentRunId" not in r.data.tags]
+    assert out["model_2_test_accuracy_ci_low"] > 0.5, out["model_2_test_accuracy"]  # it learned: a verdict is due
+    assert out["model_2_decorrelated_test_di"] == pytest.approx(out["decorrelated_test_base_rate_di"], abs=0.1)
+    v2 = parent.data.tags["model_2_verdict"]
+    assert v2 == "not biased" or v2.startswith("borderline (not biased"), v2
+
+
 def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
     data = C.DataConfig(data=str(kaggle_data), image_size=32)
     train = C.TrainConfig(model="lenet", epochs=1, batch_size=16)
