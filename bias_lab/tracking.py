@@ -224,7 +224,8 @@ def ui_hint(run: Any) -> str:
     if uri.startswith(("http://", "https://")):
         where = f"{uri.rstrip('/')}/{page}"
     else:
-        store = "" if uri == "sqlite:///mlflow.db" else f" --backend-store-uri {uri}"
+        here = uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # `mlflow ui`'s own default
+        store = "" if here else f" --backend-store-uri {uri}"
         where = f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
     hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {where}"
     if exp.experiment_id == "0" and os.environ.get("MLFLOW_RUN_ID"):
