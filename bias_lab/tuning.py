@@ -68,9 +68,9 @@ def batch_sizes(tune_cfg: TuneConfig) -> list[int]:
 def validate(tune_cfg: TuneConfig) -> None:
     t = tune_cfg
     check(t.n_trials >= 1, f"n_trials={t.n_trials}: use at least 1")
-    check(t.timeout >= 0, f"timeout={t.timeout}: use seconds >= 0 (0 = no limit)")
+    check(t.timeout >= 0, f"timeout={t.timeout}: use seconds >= 0 (0 = no limit)")  # NaN fails this too
     check(t.pruner in PRUNERS, f"pruner={t.pruner}: choose one of {', '.join(PRUNERS)}")
-    check(0 < t.lr_min <= t.lr_max, f"lr range [{t.lr_min}, {t.lr_max}]: use 0 < lr_min <= lr_max")
+    check(0 < t.lr_min <= t.lr_max < math.inf, f"lr range [{t.lr_min}, {t.lr_max}]: use finite 0 < lr_min <= lr_max, e.g. 1e-4 and 1")
     check(0 <= t.momentum_min <= t.momentum_max < 1,
           f"momentum range [{t.momentum_min}, {t.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1")
     check(bool(t.registered_model.strip()), "registered_model is empty: give a Model Registry name, e.g. bias-lab")
@@ -171,9 +171,28 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
     try:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(str(path))), str(path.resolve())
-    except (OSError, ValueError) as e:
+        _check_journal(path)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        storage.get_all_studies()  # replays the file now: a bad journal fails here, not in the middle of the command
+        return storage, str(path.resolve())
+    except OSError as e:
         raise UserError(f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path") from e
+    except Exception as e:  # replaying a file that is no Optuna journal: JSON, Unicode, key, type, assertion errors
+        raise UserError(f"{path} is not an Optuna journal ({type(e).__name__}: {first_line(e)}): pass another --storage "
+                        "path, or move the file away to start a new study") from e
+
+
+def _check_journal(path: Path) -> None:
+    """Every complete line of an existing journal is a JSON operation. Optuna skips a bad line while it is the last
+    one (a write cut short) and fails on it once another worker appends: find it before any work."""
+    if not path.exists():
+        return
+    import json
+
+    with path.open("rb") as f:
+        for line in f:
+            if line.endswith(b"\n") and line.strip() and not isinstance(json.loads(line), dict):
+                raise ValueError("a line is not a journal operation")
 
 
 # ----------------------------------------------------------------------------------------------- workers

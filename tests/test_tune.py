@@ -251,6 +251,9 @@ def test_search_never_reads_the_test_split(kaggle_data: Path, client, tmp_path: 
     (["--storage", "sqlite:////no-such-dir/optuna.db"], "cannot open the Optuna storage"),
     (["--storage", "/no-such-dir/optuna.journal"], "does not exist"),
     (["--lr-min", "0"], "0 < lr_min <= lr_max"),
+    (["--lr-max", "inf"], "use finite 0 < lr_min <= lr_max"),
+    (["--lr-max", "nan"], "use finite 0 < lr_min <= lr_max"),
+    (["--timeout", "nan"], "timeout=nan"),
     (["--batch-sizes", "32,x"], "batch_sizes='32,x'"),
 ])
 def test_bad_tune_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -258,6 +261,15 @@ def test_bad_tune_input_is_one_line(tmp_path: Path, args: list[str], message: st
     assert code == 2 and out.startswith("error: ") and out.count("\n") == 1 and message in out, out
     assert not (tmp_path / "optuna.journal").exists() and not (tmp_path / "cache").exists()  # rejected before storage and data
     assert all_runs(mlflow.MlflowClient()) == []
+
+
+@pytest.mark.parametrize("content", [b"garbage\xff\x00\n", b"not json\n", b'{"op_code": 99}\n', b'{"a": 1}\n', b"[1, 2]\n",
+                                     b'{"op_code": 0, "worker_id": "x"}\n'])
+def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "j.journal").write_bytes(content)
+    code, out = invoke("tune", "--storage", str(tmp_path / "j.journal"))
+    assert code == 2 and out.count("\n") == 1 and "is not an Optuna journal" in out and "--debug" not in out, out
+    assert (tmp_path / "j.journal").read_bytes() == content and all_runs(mlflow.MlflowClient()) == []
 
 
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
