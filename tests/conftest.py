@@ -32,6 +32,26 @@ def kaggle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def easy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Kaggle-layout set any CNN learns in an epoch or two (so a wrong metric shows): four brightness levels of
+    noisy squares, labels 1..4, 60 images each."""
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("easy")
+    rng = np.random.default_rng(0)
+    (root / "train" / "train").mkdir(parents=True)
+    rows = ["id,label"]
+    for i in range(240):
+        label = 1 + i % 4
+        pixels = np.clip(rng.normal(30 + 60 * (label - 1), 12, (32, 32)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "train" / "train" / f"{i:05d}.jpg")
+        rows.append(f"{i:05d},{label}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite store with its tables created once (creating them costs seconds per test)."""
     path = tmp_path_factory.mktemp("store") / "mlflow.db"

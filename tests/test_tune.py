@@ -272,6 +272,25 @@ def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -
     assert (tmp_path / "j.journal").read_bytes() == content and all_runs(mlflow.MlflowClient()) == []
 
 
+def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
+    """The real median pruner (no stand-in): after 3 good trials, one reporting a far worse value is pruned at once."""
+    study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(3):
+        t = study.ask()
+        for epoch in range(1, 7):
+            t.report(-0.5 + 0.01 * epoch, epoch)
+        study.tell(t, 0.9)
+    bad = study.ask()
+    pruned_at = None
+    for epoch in range(1, 7):
+        bad.report(-5.0, epoch)
+        if bad.should_prune():
+            pruned_at = epoch
+            break
+    assert pruned_at is not None and pruned_at <= 3, pruned_at
+    assert not tuning.make_pruner("none", 6).prune(study, study.trials[-1])
+
+
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
     storage, _ = tuning.open_storage("")
     study = tuning.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
