@@ -8,12 +8,16 @@ decoding). Augmentation runs batched on tensors (on the GPU when there is one), 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import math
 import os
 import re
+import threading
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,13 @@ from bias_lab.config import DataConfig
 from bias_lab.errors import UserError, check
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 3  # bump when decoding or the cache's format changes, so stale caches are not reused
+CACHE_VERSION = 4  # bump when decoding or the cache's format changes, so stale caches are not reused
+# Decode memory. PNG, TIFF, WebP... decode at full size (only JPEG has draft scaling): a 13000 px square PNG takes
+# ~1 GB, and decode_all runs 8 decodes at once. Above MAX_DECODE_PIXELS an image is skipped like an unreadable one;
+# above _BIG_PIXELS decodes take turns, so at most one large buffer (~5 bytes a pixel) is alive at a time.
+MAX_DECODE_PIXELS = 40_000_000
+_BIG_PIXELS = 4_000_000
+_BIG_DECODE = threading.Lock()
 
 
 @dataclass
@@ -84,11 +94,24 @@ def _scan(folder: Path, stats: dict[str, tuple[int, int]]) -> list[str]:
     names = []
     with os.scandir(folder) as entries:
         for e in entries:
-            if _is_image_name(e.name) and e.is_file():
-                st = e.stat()
+            if _is_image_name(e.name) and (st := _file_stat(e)) is not None:
                 stats[base + e.name] = (st.st_size, st.st_mtime_ns)
                 names.append(e.name)
     return sorted(names)
+
+
+def _file_stat(e: os.DirEntry) -> os.stat_result | None:
+    """The stat of a file to list, None for anything else.
+
+    A symlink loop (ELOOP) is listed by its link's own stat, as a file that cannot be read: decoding it fails, so
+    it is skipped with the unreadable-files warning that names it (an error with strict), like any unreadable
+    file, instead of an OSError out of the listing."""
+    try:
+        return e.stat() if e.is_file() else None
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        return e.stat(follow_symlinks=False)
 
 
 def _is_image_name(name: str) -> bool:
@@ -186,15 +209,22 @@ def _list_kaggle(root: Path) -> _Listing:
     )
 
 
-def _class_dirs(train_dir: Path) -> list[Path]:
-    """ImageFolder class folders: every sub-folder but a test/ folder and hidden ones."""
-    return sorted((d for d in train_dir.iterdir() if d.is_dir() and d.name != "test" and not d.name.startswith(".")),
-                  key=lambda d: d.name)
+def _class_dirs(root: Path) -> list[Path]:
+    """ImageFolder class folders: the sub-folders of root/train (or of root itself when it has no train/), hidden
+    ones aside. The unlabelled test folder is root/test: it is left out only when the classes sit in root itself,
+    where it is root's sub-folder too; under root/train a folder named test is a class like any other."""
+    train_dir = _train_dir(root)
+    return sorted((d for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and not (train_dir == root and d.name == "test")), key=lambda d: d.name)
+
+
+def _train_dir(root: Path) -> Path:
+    return root / "train" if (root / "train").is_dir() else root
 
 
 def _list_imagefolder(root: Path) -> _Listing:
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    class_dirs = _class_dirs(train_dir)
+    train_dir = _train_dir(root)
+    class_dirs = _class_dirs(root)
     files, labels, stats = [], [], {}
     for d in class_dirs:
         imgs = _images_in(d, stats)
@@ -214,10 +244,9 @@ def list_files(root: Path) -> _Listing:
     check(root.is_dir(), f"data path {root} is not a folder: set data to the folder that holds train.csv or train/")
     try:
         if (root / "train.csv").is_file():
-            return _list_kaggle(root)
-        train_dir = root / "train" if (root / "train").is_dir() else root
-        if any(_is_image_name(n) for d in _class_dirs(train_dir) for n in os.listdir(d)):
-            return _list_imagefolder(root)
+            return _check_label_spellings(_list_kaggle(root))
+        if any(_is_image_name(n) for d in _class_dirs(root) for n in os.listdir(d)):
+            return _check_label_spellings(_list_imagefolder(root))
         empty = not any(root.iterdir())
     except PermissionError as e:
         raise UserError(f"cannot read {e.filename} (permission denied): make the data folder readable") from e
@@ -227,6 +256,29 @@ def list_files(root: Path) -> _Listing:
         f"{root} is neither the Kaggle layout (train.csv + train/train/<id>.jpg) nor an ImageFolder "
         "(train/<class>/*.jpg): arrange the files in one of those layouts"
     )
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _check_label_spellings(listing: _Listing) -> _Listing:
+    """Refuse one numeric label spelt two ways ('1' and '1.0', '01'): as strings they would be two classes.
+
+    Refused rather than normalised: labels are written back verbatim into the submission, and which spelling the
+    grader expects cannot be known here, while writing every label one way is a one-line edit for the user."""
+    spellings: dict[float, dict[str, int]] = {}
+    for lab, n in Counter(listing.train_labels).items():  # the regex per distinct label: this runs on every load
+        if _NUMBER.fullmatch(lab):
+            spellings.setdefault(float(lab), {})[lab] = n
+    for forms in spellings.values():
+        if len(forms) > 1:
+            (a, na), (b, nb) = sorted(forms.items(), key=lambda kv: -kv[1])[:2]
+            if listing.layout == "kaggle":
+                raise UserError(f"train.csv spells one label two ways ('{a}' in {na} rows, '{b}' in {nb}), which would "
+                                f"make two classes: write every such label the same way (e.g. all '{a}')")
+            raise UserError(f"class folders '{a}' and '{b}' are one label spelt two ways, which would make two classes: "
+                            "move their images into one folder")
+    return listing
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -250,23 +302,36 @@ def decode(path: str | Path, size: int, partial: bool = False) -> np.ndarray | N
 
     Converts odd modes (CMYK, RGBA, palette, 1-bit, 16-bit, float) rather than rejecting them; smaller images
     are upscaled. `partial=True` also accepts a truncated file (the missing part is filled by the decoder);
-    it flips a PIL global, so call it from one thread only.
+    it flips a PIL global, so call it from one thread only. Images over MAX_DECODE_PIXELS (after JPEG draft
+    scaling) are not decoded: None, with a warning naming the file.
     """
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = partial
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("L", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, straight to luma
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                img = _to_8bit(img)
-            elif img.mode != "L":
-                img = img.convert("RGB").convert("L")  # via RGB: CMYK, palette, alpha and 1-bit all convert there
-            img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
-            return np.asarray(img, dtype=np.uint8)
+            pixels = img.width * img.height  # from the header: nothing is decoded yet
+            if pixels > MAX_DECODE_PIXELS:
+                warnings.warn(f"{path} is {img.width}x{img.height} px, over the {MAX_DECODE_PIXELS // 10**6} MP "
+                              "decode limit: skipped; downscale it (e.g. to 4096 px a side) to use it", stacklevel=2)
+                return None
+            with _BIG_DECODE if pixels > _BIG_PIXELS else contextlib.nullcontext():
+                return _to_gray(img, size)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _to_gray(img: Image.Image, size: int) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _to_8bit(img)
+    elif img.mode == "RGB":
+        img = img.convert("L")  # directly: convert("RGB") of an RGB image is a full copy, the biggest buffer here
+    elif img.mode != "L":
+        img = img.convert("RGB").convert("L")  # via RGB: CMYK, palette, alpha and 1-bit all convert there
+    img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def decode_all(paths: list[str], size: int, desc: str = "decode") -> tuple[np.ndarray, list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from bias_lab import data
 from bias_lab.config import DataConfig
@@ -132,6 +132,33 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
     assert ds.images.shape == (7, 1, 48, 48) and ds.test_ids == ["t0", "t1", "t2"]
 
 
+def test_class_named_test_is_kept(tmp_path: Path) -> None:
+    """train/test/ is a class; only <root>/test is the unlabelled folder (and, without train/, <root>/test is left out)."""
+    root = write_imagefolder(tmp_path / "f", {"cat": 3, "dog": 3, "test": 3}, n_test=2)
+    ds = data.load(cfg(root))
+    assert ds.layout == "imagefolder" and ds.classes == ["cat", "dog", "test"] and ds.labels.tolist()[-3:] == [2] * 3
+    assert ds.test_ids == ["t0", "t1"]
+    flat = tmp_path / "flat"  # classes straight in the data folder: its test/ is the unlabelled folder, not a class
+    for name in ("cat", "dog"):
+        for j in range(3):
+            save_as(picture(j, j), flat / name / f"img{j}.jpg")
+    save_as(picture(0, 9), flat / "test" / "u.jpg")
+    ds = data.load(cfg(flat))
+    assert ds.classes == ["cat", "dog"] and ds.test_ids == ["u"]
+
+
+def test_one_numeric_label_spelt_two_ways_is_refused(tmp_path: Path) -> None:
+    """'1' and '1.0' (or '01') are one label: never two silent classes, a one-line error naming both spellings."""
+    root = write_kaggle(tmp_path / "k", labels={"1": 4, "1.0": 2, "2": 4})
+    with pytest.raises(UserError, match=r"train.csv spells one label two ways \('1' in 4 rows, '1.0' in 2\).*all '1'"):
+        data.load(cfg(root))
+    folder = write_imagefolder(tmp_path / "f", {"01": 2, "1": 2, "2": 2})
+    with pytest.raises(UserError, match="class folders '01' and '1' are one label.*one folder"):
+        data.load(cfg(folder))
+    ok = write_kaggle(tmp_path / "ok", labels={"1": 3, "10": 3, "1.5": 3, "a": 3})  # distinct numbers, words: fine
+    assert data.load(cfg(ok)).classes == ["1", "1.5", "10", "a"]
+
+
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:
     """macOS '._x.jpg' resource forks (copied along with a dataset) are neither training images nor orphans."""
     root = write_kaggle(tmp_path / "k", labels={"a": 2, "b": 2})
@@ -205,6 +232,64 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path: Path) -> None:
     assert ds.test_images[1].max() == 0 and ds.test_images[2].float().std() > 5
     with pytest.raises(UserError, match="unreadable image .*strict=false"):
         data.load(cfg(root, strict=True))
+
+
+def test_symlink_loop_is_skipped_as_unreadable(tmp_path: Path) -> None:
+    """A looping symlink is an unreadable file: skipped with the warning naming it (strict: an error), not a crash."""
+    root = write_imagefolder(tmp_path / "f", {"cat": 3, "dog": 3})
+    (root / "train" / "cat" / "loop.jpg").symlink_to("loop.jpg")
+    (root / "test" / "a.jpg").symlink_to("b.jpg")
+    (root / "test" / "b.jpg").symlink_to("a.jpg")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images: .*cat/loop\.jpg"):
+        ds = data.load(cfg(root))
+    assert ds.skipped == [str(root.resolve() / "train" / "cat" / "loop.jpg")] and len(ds.labels) == 6
+    assert ds.test_unreadable == ["a", "b"]
+    with pytest.raises(UserError, match="unreadable image .*loop.jpg"):
+        data.load(cfg(root, strict=True))
+
+
+def test_huge_image_is_skipped_without_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over MAX_DECODE_PIXELS a PNG is skipped from its header (its pixels never decoded); a JPEG as large still
+    decodes, at draft scale. 7000x6000 (42 MP) of a flat colour: a 0.2 MB file."""
+    Image.new("L", (7000, 6000), 128).save(tmp_path / "big.png", compress_level=1)
+    Image.new("L", (7000, 6000), 128).save(tmp_path / "big.jpg", quality=50)
+    assert 7000 * 6000 > data.MAX_DECODE_PIXELS
+    out = data.decode(tmp_path / "big.jpg", 32)  # draft: 1/8 scale, 875x750
+    assert out is not None and out.shape == (32, 32) and abs(int(out.mean()) - 128) <= 2
+
+    def no_full_decode(self, *_a):
+        raise AssertionError(f"decoded a {self.size} image in full")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_full_decode)
+    with pytest.warns(UserWarning, match="big.png is 7000x6000 px, over the 40 MP decode limit: skipped; downscale it"):
+        assert data.decode(tmp_path / "big.png", 32) is None
+
+
+def test_large_decodes_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images over _BIG_PIXELS are decoded one at a time, so the thread pool holds one large buffer, not eight."""
+    import threading
+    import time
+
+    paths = []
+    for j in range(6):
+        save_as(picture(0, j), tmp_path / f"{j}.png", "rgba")
+        paths.append(str(tmp_path / f"{j}.png"))
+    active, peak, lock = [0], [0], threading.Lock()
+    to_gray = data._to_gray
+
+    def counting(img, size):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return to_gray(img, size)
+
+    monkeypatch.setattr(data, "_to_gray", counting)
+    monkeypatch.setattr(data, "_BIG_PIXELS", 40 * 40 - 1)  # every 40x40 picture counts as large
+    out, bad = data.decode_all(paths, 32)
+    assert bad == [] and out.shape == (6, 32, 32) and peak[0] == 1
 
 
 def test_odd_modes_are_converted(tmp_path: Path) -> None:
