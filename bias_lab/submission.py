@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import nn
 from bias_lab import tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
-from bias_lab.errors import UserError, check
+from bias_lab.errors import UserError, check, first_line
 from bias_lab.train import Norm, Part, predict, resolve_device
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -86,6 +87,18 @@ def check_model(meta: dict, uri: str) -> None:
                                         "submit a model trained on all classes (train/tune without classes=)")
 
 
+def diverged(uri: str) -> str:
+    """The message for a model whose outputs are not numbers: its own fault, not the data's."""
+    return (f"model '{uri}' outputs NaN/inf (its training diverged, e.g. a too high learning rate): pick another model "
+            "or version, or train again with a lower lr")
+
+
+def check_finite(model: nn.Module, uri: str) -> None:
+    """NaN/inf weights make every output NaN, and argmax over NaN picks one fixed class: a CSV that passes every
+    other check yet labels all images alike. Cheap to see before any data is decoded."""
+    check(all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()), diverged(uri))
+
+
 def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
     """The model's labels must be train.csv's (and, ideally, its training data this data)."""
     unknown = sorted(set(meta["classes"]) - set(ds.classes), key=natural_key)
@@ -97,18 +110,33 @@ def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_size: int) -> list[str]:
-    """train.predict over the test images in chunks (one progress-bar tick each) -> original label strings."""
+def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_size: int, uri: str = "") -> list[str]:
+    """train.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
+    Finite weights can still overflow to inf (or NaN) outputs: those have no meaningful argmax, so they stop it."""
     from tqdm.auto import tqdm
 
     norm, preds = Norm(meta["mean"], meta["std"]), []
     with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            preds.append(predict(model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size).argmax(1))
+            logits = predict(model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size)
+            check(bool(logits.isfinite().all()), diverged(uri))
+            preds.append(logits.argmax(1))
             bar.update(len(chunk))
     idx = torch.cat(preds).tolist() if preds else []
     return [meta["classes"][i] for i in idx]
+
+
+def check_unique_ids(names: list[str], where: str) -> None:
+    """1.jpg and 1.png are one id: both would be predicted and the row keep whichever came last, a label nobody
+    chose. Refuse and name them (names: test file paths, or ids)."""
+    files: dict[str, list[str]] = {}
+    for name in names:
+        files.setdefault(image_id(name), []).append(os.path.basename(name))
+    dupes = sorted((i for i, fs in files.items() if len(fs) > 1), key=natural_key)
+    examples = "; ".join(" and ".join(files[i]) if files[i][0] != i else i for i in dupes[:3])
+    check(not dupes, f"{where} has more than one image for {len(dupes)} test ids ({examples}{'; ...' if len(dupes) > 3 else ''}): "
+                     "each id gets one row, so keep one image per id (delete or rename the others)")
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -156,6 +184,18 @@ def validate(sub: Submission, test_ids: list[str], allowed: list[str]) -> None:
                    "submit a model trained on this data")
 
 
+def check_writable(folder: Path) -> None:
+    """Create and delete a file in `folder`, so an unwritable output fails now rather than after the predictions.
+    Trying is the one test that holds for ACLs, read-only mounts and root alike (os.access guesses)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".bias_lab-write-test-")
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {folder} ({e.strerror or first_line(e)}): make it writable "
+                        "or pass an output path in a folder you can write to") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_csv(sub: Submission, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -173,15 +213,20 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     check(out.suffix.lower() == ".csv", f"output={cfg.output} is not a .csv file name: pass e.g. output=submission.csv")
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
     check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
+    check_writable(out.parent)
     if data_cfg.data.strip() and data_cfg.data != "demo":  # local mistakes first, before the registry and a model download
-        list_files(Path(data_cfg.data).expanduser().resolve())
+        listing = list_files(Path(data_cfg.data).expanduser().resolve())
+        if listing.test_files:
+            check_unique_ids(listing.test_files, os.path.commonpath([os.path.dirname(f) for f in listing.test_files]))
     tracking.setup()
     device = resolve_device(cfg.device)
     ref = resolve(cfg.model_uri)
     model, meta = tracking.load_model(ref.resolved, device)
     check_model(meta, cfg.model_uri)
+    check_finite(model, cfg.model_uri)
     ds = load(dataclasses.replace(data_cfg, image_size=int(meta["image_size"])))  # the model's preprocessing, not the CLI's
     check(len(ds.test_ids) > 0, f"{ds.source} has no test images (test/test/*.jpg or test/*.jpg): add the competition's test folder")
+    check_unique_ids(ds.test_ids, f"the test folder of {ds.source}")  # the demo data is not listed above
     check_labels(meta, ds, cfg.model_uri)
     print(f"model {ref.resolved} ({meta['arch']}, {meta['image_size']} px) on {len(ds.test_ids)} test images, device {device}",
           file=sys.stderr)
@@ -193,7 +238,7 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
                              "image_size": meta["image_size"], "data": data_cfg.data, "data_source": ds.source,
                              "data_digest": ds.digest, "competition": cfg.competition, "output": str(out),
                              "batch_size": cfg.batch_size, "device_resolved": str(device)})
-        labels = predict_labels(model, meta, ds.test_images, cfg.batch_size)
+        labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
         fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
         unreadable = set(ds.test_unreadable)
         labels = [fallback if i in unreadable else lab for i, lab in zip(ds.test_ids, labels)]

@@ -266,7 +266,24 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
     weights = list(local.rglob(WEIGHTS_FILE))
     if not metas or not weights:
         raise UserError(f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune")
-    meta = json.loads(metas[0].read_text())
-    model = build(meta["arch"], meta["in_channels"], len(meta["classes"]), meta["image_size"])
-    model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+    redo = "pass another model/version, or train/tune again to log a fresh one"
+    try:  # a truncated upload or a hand-edited file: name it instead of a JSONDecodeError/KeyError traceback
+        meta = json.loads(metas[0].read_text(encoding="utf-8"))
+        needed = ("arch", "in_channels", "classes", "image_size", "mean", "std")  # what rebuilding and preprocessing read
+        missing = [k for k in needed if k not in meta] if isinstance(meta, dict) else list(needed)
+        if missing:
+            raise UserError(f"the {META_FILE} of '{model_uri}' lacks {', '.join(missing)}: it is not a bias_lab model "
+                            f"this version can read; {redo}")
+        model = build(meta["arch"], meta["in_channels"], len(meta["classes"]), meta["image_size"])
+    except (OSError, ValueError, TypeError) as e:  # broken JSON, not UTF-8, a value of the wrong type
+        raise UserError(f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "
+                        f"model; {redo}") from e
+    try:
+        state = torch.load(weights[0], map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        # Never show torch's own message: for a file weights_only refuses it advises loading it with
+        # weights_only=False, which would run whatever code the file holds. Our words, and no chained traceback.
+        raise UserError(f"the weights of '{model_uri}' ({WEIGHTS_FILE}, {type(e).__name__}) are corrupt or not a "
+                        f"bias_lab {meta['arch']} state_dict: {redo}") from None
     return model.to(device).eval(), meta

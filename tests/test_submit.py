@@ -6,6 +6,7 @@ write nothing, and the scorer.
 from __future__ import annotations
 
 import csv
+import os
 import random
 import re
 import shutil
@@ -186,3 +187,99 @@ def test_score_matches_a_perfect_and_a_constant_submission(kaggle_data: Path, tm
     shutil.copy(sol, tmp_path / "perfect.csv")
     assert submission.score(tmp_path / "perfect.csv", sol) == 1.0
     assert submission.score(kaggle_data / "sample_submission.csv", sol) == 0.25  # all '1', 5 of 20 are 1
+
+
+def model_file(name: str) -> Path:
+    """The logged model's bias_lab file in this test's local artifact store (the only model logged here)."""
+    [path] = Path(".").rglob(name)
+    return path
+
+
+def no_run_left_finished_or_running(client: mlflow.MlflowClient) -> None:
+    runs = [r for r in all_runs(client) if r.data.tags.get("entry_point") == "kaggle_submit"]
+    assert all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
+
+
+def test_duplicate_test_ids_refused_before_any_work(kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient) -> None:
+    """X.jpg and X.png in the test folder are one id: refused (naming both) before the model is even resolved,
+    rather than one row from whichever was predicted last."""
+    uri = train(kaggle_data)
+    root = shutil.copytree(kaggle_data, tmp_path / "dup")
+    test_dir = root / "test" / "test"
+    a, b = sorted((p.stem for p in test_dir.glob("*.jpg")), key=data.natural_key)[:2]
+    shutil.copy(test_dir / f"{a}.jpg", test_dir / f"{a}.png")  # same bytes: the decoder reads it by content
+    shutil.copy(test_dir / f"{b}.jpg", test_dir / f"{b}.PNG")
+    code, out = invoke("kaggle-submit", "--data", str(root), "--model-uri", uri, "--output", "sub.csv")
+    line = only_error_line(out)
+    assert code == 2 and f"2 test ids ({a}.jpg and {a}.png; {b}.PNG and {b}.jpg)" in line, out
+    assert "keep one image per id" in line and not Path("sub.csv").exists()
+    assert not [r for r in all_runs(client) if r.data.tags.get("entry_point") == "kaggle_submit"]
+    with pytest.raises(UserError, match=r"for 1 test ids \(7\)"):  # the check on loaded ids (demo data is not listed)
+        submission.check_unique_ids(["7", "8", "7"], "the test folder")
+
+
+def test_diverged_model_refused(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """NaN weights (or finite ones whose outputs overflow to inf) would make every row one label: refused, nothing
+    written, no run left FINISHED."""
+    uri = train(kaggle_data)
+    weights = model_file("weights.pt")
+    state = torch.load(weights, weights_only=True)
+    for name, broken in {"nan": lambda t: torch.full_like(t, float("nan")), "overflow": lambda t: t * 1e38}.items():
+        torch.save({k: broken(t) if t.is_floating_point() else t for k, t in state.items()}, weights)
+        code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--model-uri", uri, "--output", "sub.csv")
+        line = only_error_line(re.sub(r"^model .* test images, device .*\n", "", out, flags=re.M))  # overflow: seen predicting
+        assert code == 2 and "outputs NaN/inf" in line and "diverged" in line and "another model" in line, (name, out)
+        assert not Path("sub.csv").exists(), name
+        no_run_left_finished_or_running(client)
+
+
+def test_unwritable_output_folder_refused_before_any_work(tmp_path: Path, client: mlflow.MlflowClient,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output in a folder that cannot be written: refused before the model, data or a run (not after predicting)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: let the probe meet what a user without the permission meets
+        def denied(*args, dir=None, **kw):
+            raise PermissionError(13, "Permission denied", str(dir))
+        monkeypatch.setattr(submission.tempfile, "mkstemp", denied)
+    try:
+        code, out = invoke("kaggle-submit", "--data", str(tmp_path / "no-data"), "--model-uri", "models:/nope@champion",
+                           "--output", str(locked / "sub.csv"))
+    finally:
+        locked.chmod(0o755)
+    line = only_error_line(out)
+    assert code == 2 and f"cannot write to output folder {locked} (Permission denied)" in line, out
+    assert list(locked.iterdir()) == [] and all_runs(client) == []
+
+
+def test_corrupt_model_files(kaggle_data: Path) -> None:
+    """A damaged weights.pt / bias_lab.json: one line naming the file and what to do; never torch's advice to
+    load with weights_only=False (that would run the file's code)."""
+    import json
+
+    uri = train(kaggle_data)
+    weights, meta = model_file("weights.pt"), model_file("bias_lab.json")
+    good_weights, good_meta = weights.read_bytes(), meta.read_text()
+    without_classes = {k: v for k, v in json.loads(good_meta).items() if k != "classes"}
+    damages = {
+        "truncated weights": lambda: weights.write_bytes(good_weights[:200]),
+        "garbage weights": lambda: weights.write_bytes(b"\x00garbage" * 10),
+        "pickled code": lambda: torch.save({"x": Path("x")}, weights),  # weights_only refuses it, with that advice
+        "broken json": lambda: meta.write_text(good_meta[:-20]),
+        "missing key": lambda: meta.write_text(json.dumps(without_classes)),
+        "not an object": lambda: meta.write_text("[1, 2]"),
+    }
+    for damage, write in damages.items():
+        weights.write_bytes(good_weights)
+        meta.write_text(good_meta)
+        write()
+        which = "weights.pt" if "json" not in damage and "key" not in damage and "object" not in damage else "bias_lab.json"
+        code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--model-uri", uri, "--output", "sub.csv")
+        line = only_error_line(out)
+        assert code == 2 and which in line and "another model/version" in line, (damage, out)
+        assert "lacks classes" in line if damage == "missing key" else "corrupt" in line or "lacks" in line, (damage, out)
+        assert "weights_only" not in out.lower().replace(" ", "_") and not Path("sub.csv").exists(), (damage, out)
+        with pytest.raises(UserError) as raised:
+            load_model(uri)
+        assert "weights_only" not in repr(raised.value.__cause__), damage
