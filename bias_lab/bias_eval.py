@@ -34,6 +34,7 @@ from bias_lab.errors import UserError, check
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
 from bias_lab.train import InputHook
+from bias_lab.train import validate as validate_train
 
 HPARAMS = ("lr", "momentum", "batch_size")  # what the champion supplies (what tune searches)
 TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # table label -> metric prefix
@@ -385,6 +386,7 @@ def _buys(gain: float) -> str:
 def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> dict[str, float]:
     """The `bias_eval` command: parent run + one child per (model, seed); returns the parent's comparison metrics."""
     validate(bias_cfg, eval_cfg)
+    validate_train(train_cfg)
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

@@ -50,6 +50,7 @@ class TrainConfig:
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
     resume: bool = knob(False, "continue from the last epoch checkpoint of the same configuration")
+    keep_checkpoint: bool = knob(False, "keep the checkpoint when the run finishes (default: deleted, it is only for resuming)")
 
 
 @dataclass
@@ -110,10 +111,11 @@ class SubmitConfig:
 # Settings a command's runs never read (tune searches lr/momentum/batch_size; only train resumes; bias_eval always
 # adds eps to model_2): the command does not offer them and its runs do not log them, so no run page shows a
 # value the run did not use.
+TRAIN_ONLY = ("resume", "keep_checkpoint")  # checkpoints: only `train` writes and resumes them
 NOT_USED_BY: dict[str, tuple[str, ...]] = {
-    "tune": ("lr", "momentum", "batch_size", "resume"),
-    "bias_eval": ("bias", "resume"),
-    "bias_sweep": ("resume",),
+    "tune": ("lr", "momentum", "batch_size", *TRAIN_ONLY),
+    "bias_eval": ("bias", *TRAIN_ONLY),
+    "bias_sweep": TRAIN_ONLY,
 }
 
 

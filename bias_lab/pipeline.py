@@ -11,7 +11,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,11 @@ from bias_lab import bias as biasmod
 from bias_lab import distributed as D
 from bias_lab import metrics as M
 from bias_lab import plots, tracking
-from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
+from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
 from bias_lab.models import build, summarize
-from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything
+from bias_lab.errors import UserError
+from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything, validate
 
 
 @dataclass
@@ -165,22 +169,46 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
         "diverged": float(res.diverged),
     }
     cm = None
-    if test:
+    no_test = test and len(prep.test) == 0  # test_fraction=0 (or a class too small to lend one): nothing to measure
+    if test and not no_test:
         m, cm = measure(net, prep, bootstrap, cfg.seed)
         out.update(m)
     if log:
         tracking.log_metrics(out)
-        if cm is not None:  # full runs only: a tune trial's curves are in its metrics, not 5 MB of HTML each
+        if test:  # full runs only: a tune trial's curves are in its metrics, not 5 MB of HTML each
             tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves")
+        if cm is not None:
             tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix")
+        if no_test:
+            mlflow.set_tag("no_test_split", "the test split is empty (test_fraction=0): no test metrics were logged; "
+                                            "set test_fraction > 0 for them")
         for k in ("test_di", "decorrelated_test_di"):
             if k in out and not math.isfinite(out[k]):
                 mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
         if res.diverged:
-            mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: lower lr")
-        if log_model:
+            mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: {divergence_cause(cfg)}")
+        finite = finite_weights(net)
+        if log_model and not finite:  # a NaN model would predict one class for every image, yet be registrable
+            mlflow.set_tag("model_not_logged", "the weights are not finite (training diverged before any good epoch): "
+                                               "no model was logged; " + divergence_cause(cfg))
+        if log_model and finite:
             tracking.log_model(net, prep.meta(cfg))
     return net, out
+
+
+LARGE_WEIGHT_DECAY = 0.01  # 20x the usual 5e-4: beyond it the decay term alone can make SGD overshoot
+
+
+def divergence_cause(cfg: TrainConfig) -> str:
+    """The likely cause of a diverged run, and the fix: a large weight_decay, else the learning rate."""
+    if cfg.weight_decay > LARGE_WEIGHT_DECAY:
+        return f"weight_decay={cfg.weight_decay:g} is large: lower it (5e-4 is usual)"
+    return f"lr={cfg.lr:g} is too high: lower it (e.g. 10x)"
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (a diverged run may have kept none of its epochs)."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any, skip: tuple[str, ...] = ()) -> None:
@@ -203,13 +231,15 @@ def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any, skip: tuple[s
 
 def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str) -> Path:
     """Where `train` checkpoints: one file per configuration, so `resume=true` with the same command finds it."""
-    key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items() if k not in ("resume", "device", "threads", "cache_dir")}
+    key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items()
+           if k not in (*TRAIN_ONLY, "device", "threads", "cache_dir")}
     h = hashlib.sha256(json.dumps({**key, "digest": digest}, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir(data_cfg) / "checkpoints" / f"{train_cfg.model}-{h}.pt"
 
 
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
+    validate(train_cfg)  # before any data is decoded or run opened: a bad setting costs nothing
     with D.session(resolve_device(train_cfg.device)):
         if D.is_main():
             tracking.setup()
@@ -224,44 +254,128 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
 
 
 def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
-    run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint: resume continues that run
-    previous = _resumable_run(run_file)
+    run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
+    owner = _read_owner(run_file)
+    _refuse_live_owner(owner, run_file)
+    previous = owner.get("run_id") if _run_exists(owner.get("run_id")) else None
+    if previous and train_cfg.resume and _status(previous) == "FINISHED":
+        # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
+        warnings.warn(f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
+                      "(the finished run is left as it is)")
+        previous = None
+        train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
     if previous and not (train_cfg.resume and ck.exists()):
         _end_orphan(previous)  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
         previous = None
     with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
-        run_file.parent.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(active.info.run_id)
+        # an unwritable folder (warned once): the checkpoint would fail too, so train without one
+        checkpoint = ck if _write_owner(run_file, active.info.run_id) else None
         if previous:
             mlflow.set_tag("resumed", "true")
         else:
             log_setup(prep, data_cfg, train_cfg, bias_cfg)
         tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": D.world()})
-        mlflow.set_tag("checkpoint", str(ck))
-        _, out = train_model(prep, train_cfg, checkpoint=ck)
+        if checkpoint is not None:
+            mlflow.set_tag("checkpoint", str(checkpoint))
+        _, out = train_model(prep, train_cfg, checkpoint=checkpoint)
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)
+    if checkpoint is not None:
+        _finished(ck, run_file, active.info.run_id, train_cfg.keep_checkpoint)
     return out
 
 
-def _resumable_run(run_file: Path) -> str | None:
-    """The run id recorded next to a checkpoint, if that run still exists in the tracking store."""
-    if not run_file.exists():
-        return None
-    run_id = run_file.read_text().strip()
+def _read_owner(run_file: Path) -> dict[str, Any]:
+    """{run_id, pid, host} recorded next to a checkpoint; {} when there is none. A bare run id is an older file."""
     try:
-        mlflow.MlflowClient().get_run(run_id)
-    except Exception:  # deleted, or another tracking store: start a fresh run
+        text = run_file.read_text().strip()
+    except OSError:
+        return {}
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        owner = None
+    return owner if isinstance(owner, dict) else {"run_id": text}
+
+
+def _write_owner(run_file: Path, run_id: str) -> bool:
+    """Record this process as the run's owner. False (one warning) when the cache folder is not writable: that
+    only costs the resume, never the run."""
+    owner = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(owner))
+    except OSError as e:
+        warnings.warn(f"cannot write the checkpoint files in {run_file.parent} ({e.strerror or e}): training goes on "
+                      "without checkpoints, so it cannot be resumed; point cache_dir at a writable folder")
+        return False
+    return True
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    """Whether the process that owns the checkpoint may still be training. This process (an earlier train in the
+    same Python session, done by now) counts as gone; another host's process cannot be checked, so it counts as
+    alive."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() and owner.get("host") == socket.gethostname():
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _refuse_live_owner(owner: dict[str, Any], run_file: Path) -> None:
+    """Two trains of one configuration (only device or threads differ) would share one checkpoint and one run: the
+    second must neither end the first's run nor overwrite its checkpoint. Refuse, rather than write elsewhere: a
+    separate checkpoint could not be found by `resume=true`, and the two runs would train the same thing."""
+    if owner and _alive(owner) and _status(owner.get("run_id")) == "RUNNING":
+        raise UserError(f"another train of this configuration is running (pid {owner['pid']} on {owner.get('host')}, "
+                        f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
+                        f"a bias-lab train, delete {run_file}")
+
+
+def _run_exists(run_id: str | None) -> bool:
+    """Whether the run still exists in the tracking store (deleted, or another store: start a fresh run)."""
+    return run_id is not None and _status(run_id) is not None
+
+
+def _status(run_id: str | None) -> str | None:
+    if not run_id:
         return None
-    return run_id
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except Exception:
+        return None
 
 
 def _end_orphan(run_id: str) -> None:
-    """End a run left RUNNING by a killed `train` (SIGKILL runs no handler) as KILLED."""
+    """End a run left RUNNING by a killed `train` (SIGKILL runs no handler) as KILLED. Only called once its
+    owner process is known to be gone (_refuse_live_owner)."""
     client = mlflow.MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_tag(run_id, "error", "killed (the process ended without closing its run); superseded by a new run")
         client.set_terminated(run_id, "KILLED")
+
+
+def _finished(ck: Path, run_file: Path, run_id: str, keep: bool) -> None:
+    """After a FINISHED run: its checkpoint only served resuming, so delete it (and its .run file) unless asked to
+    keep it; a kept one stays without an owner process, so the next train of this configuration is not refused."""
+    try:
+        if keep:
+            run_file.write_text(json.dumps({"run_id": run_id}))
+        else:
+            for f in (ck, run_file):  # the checkpoint may never have been written (an unwritable cache)
+                if f.exists():
+                    f.unlink()
+    except OSError as e:
+        warnings.warn(f"cannot {'update' if keep else 'delete'} the checkpoint files {ck.with_suffix('.*')} "
+                      f"({e.strerror or e}): delete them by hand")
 
 
 _SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")

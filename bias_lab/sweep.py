@@ -26,6 +26,7 @@ from bias_lab.data import check_classes, load
 from bias_lab.errors import UserError, check
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import log_setup, prepare, train_model
+from bias_lab.train import validate as validate_train
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",
@@ -66,6 +67,7 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
     gaps = parse_grid(sweep_cfg.gaps, "gaps", 0.0, 1.0)
     sigmas = parse_grid(sweep_cfg.sigmas, "sigmas", 0.0, math.inf)
     check(sweep_cfg.bootstrap >= 0, f"bootstrap={sweep_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
+    validate_train(train_cfg)
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +29,9 @@ from torch import nn
 from bias_lab import distributed as D
 from bias_lab.config import TrainConfig
 from bias_lab.data import atomic_write, augment, normalize
-from bias_lab.errors import check
+from bias_lab.errors import UserError, check, first_line
+
+SEED_LIMIT = 2**32  # numpy's and torch's generators both take seeds below it; seed+1 etc. stay in int64
 
 
 @dataclass
@@ -74,6 +78,22 @@ class FitResult:
 
 EpochHook = Callable[[int, dict[str, float]], None]  # (epoch, metrics) -> None; may raise to stop (pruning)
 InputHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]  # (x, batch idx, gen) -> x
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise a one-line UserError for a TrainConfig no training can use. Cheap: call it before decoding any data
+    or opening a run (run_train does; tune and bias_eval should too), so a typo costs nothing. NaN fails every
+    comparison below, so it is rejected with the bound it breaks."""
+    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: use at least 1")
+    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
+    check(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr={cfg.lr}: use a finite positive learning rate (e.g. 0.05)")
+    check(0 <= cfg.momentum < 1, f"momentum={cfg.momentum}: use a value in [0, 1)")
+    check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+          f"weight_decay={cfg.weight_decay}: use a finite value >= 0 (5e-4 is usual, 0 turns it off)")
+    check(not cfg.nesterov or cfg.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false")
+    check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
+    check(0 <= cfg.seed < SEED_LIMIT, f"seed={cfg.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
+    check(cfg.threads >= 0, f"threads={cfg.threads}: use 0 (torch's default) or a positive thread count")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,12 +214,7 @@ def fit(
     is added to the loss. With `checkpoint`, state is saved after every epoch and, when cfg.resume is set,
     training continues from it, reaching the same weights as an uninterrupted run.
     """
-    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: use at least 1")
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
-    check(cfg.lr > 0, f"lr={cfg.lr}: use a positive learning rate")
-    check(0 <= cfg.momentum < 1, f"momentum={cfg.momentum}: use a value in [0, 1)")
-    check(not cfg.nesterov or cfg.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false")
-    check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
+    validate(cfg)  # again: tune and bias_eval reach fit without run_train
     check(D.world() == 1 or input_hook is None, "a train-batch hook (channel dropout) does not run under torchrun: start without it")
     check(cfg.batch_size >= D.world(), f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
           "use batch_size >= nproc_per_node")
@@ -220,7 +235,7 @@ def fit(
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # augmentation draws, on the data's device
     state = {"epoch": 0, "history": [], "best": (-1.0, 0), "best_state": None, "train_s": 0.0, "wall_s": 0.0}
     if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
-        ck = torch.load(checkpoint, map_location=device, weights_only=True)
+        ck = _load_checkpoint(checkpoint, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -289,7 +304,8 @@ def fit(
         if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
             on_epoch(epoch + 1, metrics)
         if checkpoint is not None and D.is_main():  # the ranks hold the same state: one writer
-            _save_checkpoint(checkpoint, model, opt, sched, order_gen, aug_gen, state)
+            if not _save_checkpoint(checkpoint, model, opt, sched, order_gen, aug_gen, state):
+                checkpoint = None  # warned once: an unwritable cache costs the resume, never the run
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     wall = time.perf_counter() - t_start
@@ -304,8 +320,25 @@ def fit(
     )
 
 
-def _save_checkpoint(path: Path, model, opt, sched, order_gen, aug_gen, state: dict) -> None:
-    """Everything needed to continue bit-exactly, written atomically (weights_only-loadable: no pickled code)."""
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint's state, or a one-line UserError when it is damaged (truncated, not ours, or holding
+    pickled code that weights_only refuses): never a traceback, nor torch's advice to unpickle it."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", "epoch"} - set(ck)
+        check(not missing, f"it lacks {sorted(missing)}")
+        return ck
+    except Exception as e:
+        # torch's weights_only refusal is paragraphs advising to unpickle untrusted code: name the problem instead
+        why = "damaged, or not a bias_lab checkpoint" if isinstance(e, pickle.UnpicklingError) or "eights only" in str(e) \
+            else first_line(e, 120)
+        raise UserError(f"resume=true but the checkpoint {path} cannot be read ({why}): delete it, "
+                        "or run with resume=false to start over") from None
+
+
+def _save_checkpoint(path: Path, model, opt, sched, order_gen, aug_gen, state: dict) -> bool:
+    """Everything needed to continue bit-exactly, written atomically (weights_only-loadable: no pickled code).
+    False (with one warning) when it cannot be written: a read-only or full cache folder costs the resume only."""
     blob = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -315,4 +348,10 @@ def _save_checkpoint(path: Path, model, opt, sched, order_gen, aug_gen, state: d
         "torch_rng": torch.get_rng_state(),
         **state,
     }
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        warnings.warn(f"cannot write the checkpoint {path} ({first_line(e, 120)}): training goes on without "
+                      "checkpoints, so it cannot be resumed; free space or point cache_dir at a writable folder")
+        return False
+    return True

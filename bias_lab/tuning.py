@@ -38,9 +38,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bias_lab import markdown as md
 from bias_lab import pipeline, tracking
-from bias_lab.config import NOT_USED_BY, PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
+from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.markdown import fmt
+from bias_lab.train import validate as validate_train
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
@@ -49,7 +50,7 @@ HEARTBEAT_S = 60  # RDB: a trial whose worker has not beaten for GRACE_S is stal
 GRACE_S = 120
 JOURNAL_FILE = "optuna.journal"
 # the settings a study's values depend on: resuming with other values would mix incomparable trials
-_NOT_FIXED = {"cache_dir", "strict", "lr", "momentum", "batch_size", "device", "threads", "resume"}
+_NOT_FIXED = {"cache_dir", "strict", "lr", "momentum", "batch_size", "device", "threads", *TRAIN_ONLY}
 
 
 # ----------------------------------------------------------------------------------------------- search space
@@ -350,7 +351,7 @@ class Search:
         t0 = time.perf_counter()
         with tracking.run(f"trial-{trial.number}", nested=True, tags=tags) as child:
             trial.set_user_attr("mlflow_run_id", child.info.run_id)
-            tracking.log_params({**flat(cfg, skip=("resume",)), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
+            tracking.log_params({**flat(cfg, skip=TRAIN_ONLY), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
             state, why = "complete", ""
             try:
                 _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
@@ -528,7 +529,7 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     digest = prep.dataset.digest
     tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
-        pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=("resume",))
+        pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
         net, out = pipeline.train_model(prep, cfg, log_model=False)
     # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
     info = tracking.log_model(net, prep.meta(cfg))
@@ -557,6 +558,7 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     t_start = time.perf_counter()
     _quiet_optuna()
     validate(tune_cfg)
+    validate_train(train_cfg)  # before the storage, the data or a run: the searched values are checked per trial
     storage, storage_desc = open_storage(tune_cfg.storage)
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)

@@ -199,6 +199,8 @@ def test_a_model_at_chance_gets_no_verdict() -> None:
     (["--sigma", "-1"], "sigma=-1.0 is not a finite standard deviation"),
     (["--sigma", "inf"], "sigma=inf is not a finite standard deviation"),
     (["--seeds", "0"], "seeds=0"),
+    (["--lr", "inf"], "lr=inf"),
+    (["--weight-decay", "-1"], "weight_decay=-1.0"),
 ])
 def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     db = tmp_path / "mlflow.db"

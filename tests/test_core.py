@@ -71,14 +71,106 @@ def test_failure_ends_run_failed_with_error(kaggle_data: Path, client: mlflow.Ml
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]  # kept
 
 
-def test_resume_continues_the_same_run(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_resume_continues_the_failed_run(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch) -> None:
     args = ("train", "--data", str(kaggle_data), *FAST)
-    assert invoke(*args)[0] == 0
-    first = all_runs(client)[0].data.metrics["test_accuracy"]
+    real = pipeline.measure
+    monkeypatch.setattr(pipeline, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert invoke(*args)[0] == 1
+    [failed] = all_runs(client)
+    assert failed.info.status == "FAILED" and list((Path("cache") / "checkpoints").glob("*.pt"))  # kept: not finished
+    monkeypatch.setattr(pipeline, "measure", real)
     assert invoke(*args, "--resume", "true")[0] == 0
     [run] = all_runs(client)  # no second run: the checkpoint's run was re-opened and finished
-    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    assert run.data.metrics["test_accuracy"] == first
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true" and "test_accuracy" in run.data.metrics
+    assert not list((Path("cache") / "checkpoints").iterdir())  # finished: checkpoint and .run file deleted
+
+
+def test_resume_of_a_finished_run_starts_a_fresh_one(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """Re-opening a FINISHED run would log a second model into it, and a failing resume would turn it FAILED."""
+    args = ("train", "--data", str(kaggle_data), *FAST, "--keep-checkpoint", "true")
+    assert invoke(*args)[0] == 0
+    [done] = all_runs(client)
+    with pytest.warns(UserWarning, match="already FINISHED: starting a fresh run"):
+        code, out = invoke(*args, "--resume", "true")
+    assert code == 0, out
+    runs = {r.info.run_id: r for r in all_runs(client)}
+    assert len(runs) == 2
+    old = runs.pop(done.info.run_id)
+    assert old.info.status == "FINISHED" and "resumed" not in old.data.tags and old.data.metrics == done.data.metrics
+    assert [h.step for h in client.get_metric_history(old.info.run_id, "val_accuracy")] == [1, 2]  # not re-logged
+    [new] = runs.values()
+    assert new.info.status == "FINISHED" and new.data.metrics["test_accuracy"] == done.data.metrics["test_accuracy"]
+
+
+def test_finished_run_deletes_its_checkpoint_unless_kept(kaggle_data: Path) -> None:
+    args = ("train", "--data", str(kaggle_data), *FAST)
+    folder = Path("cache") / "checkpoints"
+    assert invoke(*args)[0] == 0
+    assert not list(folder.iterdir())
+    assert invoke(*args, "--keep-checkpoint", "true")[0] == 0
+    assert sorted(p.suffix for p in folder.iterdir()) == [".pt", ".run"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "inf", "lr=inf"), ("--lr", "nan", "lr=nan"), ("--weight-decay", "nan", "weight_decay=nan"),
+    ("--weight-decay", "inf", "weight_decay=inf"), ("--weight-decay", "-1", "weight_decay=-1"), ("--seed", "-1", "seed=-1"),
+    ("--seed", str(2**65), f"seed={2**65}"), ("--label-smoothing", "1", "label_smoothing=1"),
+    ("--label-smoothing", "-0.1", "label_smoothing=-0.1"),
+])
+def test_invalid_settings_fail_before_any_work(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch,
+                                               option: str, value: str, message: str) -> None:
+    def no_data(*_a, **_k):
+        raise AssertionError("data decoded before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "prepare", no_data)
+    code, out = invoke("train", "--data", str(kaggle_data), *FAST, option, value)
+    assert code == 2 and out.startswith("error: ") and message in out and len(out.strip().splitlines()) == 1, out
+    assert all_runs(client) == []
+
+
+@pytest.mark.parametrize("extra,cause", [(("--lr", "1e30"), "lr=1e+30"), (("--weight-decay", "1e6"), "weight_decay=1e+06")])
+def test_diverged_run_logs_no_model_and_names_the_cause(kaggle_data: Path, client: mlflow.MlflowClient,
+                                                       extra: tuple[str, ...], cause: str) -> None:
+    code, out = invoke("train", "--data", str(kaggle_data), *FAST, "--schedule", "none", *extra)
+    assert code == 0, out
+    [run] = all_runs(client)
+    assert run.data.metrics["diverged"] == 1.0 and cause in run.data.tags["diverged"], run.data.tags
+    assert "no model was logged" in run.data.tags["model_not_logged"]
+    assert "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_no_test_split_trains_and_logs_no_test_metrics(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    code, out = invoke("train", "--data", str(kaggle_data), *FAST, "--test-fraction", "0")
+    assert code == 0, out
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED" and "test_fraction=0" in run.data.tags["no_test_split"]
+    assert not [k for k in run.data.metrics if "test_" in k and k != "n_test"] and run.data.metrics["n_test"] == 0
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/learning_curves.json" in arts and "figures/confusion_matrix.json" not in arts
+
+
+def test_unwritable_checkpoint_folder_only_costs_the_resume(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """A read-only or full cache: the run still finishes (root ignores chmod, so a file blocks the folder instead)."""
+    Path("cache").mkdir()
+    (Path("cache") / "checkpoints").write_text("not a folder")
+    with pytest.warns(UserWarning) as caught:
+        code, out = invoke("train", "--data", str(kaggle_data), *FAST)
+    assert code == 0, out
+    mine = [str(w.message) for w in caught if "checkpoint" in str(w.message)]
+    assert len(mine) == 1 and "without checkpoints" in mine[0], mine
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+
+def test_corrupt_checkpoint_with_resume_is_one_line(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch) -> None:
+    args = ("train", "--data", str(kaggle_data), *FAST)
+    monkeypatch.setattr(pipeline, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert invoke(*args)[0] == 1  # FAILED: its checkpoint stays for a resume
+    [ck] = (Path("cache") / "checkpoints").glob("*.pt")
+    ck.write_bytes(ck.read_bytes()[:1000])  # truncated
+    code, out = invoke(*args, "--resume", "true")
+    assert code == 2 and "cannot be read" in out and "resume=false" in out, out
+    assert len(out.strip().splitlines()) == 1 and "weights_only" not in out and "Traceback" not in out
 
 
 def test_demo_data_is_learnable(client: mlflow.MlflowClient) -> None:
@@ -127,7 +219,7 @@ def test_mlflow_run_entry_point(kaggle_data: Path, client: mlflow.MlflowClient, 
 
 
 def test_fresh_train_ends_a_run_left_running_by_a_killed_one(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    args = ("train", "--data", str(kaggle_data), *FAST)
+    args = ("train", "--data", str(kaggle_data), *FAST, "--keep-checkpoint", "true")  # kept: its .run file stays
     assert invoke(*args)[0] == 0
     [old] = all_runs(client)
     client.update_run(old.info.run_id, status="RUNNING")  # what SIGKILL leaves behind: no handler ran
@@ -153,3 +245,28 @@ def test_processes_starting_together_on_a_new_sqlite_store_all_succeed(tmp_path:
     assert [p.returncode for p in procs] == [0, 0, 0], errs
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert [e.name for e in client.search_experiments()].count("bias-lab") == 1
+
+
+def test_second_train_of_a_configuration_does_not_end_the_live_one(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """Runs differing only in device/threads share one checkpoint: the second must not mark the first KILLED."""
+    import json
+    import subprocess
+    import sys
+
+    args = ("train", "--data", str(kaggle_data), *FAST, "--keep-checkpoint", "true")
+    assert invoke(*args)[0] == 0
+    [first] = all_runs(client)
+    client.update_run(first.info.run_id, status="RUNNING")  # as if still training, in another live process
+    [run_file] = (Path("cache") / "checkpoints").glob("*.run")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "pid": owner.pid,
+                                        "host": pipeline.socket.gethostname()}))
+        code, out = invoke(*args, "--threads", "1")
+        assert code == 2 and f"another train of this configuration is running (pid {owner.pid}" in out, out
+        assert len(all_runs(client)) == 1 and client.get_run(first.info.run_id).info.status == "RUNNING"
+    finally:
+        owner.kill()
+        owner.wait()
+    assert invoke(*args, "--threads", "1")[0] == 0  # its process is gone: a real orphan, ended KILLED
+    assert client.get_run(first.info.run_id).info.status == "KILLED" and len(all_runs(client)) == 2

@@ -22,7 +22,8 @@ import torch
 from bias_lab.config import SCHEDULES, TrainConfig
 from bias_lab.errors import UserError
 from bias_lab.models import build
-from bias_lab.train import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything
+from bias_lab import train as trainmod
+from bias_lab.train import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything, validate
 
 from .conftest import FAST, all_runs, invoke
 
@@ -161,6 +162,48 @@ def test_bad_settings_are_user_errors(field: str, value: object, message: str) -
     cfg = {"epochs": 1, field: value}
     with pytest.raises(UserError, match=message):
         run_fit(**cfg)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", math.inf, "lr=inf"), ("lr", math.nan, "lr=nan"), ("weight_decay", math.nan, "weight_decay=nan"),
+    ("weight_decay", math.inf, "weight_decay=inf"), ("weight_decay", -1.0, "weight_decay=-1"), ("seed", -1, "seed=-1"),
+    ("seed", 2**65, f"seed={2**65}"), ("label_smoothing", math.nan, "label_smoothing=nan"), ("threads", -2, "threads=-2"),
+])
+def test_validate_rejects_non_finite_and_out_of_range_settings(field: str, value: object, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        validate(TrainConfig(**{field: value}))
+    validate(TrainConfig())  # the defaults are valid
+
+
+def test_unwritable_checkpoint_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def read_only(path: Path, _write: Callable) -> None:
+        calls.append(path)
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(trainmod, "atomic_write", read_only)
+    _, ref = run_fit(3)
+    with pytest.warns(UserWarning, match="cannot write the checkpoint .*Read-only file system.*goes on") as caught:
+        _, res = run_fit(3, checkpoint=tmp_path / "ck.pt")
+    assert len(calls) == 1 and len([w for w in caught if "checkpoint" in str(w.message)]) == 1  # no retry each epoch
+    assert numbers(res) == numbers(ref)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled_code", "missing_keys"])
+def test_corrupt_checkpoint_is_a_one_line_user_error(tmp_path: Path, damage: str) -> None:
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Interrupt):
+        run_fit(3, checkpoint=ck, on_epoch=stop_at(2))
+    if damage == "truncated":
+        ck.write_bytes(ck.read_bytes()[:2000])
+    elif damage == "pickled_code":
+        torch.save({"model": Interrupt("not a tensor")}, ck)
+    else:
+        torch.save({"model": {}}, ck)
+    with pytest.raises(UserError, match="cannot be read") as err:
+        run_fit(3, checkpoint=ck, resume=True)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value) and "resume=false" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ lr schedules

@@ -254,6 +254,8 @@ def test_search_never_reads_the_test_split(kaggle_data: Path, client, tmp_path: 
     (["--lr-max", "inf"], "use finite 0 < lr_min <= lr_max"),
     (["--lr-max", "nan"], "use finite 0 < lr_min <= lr_max"),
     (["--timeout", "nan"], "timeout=nan"),
+    (["--weight-decay", "inf"], "weight_decay=inf"),
+    (["--seed", "-1"], "seed=-1"),
     (["--batch-sizes", "32,x"], "batch_sizes='32,x'"),
 ])
 def test_bad_tune_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
