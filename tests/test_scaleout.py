@@ -3,7 +3,7 @@ backed by PostgreSQL; one worker is SIGKILLed mid-trial. Also: a worker whose st
 
 The PostgreSQL cluster is private to this module: `initdb` in a temp dir (as an unprivileged user when the tests
 run as root, which initdb refuses), password auth, listening on 127.0.0.1 at a free port only, removed afterwards.
-The cluster tests skip, saying why, when no PostgreSQL binaries or no SQLAlchemy PostgreSQL driver is installed
+The cluster tests skip, saying why, when no PostgreSQL binaries or no SQLAlchemy PostgreSQL driver is installed, and fail instead under CI=true
 (`.ci/run` installs the system package; the driver comes with `pip install -e '.[test]'`).
 """
 
@@ -62,6 +62,14 @@ def _pg_bin() -> Path | None:
     return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
 
 
+def _unavailable(why: str) -> None:
+    """Skip where PostgreSQL cannot run, saying why; fail under CI (CI=true), where .ci/run installs it: a scale-out
+    test that silently skips there leaves CI green with the feature untested."""
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        pytest.fail(f"CI: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def _unprivileged() -> dict[str, Any]:
     """subprocess kwargs that run initdb/pg_ctl as a non-root user: PostgreSQL refuses to run as root."""
     if os.geteuid() != 0:
@@ -70,7 +78,7 @@ def _unprivileged() -> dict[str, Any]:
         with contextlib.suppress(KeyError):
             u = pwd.getpwnam(name)
             return {"user": u.pw_uid, "group": u.pw_gid, "extra_groups": []}
-    pytest.skip("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as (initdb refuses root): "
+    _unavailable("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as (initdb refuses root): "
                 "create one, e.g. `useradd --system postgres`")
 
 
@@ -95,13 +103,13 @@ def postgres() -> Iterator[Postgres]:
     """A private PostgreSQL cluster on 127.0.0.1 holding two empty databases, `optuna` and `mlflow`."""
     bin_dir = _pg_bin()
     if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql (what .ci/run does)")
+        _unavailable("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql (what .ci/run does)")
     import sqlalchemy
 
     try:  # the driver SQLAlchemy picks for postgresql:// (psycopg 3 from SQLAlchemy 2.1, psycopg2 before)
         sqlalchemy.create_engine("postgresql://u@127.0.0.1/db")
     except ImportError as e:
-        pytest.skip(f"no PostgreSQL driver for SQLAlchemy ({e}): pip install -e '.[postgres]'")
+        _unavailable(f"no PostgreSQL driver for SQLAlchemy ({e}): pip install -e '.[postgres]'")
     as_user = _unprivileged()
     # /tmp, not pytest's tmp_path: that lives under a 0700 root-owned folder the postgres user cannot enter
     base = Path(tempfile.mkdtemp(prefix="bias-lab-pg-", dir="/tmp" if as_user else None))

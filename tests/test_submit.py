@@ -283,3 +283,12 @@ def test_corrupt_model_files(kaggle_data: Path) -> None:
         with pytest.raises(UserError) as raised:
             load_model(uri)
         assert "weights_only" not in repr(raised.value.__cause__), damage
+
+
+def test_without_sample_submission_rows_are_sorted_by_id_naturally() -> None:
+    """ids of different lengths: 9 before 10 before 100 (file order and string order would both be wrong)."""
+    from bias_lab.submission import arrange
+
+    sub = arrange(["100", "9", "1000", "10"], ["a", "b", "c", "d"], None)
+    assert [i for i, _ in sub.rows] == ["9", "10", "100", "1000"]
+    assert dict(sub.rows) == {"100": "a", "9": "b", "1000": "c", "10": "d"}
