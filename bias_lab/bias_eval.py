@@ -458,7 +458,7 @@ def verdicts(conclusion_md: str) -> str:
 
 def _log_comparison(rows: list[dict[str, Any]], text: str, bias_cfg: BiasConfig, classes: tuple[str, str], arch: str) -> None:
     """The parent's comparison: CSV, a browsable MLflow table, markdown, the figure, the conclusion, and the run's
-    Description (what the MLflow UI shows on the run page): the conclusion with the table under it."""
+    Description (what the MLflow UI shows on the run page): the verdicts, the short table, then the conclusion."""
     import pandas as pd
 
     table = pd.DataFrame(rows)
@@ -468,9 +468,10 @@ def _log_comparison(rows: list[dict[str, Any]], text: str, bias_cfg: BiasConfig,
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: p0={bias_cfg.p0:g}, p1={bias_cfg.p1:g}, sigma={bias_cfg.sigma:g}"
     tracking.log_figure(plots.bias_comparison(rows, title), "comparison")
     mlflow.log_text(text, "conclusion.md")
-    mlflow.set_tag("mlflow.note.content", f"{verdicts(text)}\n\n{short_table(rows)}\n\n"
-                   "Figure: Artifacts → `figures.html`; every measure: `comparison.md`; the models' own runs are nested "
-                   f"below (model_1, model_2...).\n\n" + text.replace("\n#", "\n###").replace("# Conclusion", "### Conclusion", 1))
+    tracking.set_description(f"{verdicts(text)}\n\n{short_table(rows)}\n\n"
+                             "Figure: Artifacts → `figures.html`; every measure: `comparison.md`; the models' own runs are "
+                             "nested below (model_1, model_2...).\n\n"
+                             + text.replace("\n#", "\n###").replace("# Conclusion", "### Conclusion", 1), "conclusion.md")
     mlflow.set_tags({f"{r['model']}_verdict": r["four_fifths"] for r in rows if r["test"] == "decorrelated"})
     for r in rows:  # NaN / inf comparisons get their reason on the parent too
         note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not math.isfinite(r["di"]) else ""

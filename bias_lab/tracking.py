@@ -68,6 +68,17 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     raise AssertionError("unreachable")
 
 
+def set_description(markdown: str, full: str) -> None:
+    """The run page's Description (`mlflow.note.content`, markdown). MLflow caps a tag at 8,000 characters: a longer
+    text is cut at a line end, with a pointer to the artifact `full` that holds all of it."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    limit = MAX_TAG_VAL_LENGTH - 120
+    if len(markdown) > limit:
+        markdown = markdown[:markdown.rfind("\n", 0, limit)] + f"\n\n(cut here: a run description holds 8,000 characters; all of it is in `{full}`)"
+    mlflow.set_tag("mlflow.note.content", markdown)
+
+
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless this tag says it holds
 # model training: then it opens on the runs table, as an experiment of train/tune/bias_eval runs should.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")

@@ -590,7 +590,7 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
             print("no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr)
         out["total_tuning_time_s"] = time.perf_counter() - t_start
         tracking.log_metrics({"total_tuning_time_s": out["total_tuning_time_s"]})
-        mlflow.set_tag("mlflow.note.content", describe(study, name, out, MlflowClient().get_run(parent.info.run_id).data.tags))
+        tracking.set_description(describe(study, name, out, MlflowClient().get_run(parent.info.run_id).data.tags), "trials.csv")
         if complete:
             print(f"best val_accuracy {out['best_val_accuracy']:.4f} (trial {int(out['best_trial_number'])}: "
                   f"{_hparams(study.best_params)}), {int(out['n_trials_complete'])} complete, "

@@ -124,3 +124,13 @@ def test_every_markdown_table_parses(project: tuple[Path, dict[str, str]]) -> No
 def test_a_pipe_in_a_header_is_escaped() -> None:
     text = md.table(["P(ŷ=1|S=0)", "b"], [["x|y", 1.5]])
     assert [len(r) for r in tables(text)[0]] == [2, 2, 2] and tables(text)[0][2] == ["x|y", "1.5"]
+
+
+def test_a_description_longer_than_mlflow_keeps_is_cut_with_a_pointer(client: mlflow.MlflowClient) -> None:
+    """MLflow refuses a tag over 8,000 characters: a long conclusion must not fail the run, only be cut."""
+    from bias_lab import tracking
+
+    with mlflow.start_run() as run:
+        tracking.set_description("\n".join(f"- line {i}: " + "x" * 60 for i in range(300)), "conclusion.md")
+    note = client.get_run(run.info.run_id).data.tags["mlflow.note.content"]
+    assert len(note) <= 8000 and note.endswith("all of it is in `conclusion.md`)") and "- line 100: " in note
