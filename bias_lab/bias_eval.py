@@ -6,7 +6,7 @@ pipeline.train_model with the same architecture, hyperparameters, splits and see
 identical metric names (test_* under the training bias, decorrelated_test_* with S independent of y, and the
 explanations of bias_lab.explain) and the MLflow Compare view shows them side by side. The parent holds the
 comparison: `<role>_<metric>` (mean over seeds, `_std` beside it when seeds > 1), comparison.csv/.md,
-comparison.html (plotly, + .json) and conclusion.md.
+the comparison figure (in figures.html), conclusion.md and the run's Description.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from bias_lab.errors import UserError, check
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
 from bias_lab.train import InputHook
+from bias_lab.train import SEED_LIMIT
 from bias_lab.train import validate as validate_train
 
 HPARAMS = ("lr", "momentum", "batch_size")  # what the champion supplies (what tune searches)
@@ -59,9 +60,14 @@ class Arm:
 # ------------------------------------------------------------------------------------------- validation
 
 
-def validate(bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> None:
+def validate(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> None:
     """Reject bad settings before any data is read or any run is opened (one-line UserError)."""
     biasmod.validate(bias_cfg)
+    validate_train(train_cfg)
+    check(data_cfg.test_fraction > 0, f"test_fraction={data_cfg.test_fraction}: bias_eval measures on the test split; "
+                                      "use a share > 0, e.g. 0.15")
+    check(train_cfg.seed + eval_cfg.seeds <= SEED_LIMIT, f"seed={train_cfg.seed} with seeds={eval_cfg.seeds}: the last seed, "
+                                                         f"seed + seeds - 1, must stay below {SEED_LIMIT}")
     check(eval_cfg.model_1_mode in MODEL_1_MODES, f"model_1_mode={eval_cfg.model_1_mode}: choose one of {', '.join(MODEL_1_MODES)}")
     check(eval_cfg.mitigation in MITIGATIONS, f"mitigation={eval_cfg.mitigation}: choose one of {', '.join(MITIGATIONS)}")
     check(eval_cfg.seeds >= 1, f"seeds={eval_cfg.seeds}: use at least 1")
@@ -79,7 +85,7 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
     """lr / momentum / batch_size of the registered version of `name` trained on this data with this arch.
 
     A version matches when its tags or its source run's params say data_digest in `digests` (the binary
-    subset's digest first, then the full dataset's) and model == arch (tune tags its versions with data_digest,
+    task's: a model tuned on another task is no evidence for this one) and model == arch (tune tags its versions with data_digest,
     model, lr, momentum, batch_size, val_accuracy). Among matches: the `champion` alias wins, then the better
     digest, then val_accuracy. Returns (params, model URI) or None.
     """
@@ -162,7 +168,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """`<role>_<metric>` = mean over seeds, plus `<role>_<metric>_std` (sample std) when there are several.
 
     nanmean: a seed whose DI is undefined does not erase the others; all-NaN stays NaN. An inf DI makes the
-    mean inf, which is the honest summary.
+    mean inf, the honest summary (shown as 'inf'; stored as NaN with a di_note tag, see tracking.log_metrics).
     """
     out: dict[str, float] = {}
     for role, runs in results.items():
@@ -321,8 +327,9 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
         out.append("- model_1 is not biased: on the decorrelated test its DI lies inside the four-fifths band, so its decisions do not depend on S.")
     else:
         out.append(f"- model_1 on the decorrelated test: {v1}.")
-    if untrained:
-        out.append("- In short: no conclusion on bias until both models learn the task.")
+    if pair_untrained := [r for r in untrained if r in ("model_1", "model_2")]:
+        out.append(f"- In short: no conclusion on the shortcut until {' and '.join(pair_untrained)} learn"
+                   f"{'s' if len(pair_untrained) == 1 else ''} the task.")
     else:
         out.append(f"- In short: the shortcut {_buys(gain)} in distribution and costs {_points(cost, signed=False) if cost > 0 else 'nothing'} "
                    "against model_1 once eps no longer predicts the label: good numbers on biased data say nothing about the model outside it.")
@@ -385,8 +392,7 @@ def _buys(gain: float) -> str:
 
 def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> dict[str, float]:
     """The `bias_eval` command: parent run + one child per (model, seed); returns the parent's comparison metrics."""
-    validate(bias_cfg, eval_cfg)
-    validate_train(train_cfg)
+    validate(data_cfg, train_cfg, bias_cfg, eval_cfg)
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

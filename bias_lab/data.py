@@ -18,6 +18,7 @@ import re
 import threading
 import warnings
 from collections import Counter
+from decimal import Decimal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,10 +267,10 @@ def _check_label_spellings(listing: _Listing) -> _Listing:
 
     Refused rather than normalised: labels are written back verbatim into the submission, and which spelling the
     grader expects cannot be known here, while writing every label one way is a one-line edit for the user."""
-    spellings: dict[float, dict[str, int]] = {}
+    spellings: dict[Decimal, dict[str, int]] = {}
     for lab, n in Counter(listing.train_labels).items():  # the regex per distinct label: this runs on every load
         if _NUMBER.fullmatch(lab):
-            spellings.setdefault(float(lab), {})[lab] = n
+            spellings.setdefault(Decimal(lab).normalize(), {})[lab] = n  # exact: 17-digit ids stay apart
     for forms in spellings.values():
         if len(forms) > 1:
             (a, na), (b, nb) = sorted(forms.items(), key=lambda kv: -kv[1])[:2]

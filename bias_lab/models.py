@@ -130,3 +130,9 @@ def summarize(model: nn.Module, in_channels: int, image_size: int) -> Summary:
             h.remove()
         model.train(was_training)
     return Summary(layers, sum(p.numel() for p in model.parameters()), int(macs))
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite: a diverged model outputs NaN, and argmax over NaN picks one
+    fixed class for every input."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())

@@ -30,7 +30,7 @@ from bias_lab import metrics as M
 from bias_lab import plots, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
-from bias_lab.models import build, summarize
+from bias_lab.models import build, finite_weights, summarize
 from bias_lab.errors import UserError
 from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything, validate
 
@@ -206,11 +206,6 @@ def divergence_cause(cfg: TrainConfig) -> str:
     return f"lr={cfg.lr:g} is too high: lower it (e.g. 10x)"
 
 
-def finite_weights(model: nn.Module) -> bool:
-    """Whether every parameter and buffer is finite (a diverged run may have kept none of its epochs)."""
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-
-
 def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any, skip: tuple[str, ...] = ()) -> None:
     """Params (every knob the run uses, verbatim; not `skip`), dataset inputs, split sizes and data tags of the active run."""
     ds = prep.dataset
@@ -267,6 +262,9 @@ def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig,
     if previous and not (train_cfg.resume and ck.exists()):
         _end_orphan(previous)  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
         previous = None
+    if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
+        warnings.warn("resume=true but there is no unfinished run of this configuration to continue (a finished run "
+                      "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run")
     with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
         # an unwritable folder (warned once): the checkpoint would fail too, so train without one
         checkpoint = ck if _write_owner(run_file, active.info.run_id) else None

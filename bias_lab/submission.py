@@ -32,6 +32,7 @@ from bias_lab import tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check, first_line
+from bias_lab.models import finite_weights
 from bias_lab.train import Norm, Part, predict, resolve_device
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -96,7 +97,7 @@ def diverged(uri: str) -> str:
 def check_finite(model: nn.Module, uri: str) -> None:
     """NaN/inf weights make every output NaN, and argmax over NaN picks one fixed class: a CSV that passes every
     other check yet labels all images alike. Cheap to see before any data is decoded."""
-    check(all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()), diverged(uri))
+    check(finite_weights(model), diverged(uri))
 
 
 def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
@@ -259,7 +260,8 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
 
     what = f"{ref.name} v{ref.version}" if ref.version else ref.resolved
     message = re.sub(r'["`$\\]', "'", f"{meta['arch']} {what} (bias-lab run {run_id[:8]})")
-    print(f"wrote {out} ({len(sub.rows)} rows; MLflow run {run_id}). Upload it with:", file=sys.stderr)
+    print(tracking.ui_hint(active), file=sys.stderr)
+    print(f"wrote {out} ({len(sub.rows)} rows). Upload it with:", file=sys.stderr)
     print(f'kaggle competitions submit -c {shlex.quote(cfg.competition)} -f {shlex.quote(str(out))} -m "{message}"')
     return out
 

@@ -68,6 +68,8 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
     sigmas = parse_grid(sweep_cfg.sigmas, "sigmas", 0.0, math.inf)
     check(sweep_cfg.bootstrap >= 0, f"bootstrap={sweep_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
     validate_train(train_cfg)
+    check(data_cfg.test_fraction > 0, f"test_fraction={data_cfg.test_fraction}: bias_sweep measures on the test split; "
+                                      "use a share > 0, e.g. 0.15")
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

@@ -75,12 +75,13 @@ def set_description(markdown: str, full: str) -> None:
 
     limit = MAX_TAG_VAL_LENGTH - 120
     if len(markdown) > limit:
-        markdown = markdown[:markdown.rfind("\n", 0, limit)] + f"\n\n(cut here: a run description holds 8,000 characters; all of it is in `{full}`)"
+        cut = markdown.rfind("\n", 0, limit)
+        markdown = markdown[:cut if cut > 0 else limit] + f"\n\n(cut here: a run description holds 8,000 characters; all of it is in `{full}`)"
     mlflow.set_tag("mlflow.note.content", markdown)
 
 
-# MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless this tag says it holds
-# model training: then it opens on the runs table, as an experiment of train/tune/bias_eval runs should.
+# What the experiment holds, in MLflow 3's own vocabulary. MLflow 3.17's UI does not act on it (its sidebar switch
+# and `?workflowType=` decide; see UI_MODE), but it is true and later versions read it.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -133,16 +134,21 @@ def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] |
     try:
         yield active
     except KeyboardInterrupt as e:
+        with contextlib.suppress(Exception):  # what was drawn before the interruption (tune's best-so-far summary)
+            _write_figures(active.info.run_id)
         _end(active, "KILLED", f"interrupted: {e or 'Ctrl-C'}")
         raise
     except BaseException as e:
+        with contextlib.suppress(Exception):
+            _write_figures(active.info.run_id)
         _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     else:
+        _write_figures(active.info.run_id)
         if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
             mlflow.end_run("FINISHED")
     finally:
-        _figures.pop(active.info.run_id, None)  # its figures.html is written: no need to hold the figures
+        _figures.pop(active.info.run_id, None)  # written above, or lost with a failure of their own
 
 
 def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = None) -> None:
@@ -202,24 +208,29 @@ _figures: dict[str, dict[str, Any]] = {}  # run id -> {artifact name: figure}, i
 
 
 def log_figure(fig: Any, name: str) -> None:
-    """Add a plotly figure to the active run: its JSON as `figures/<name>.json` (what `bias-lab report` rebuilds
-    figures from), and the run's one `figures.html` rewritten to hold every figure logged so far.
+    """Add a plotly figure to the active run: its JSON as `figures/<name>.json` now (what `bias-lab report` rebuilds
+    figures from), and a place in the run's one `figures.html`, written when the run ends.
 
     figures.html embeds plotly.js once (about 4.7 MB) so it renders offline, in the MLflow UI's artifact viewer too:
     mlflow.log_figure's HTML loads plotly.js from a CDN and shows an empty frame without internet, and one
     inlined copy per figure would make a 20-trial tune ~35 MB instead of ~10."""
+    _figures.setdefault(mlflow.active_run().info.run_id, {})[name] = fig
+    mlflow.log_text(fig.to_json(), f"figures/{name}.json")
+
+
+def _write_figures(run_id: str) -> None:
+    """The run's figures.html, once, as the run ends (tracking.run calls it): every figure the run logged."""
     import plotly.io as pio
 
-    run_id = mlflow.active_run().info.run_id
-    figs = _figures.setdefault(run_id, {})
-    figs[name] = fig
-    mlflow.log_text(fig.to_json(), f"figures/{name}.json")
+    figs = _figures.pop(run_id, {})
+    if not figs:
+        return
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>figures</title>",
              "<style>body{font-family:system-ui,sans-serif;margin:0 12px}h2{font-size:15px;margin:18px 0 0}</style></head><body>"]
     for i, (n, f) in enumerate(figs.items()):
         parts += [f"<h2>{n.replace('_', ' ')}</h2>",
                   pio.to_html(f, include_plotlyjs=i == 0, full_html=False, default_width="100%", config={"displaylogo": False})]
-    mlflow.log_text("\n".join([*parts, "</body></html>"]), FIGURES_FILE)
+    MlflowClient().log_text(run_id, "\n".join([*parts, "</body></html>"]), FIGURES_FILE)
 
 
 # MLflow 3's UI opens an experiment on its GenAI overview unless the sidebar's "Model training" switch was chosen

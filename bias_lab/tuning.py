@@ -41,6 +41,7 @@ from bias_lab import pipeline, tracking
 from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.markdown import fmt
+from bias_lab.models import finite_weights
 from bias_lab.train import validate as validate_train
 
 SEARCHED = ("lr", "momentum", "batch_size")
@@ -357,7 +358,7 @@ class Search:
                 _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
                 epochs = int(out["epochs_run"])
                 if out["diverged"]:
-                    state, why = "pruned", f"loss became non-finite at epoch {epochs} (lr={cfg.lr:.3g} too high)"
+                    state, why = "pruned", f"loss became non-finite at epoch {epochs}: {pipeline.divergence_cause(cfg)}"
             except optuna.TrialPruned as e:
                 state, why = "pruned", str(e)
                 tracking.log_metrics({"train_time_s": time.perf_counter() - t0, "epochs_run": epochs,
@@ -531,6 +532,8 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
         pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
         net, out = pipeline.train_model(prep, cfg, log_model=False)
+    check(finite_weights(net), f"the retrained best configuration (trial {best.number}) diverged: nothing was "
+                                        f"registered; {pipeline.divergence_cause(cfg)}, or narrow the lr range (lr_max)")
     # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
     info = tracking.log_model(net, prep.meta(cfg))
     decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {

@@ -165,6 +165,19 @@ def test_an_infinite_di_reads_back_as_undefined_not_1e308(client: mlflow.MlflowC
     assert math.isnan(m["decorrelated_test_di"]) and math.isnan(m["di_low"]) and m["accuracy"] == 0.5
 
 
+def test_only_model_3_at_chance_still_concludes_on_the_shortcut() -> None:
+    summary = {}
+    for role, acc, lo, di in (("model_1", 0.9, 0.82, 1.0), ("model_2", 0.99, 0.95, 0.0), ("model_3", 0.5, 0.4, 1.0)):
+        for prefix in ("test_", "decorrelated_test_"):
+            summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": di,
+                            f"{role}_{prefix}di_ci_low": di, f"{role}_{prefix}di_ci_high": di})
+    summary["model_2_decorrelated_test_accuracy"] = 0.5
+    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5)
+    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    assert "Caution: model_3 did not learn the task" in text and "model_2 took the shortcut" in text
+    assert "In short: the shortcut buys" in text and "no conclusion on the shortcut" not in text
+
+
 def test_the_across_seeds_interval_is_students_t() -> None:
     from scipy import stats
 
@@ -200,6 +213,8 @@ def test_a_model_at_chance_gets_no_verdict() -> None:
     (["--sigma", "inf"], "sigma=inf is not a finite standard deviation"),
     (["--seeds", "0"], "seeds=0"),
     (["--lr", "inf"], "lr=inf"),
+    (["--test-fraction", "0"], "test_fraction=0.0: bias_eval measures on the test split"),
+    (["--seed", "4294967295", "--seeds", "2"], "seed=4294967295 with seeds=2"),
     (["--weight-decay", "-1"], "weight_decay=-1.0"),
 ])
 def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:

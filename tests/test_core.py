@@ -270,3 +270,12 @@ def test_second_train_of_a_configuration_does_not_end_the_live_one(kaggle_data: 
         owner.wait()
     assert invoke(*args, "--threads", "1")[0] == 0  # its process is gone: a real orphan, ended KILLED
     assert client.get_run(first.info.run_id).info.status == "KILLED" and len(all_runs(client)) == 2
+
+
+def test_resume_after_a_finished_run_says_it_starts_afresh(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """The finished run deleted its checkpoint: resume=true has nothing to continue and says so."""
+    assert invoke("train", "--data", str(kaggle_data), *FAST, "--epochs", "1")[0] == 0
+    with pytest.warns(UserWarning, match="no unfinished run of this configuration to continue"):
+        code, out = invoke("train", "--data", str(kaggle_data), *FAST, "--epochs", "1", "--resume", "true")
+    assert code == 0, out
+    assert [r.info.status for r in all_runs(client)] == ["FINISHED", "FINISHED"]

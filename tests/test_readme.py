@@ -17,8 +17,9 @@ def render() -> str:
     from bias_lab import config as C
 
     groups = [(c, t) for c, t in ((getattr(C, n, None), t) for n, t in (
-        ("DataConfig", "Data (every entry point)"), ("TrainConfig", "Training (train, tune, bias_eval)"),
-        ("BiasConfig", "Bias channel (train, tune, bias_eval)"), ("TuneConfig", "tune"), ("BiasEvalConfig", "bias_eval"),
+        ("DataConfig", "Data (every entry point)"), ("TrainConfig", "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches "
+                        "lr / momentum / batch_size, only train has resume / keep_checkpoint)"),
+        ("BiasConfig", "Bias channel (train, tune, bias_eval; bias_eval always adds eps to model_2, so it has no `bias`)"), ("TuneConfig", "tune"), ("BiasEvalConfig", "bias_eval"),
         ("SweepConfig", "bias_sweep"), ("SubmitConfig", "kaggle_submit"), ("ReportConfig", "report"))) if c is not None]
     out = []
     for cls, title in groups:
