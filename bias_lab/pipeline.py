@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -30,9 +28,10 @@ from bias_lab import metrics as M
 from bias_lab import plots, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
-from bias_lab.models import build, finite_weights, summarize
 from bias_lab.errors import UserError
+from bias_lab.models import build, finite_weights, summarize
 from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything, validate
+from bias_lab.workers import WORKER, worker_dead
 
 
 @dataclass
@@ -284,7 +283,7 @@ def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig,
 
 
 def _read_owner(run_file: Path) -> dict[str, Any]:
-    """{run_id, pid, host} recorded next to a checkpoint; {} when there is none. A bare run id is an older file."""
+    """{run_id, worker} recorded next to a checkpoint; {} when there is none. A bare run id is an older file."""
     try:
         text = run_file.read_text().strip()
     except OSError:
@@ -299,7 +298,7 @@ def _read_owner(run_file: Path) -> dict[str, Any]:
 def _write_owner(run_file: Path, run_id: str) -> bool:
     """Record this process as the run's owner. False (one warning) when the cache folder is not writable: that
     only costs the resume, never the run."""
-    owner = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}
+    owner = {"run_id": run_id, "worker": WORKER}
     try:
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(owner))
@@ -314,18 +313,8 @@ def _alive(owner: dict[str, Any]) -> bool:
     """Whether the process that owns the checkpoint may still be training. This process (an earlier train in the
     same Python session, done by now) counts as gone; another host's process cannot be checked, so it counts as
     alive."""
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid() and owner.get("host") == socket.gethostname():
-        return False
-    if owner.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+    worker = owner.get("worker")
+    return isinstance(worker, str) and worker != WORKER and not worker_dead(worker)
 
 
 def _refuse_live_owner(owner: dict[str, Any], run_file: Path) -> None:
@@ -333,7 +322,8 @@ def _refuse_live_owner(owner: dict[str, Any], run_file: Path) -> None:
     second must neither end the first's run nor overwrite its checkpoint. Refuse, rather than write elsewhere: a
     separate checkpoint could not be found by `resume=true`, and the two runs would train the same thing."""
     if owner and _alive(owner) and _status(owner.get("run_id")) == "RUNNING":
-        raise UserError(f"another train of this configuration is running (pid {owner['pid']} on {owner.get('host')}, "
+        host, pid = owner["worker"].rsplit(":", 2)[:2]
+        raise UserError(f"another train of this configuration is running (pid {pid} on {host}, "
                         f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
                         f"a bias-lab train, delete {run_file}")
 

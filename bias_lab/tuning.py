@@ -20,8 +20,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
-import socket
 import sys
 import time
 import warnings
@@ -43,6 +41,7 @@ from bias_lab.errors import UserError, check, first_line
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
 from bias_lab.train import validate as validate_train
+from bias_lab.workers import WORKER, worker_dead
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
@@ -198,32 +197,6 @@ def _check_journal(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- workers
-
-
-def _proc_start(pid: int) -> str:
-    """Start time of a process in clock ticks since boot ('' where /proc is missing): tells a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-WORKER = f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
-
-
-def worker_dead(worker: str) -> bool:
-    """True when `worker` (host:pid:start) ran on this machine and that process is gone; False when unknown."""
-    parts = worker.split(":")
-    if len(parts) < 3 or ":".join(parts[:-2]) != socket.gethostname() or not parts[-2].isdigit():
-        return False  # another machine (only a heartbeat, RDB, can tell) or no worker recorded
-    pid, start = int(parts[-2]), parts[-1]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return bool(start) and _proc_start(pid) not in ("", start)
 
 
 def _end_runs_of(client: MlflowClient, run_ids: list[str], why: str) -> list[str]:

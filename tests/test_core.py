@@ -253,6 +253,8 @@ def test_second_train_of_a_configuration_does_not_end_the_live_one(kaggle_data: 
     import subprocess
     import sys
 
+    from bias_lab.workers import identity
+
     args = ("train", "--data", str(kaggle_data), *FAST, "--keep-checkpoint", "true")
     assert invoke(*args)[0] == 0
     [first] = all_runs(client)
@@ -260,8 +262,7 @@ def test_second_train_of_a_configuration_does_not_end_the_live_one(kaggle_data: 
     [run_file] = (Path("cache") / "checkpoints").glob("*.run")
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "pid": owner.pid,
-                                        "host": pipeline.socket.gethostname()}))
+        run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "worker": identity(owner.pid)}))
         code, out = invoke(*args, "--threads", "1")
         assert code == 2 and f"another train of this configuration is running (pid {owner.pid}" in out, out
         assert len(all_runs(client)) == 1 and client.get_run(first.info.run_id).info.status == "RUNNING"
