@@ -133,22 +133,18 @@ def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] |
         active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id)
     try:
         yield active
-    except KeyboardInterrupt as e:
-        with contextlib.suppress(Exception):  # what was drawn before the interruption (tune's best-so-far summary)
-            _write_figures(active.info.run_id)
-        _end(active, "KILLED", f"interrupted: {e or 'Ctrl-C'}")
-        raise
+        _write_figures(active.info.run_id)  # in the try: a failure to write them ends the run FAILED, not RUNNING
     except BaseException as e:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # what was drawn before the failure (tune's best-so-far summary)
             _write_figures(active.info.run_id)
-        _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
+        if isinstance(e, KeyboardInterrupt):
+            _end(active, "KILLED", f"interrupted: {e or 'Ctrl-C'}")
+        else:
+            _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     else:
-        _write_figures(active.info.run_id)
         if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
             mlflow.end_run("FINISHED")
-    finally:
-        _figures.pop(active.info.run_id, None)  # written above, or lost with a failure of their own
 
 
 def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = None) -> None:

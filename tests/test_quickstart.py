@@ -134,3 +134,21 @@ def test_a_description_longer_than_mlflow_keeps_is_cut_with_a_pointer(client: ml
         tracking.set_description("\n".join(f"- line {i}: " + "x" * 60 for i in range(300)), "conclusion.md")
     note = client.get_run(run.info.run_id).data.tags["mlflow.note.content"]
     assert len(note) <= 8000 and note.endswith("all of it is in `conclusion.md`)") and "- line 100: " in note
+
+
+def test_a_run_whose_figures_cannot_be_written_ends_failed_not_running(client: mlflow.MlflowClient, monkeypatch) -> None:
+    import plotly.graph_objects as go
+
+    from bias_lab import tracking
+
+    def full_disk(run_id: str) -> None:
+        tracking._figures.pop(run_id, None)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracking, "_write_figures", full_disk)
+    try:
+        with tracking.run("figures") as run:
+            tracking.log_figure(go.Figure(), "empty")
+    except OSError:
+        pass
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
