@@ -250,16 +250,18 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
 def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
     owner = _read_owner(run_file)
-    _refuse_live_owner(owner, run_file)
-    previous = owner.get("run_id") if _run_exists(owner.get("run_id")) else None
-    if previous and train_cfg.resume and _status(previous) == "FINISHED":
+    status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
+    _refuse_live_owner(owner, status, run_file)
+    previous = owner.get("run_id") if status is not None else None
+    if previous and train_cfg.resume and status == "FINISHED":
         # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
         warnings.warn(f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
                       "(the finished run is left as it is)")
         previous = None
         train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
     if previous and not (train_cfg.resume and ck.exists()):
-        _end_orphan(previous)  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
+        if status == "RUNNING":  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
+            _end_orphan(previous)
         previous = None
     if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
         warnings.warn("resume=true but there is no unfinished run of this configuration to continue (a finished run "
@@ -317,20 +319,15 @@ def _alive(owner: dict[str, Any]) -> bool:
     return isinstance(worker, str) and worker != WORKER and not worker_dead(worker)
 
 
-def _refuse_live_owner(owner: dict[str, Any], run_file: Path) -> None:
+def _refuse_live_owner(owner: dict[str, Any], status: str | None, run_file: Path) -> None:
     """Two trains of one configuration (only device or threads differ) would share one checkpoint and one run: the
     second must neither end the first's run nor overwrite its checkpoint. Refuse, rather than write elsewhere: a
     separate checkpoint could not be found by `resume=true`, and the two runs would train the same thing."""
-    if owner and _alive(owner) and _status(owner.get("run_id")) == "RUNNING":
+    if status == "RUNNING" and _alive(owner):
         host, pid = owner["worker"].rsplit(":", 2)[:2]
         raise UserError(f"another train of this configuration is running (pid {pid} on {host}, "
                         f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
                         f"a bias-lab train, delete {run_file}")
-
-
-def _run_exists(run_id: str | None) -> bool:
-    """Whether the run still exists in the tracking store (deleted, or another store: start a fresh run)."""
-    return run_id is not None and _status(run_id) is not None
 
 
 def _status(run_id: str | None) -> str | None:
@@ -343,12 +340,11 @@ def _status(run_id: str | None) -> str | None:
 
 
 def _end_orphan(run_id: str) -> None:
-    """End a run left RUNNING by a killed `train` (SIGKILL runs no handler) as KILLED. Only called once its
+    """End a RUNNING run left by a killed `train` (SIGKILL runs no handler) as KILLED. Only called once its
     owner process is known to be gone (_refuse_live_owner)."""
     client = mlflow.MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, "error", "killed (the process ended without closing its run); superseded by a new run")
-        client.set_terminated(run_id, "KILLED")
+    client.set_tag(run_id, "error", "killed (the process ended without closing its run); superseded by a new run")
+    client.set_terminated(run_id, "KILLED")
 
 
 def _finished(ck: Path, run_file: Path, run_id: str, keep: bool) -> None:
