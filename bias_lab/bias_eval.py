@@ -218,18 +218,19 @@ def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: i
     return rows
 
 
+def _pm(r: dict[str, Any], m: str, pct: bool) -> str:
+    """A row's measure, with ± its std over seeds when there is one."""
+    return fmt(r[m], pct) + (f" ± {fmt(r[m + '_std'], pct)}" if not math.isnan(r.get(m + "_std", math.nan)) else "")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a markdown table (mean ± std over seeds when there are several)."""
-    def pm(r: dict, m: str, pct: bool) -> str:
-        s = fmt(r[m], pct)
-        return s + (f" ± {fmt(r[m + '_std'], pct)}" if f"{m}_std" in r and not math.isnan(r[m + "_std"]) else "")
-
     head = ["model", "test", "accuracy [95% CI]", "DI [95% CI]", "DP ratio", "P(ŷ=1|S=0)", "P(ŷ=1|S=1)",
             "acc S=0", "acc S=1", "n S=0 / S=1", "four-fifths rule"]
     return md.table(head, ([
         f"{r['model']} ({r['trained_on']})", r["test"],
-        f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
-        f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]",
+        f"{_pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
+        f"{_pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]",
         fmt(r["dp_ratio"]), fmt(r["selection_rate_s0"]), fmt(r["selection_rate_s1"]),
         fmt(r["accuracy_s0"], True), fmt(r["accuracy_s1"], True), f"{fmt(r['n_s0'])} / {fmt(r['n_s1'])}",
         r["four_fifths"],
@@ -238,12 +239,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def short_table(rows: list[dict[str, Any]]) -> str:
     """The comparison in five columns (model, test, accuracy, DI, verdict): what fits a run page or a terminal."""
-    def pm(r: dict, m: str, pct: bool) -> str:
-        return fmt(r[m], pct) + (f" ± {fmt(r[m + '_std'], pct)}" if not math.isnan(r.get(m + "_std", math.nan)) else "")
-
     return md.table(["model", "test", "accuracy [95% CI]", "DI [95% CI]", "four-fifths rule"], ([
-        r["model"], r["test"], f"{pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
-        f"{pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]", r["four_fifths"]] for r in rows))
+        r["model"], r["test"], f"{_pm(r, 'accuracy', True)} [{fmt(r['accuracy_ci_low'], True)}, {fmt(r['accuracy_ci_high'], True)}]",
+        f"{_pm(r, 'di', False)} [{fmt(r['di_ci_low'])}, {fmt(r['di_ci_high'])}]", r["four_fifths"]] for r in rows))
 
 
 def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: BiasConfig, classes: tuple[str, str],
