@@ -310,3 +310,17 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(kaggle_data: Path,
     for key in ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss", "epochs_run"):
         assert run.data.metrics[key] == ref_run.data.metrics[key], key
     assert val_history(client, run.info.run_id) == val_history(client, ref_run.info.run_id)  # every epoch, no gap
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_openmp_threads_sleep_by_default_and_a_user_setting_wins(preset: str | None) -> None:
+    """Spinning OpenMP threads made training up to 9x slower next to other torch jobs. The policy is read when
+    torch loads its OpenMP runtime, so importing bias_lab (the entry points' first import) must set it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    code = "import bias_lab, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [preset or "PASSIVE", "False"]
