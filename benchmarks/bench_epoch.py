@@ -7,7 +7,7 @@ Side by side in one process, on the same images, same model (same init), same ba
   naive         torchvision dataset (ImageFolder, or the CSV equivalent for the Kaggle layout) + transforms
                 (Grayscale, RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize) + DataLoader(num_workers=2),
                 the textbook loop (fp32, NCHW, loss.item() every step);
-  bias_lab      data.load (decoded once, cached uint8 tensors) + train.fit (batched augmentation, its own step);
+  bias_lab      data.load (decoded once, cached uint8 tensors) + loop.fit (batched augmentation, its own step);
   compute       the same model's forward + backward + SGD step on pre-made normalised tensors already in memory,
                 in fit's layout and precision: no data work at all, the physical limit of this machine;
   compute_fp32  the same, in the textbook's fp32 NCHW: separates what the data path gains from what the layout does.
@@ -53,7 +53,7 @@ from bias_lab import data as D  # noqa: E402
 from bias_lab import pipeline, tracking  # noqa: E402
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig  # noqa: E402
 from bias_lab.models import build  # noqa: E402
-from bias_lab.train import Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
+from bias_lab.loop import Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -154,7 +154,7 @@ def naive_steps(model: nn.Module, opt: torch.optim.Optimizer, ds: torch.utils.da
 
 
 def bias_lab_steps(model: nn.Module, part: Part, val: Part, cfg: TrainConfig, norm: Norm) -> Speed:
-    """One train.fit epoch over `part`. Wall: fit's own images_per_s (train steps, not its val pass); CPU: the
+    """One loop.fit epoch over `part`. Wall: fit's own images_per_s (train steps, not its val pass); CPU: the
     whole call, val pass included (`val` is kept tiny)."""
     c0 = cpu_s()
     res = fit(model, part, val, cfg, norm)
@@ -310,7 +310,7 @@ def main() -> int:
     per_epoch = ml["log_ms"] / 1e3 * plan.mlflow_epochs / ml["fit_s_off"]
     labels = {
         "naive": "naive: torchvision dataset + transforms + DataLoader(2 workers), fp32 NCHW",
-        "bias_lab": "bias_lab: cached tensors + train.fit",
+        "bias_lab": "bias_lab: cached tensors + loop.fit",
         "compute": "compute bound, bias_lab's layout/precision",
         "compute_fp32": "compute bound, textbook fp32 NCHW",
     }

@@ -33,9 +33,9 @@ from bias_lab.data import Dataset, check_classes, load
 from bias_lab.errors import UserError, check
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
-from bias_lab.train import InputHook
-from bias_lab.train import SEED_LIMIT
-from bias_lab.train import validate as validate_train
+from bias_lab.loop import InputHook
+from bias_lab.loop import SEED_LIMIT
+from bias_lab.loop import validate as validate_train
 
 HPARAMS = ("lr", "momentum", "batch_size")  # what the champion supplies (what tune searches)
 TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # table label -> metric prefix
@@ -53,7 +53,7 @@ class Arm:
     description: str
     prep: Prepared
     wrap: Callable | None = None  # pipeline.train_model's wrap (model_3: adversarial head)
-    input_hook: InputHook | None = None  # train.fit's input hook (model_3: channel dropout)
+    input_hook: InputHook | None = None  # loop.fit's input hook (model_3: channel dropout)
     note: str = ""  # a caveat about this model on this data, logged as the child's `note` tag
 
 

@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node=K -m bias_lab.cli train ...` starts K copies of the same command; each finds
 RANK / WORLD_SIZE / LOCAL_RANK in its environment, joins one process group (gloo on CPU, nccl on CUDA), and
-`train.fit` wraps the model in DistributedDataParallel. Every rank holds every split in memory (the data is
+`loop.fit` wraps the model in DistributedDataParallel. Every rank holds every split in memory (the data is
 small; the cache is built once, by rank 0) and walks the same global batch order; rank r trains on rows
 r, r+K, r+2K... of each global batch, so an epoch covers each sample exactly once and a K-process run takes
 the same SGD steps, with the same batch size and learning rate, as the command without torchrun. Only rank 0

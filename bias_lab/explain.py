@@ -19,7 +19,7 @@ from torch import nn
 
 from bias_lab import plots, tracking
 from bias_lab.pipeline import Prepared
-from bias_lab.train import Norm, Part, batch_inputs, predict
+from bias_lab.loop import Norm, Part, batch_inputs, predict
 
 N_FIGURE = 4  # test images shown in the saliency figure: 2 per class
 SALIENCY_BATCH = 128

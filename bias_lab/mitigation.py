@@ -28,7 +28,7 @@ from bias_lab import bias as biasmod
 from bias_lab.config import BiasConfig, BiasEvalConfig
 from bias_lab.errors import check
 from bias_lab.pipeline import Prepared
-from bias_lab.train import InputHook
+from bias_lab.loop import InputHook
 
 HEAD_WIDTH = 64  # hidden units of the adversary: small, it only has to read one bit (eps present) off the features
 VAL_SEED_OFFSET = 20_011  # model_3's decorrelated validation draw: a stream of its own (not the test's, not training's)

@@ -30,7 +30,7 @@ from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, fla
 from bias_lab.data import Dataset, Split, cache_dir, check_classes, load, pixel_stats, stratified_split
 from bias_lab.errors import UserError
 from bias_lab.models import build, finite_weights, summarize
-from bias_lab.train import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything, validate
+from bias_lab.loop import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything, validate
 from bias_lab.workers import WORKER, worker_dead
 
 

@@ -33,7 +33,7 @@ from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.models import finite_weights
-from bias_lab.train import Norm, Part, predict, resolve_device
+from bias_lab.loop import Norm, Part, predict, resolve_device
 
 SAMPLE_FILE = "sample_submission.csv"
 
@@ -112,7 +112,7 @@ def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
 
 @torch.no_grad()
 def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_size: int, uri: str = "") -> list[str]:
-    """train.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
+    """loop.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
     Finite weights can still overflow to inf (or NaN) outputs: those have no meaningful argmax, so they stop it."""
     from tqdm.auto import tqdm
 

@@ -26,7 +26,7 @@ from bias_lab.data import check_classes, load
 from bias_lab.errors import UserError, check
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import log_setup, prepare, train_model
-from bias_lab.train import validate as validate_train
+from bias_lab.loop import validate as validate_train
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",

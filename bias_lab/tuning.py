@@ -40,7 +40,7 @@ from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataCo
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
-from bias_lab.train import validate as validate_train
+from bias_lab.loop import validate as validate_train
 from bias_lab.workers import WORKER, worker_dead
 
 SEARCHED = ("lr", "momentum", "batch_size")

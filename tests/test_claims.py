@@ -15,7 +15,7 @@ from bias_lab import config as C
 from bias_lab import metrics as M
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
-from bias_lab.train import predict
+from bias_lab.loop import predict
 
 from .conftest import FAST, all_runs, invoke
 

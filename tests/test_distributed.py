@@ -17,7 +17,7 @@ from bias_lab import data, distributed as D
 from bias_lab.config import BiasConfig, DataConfig
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
-from bias_lab.train import evaluate
+from bias_lab.loop import evaluate
 
 from .conftest import all_runs, invoke
 

@@ -1,4 +1,4 @@
-"""train.fit: checkpoint/resume equality, determinism, learning, lr schedules; `bias-lab train` killed mid-run.
+"""loop.fit: checkpoint/resume equality, determinism, learning, lr schedules; `bias-lab train` killed mid-run.
 
 In-process tests train LeNet at 32 px on small generated tensors (no files); the subprocess tests run the real
 CLI on the `kaggle_data` fixture and read the run states back from the MLflow store.
@@ -22,8 +22,8 @@ import torch
 from bias_lab.config import SCHEDULES, TrainConfig
 from bias_lab.errors import UserError
 from bias_lab.models import build
-from bias_lab import train as trainmod
-from bias_lab.train import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything, validate
+from bias_lab import loop
+from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything, validate
 
 from .conftest import FAST, all_runs, invoke
 
@@ -182,7 +182,7 @@ def test_unwritable_checkpoint_warns_once_and_training_goes_on(tmp_path: Path, m
         calls.append(path)
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(trainmod, "atomic_write", read_only)
+    monkeypatch.setattr(loop, "atomic_write", read_only)
     _, ref = run_fit(3)
     with pytest.warns(UserWarning, match="cannot write the checkpoint .*Read-only file system.*goes on") as caught:
         _, res = run_fit(3, checkpoint=tmp_path / "ck.pt")
