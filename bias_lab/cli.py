@@ -100,7 +100,7 @@ def train(**kw: Any) -> None:
 
     Data-parallel on K GPUs or CPU processes: torchrun --nproc_per_node=K -m bias_lab.cli train ...
     """
-    from bias_lab.pipeline import run_train
+    from bias_lab.train import run_train
 
     run_train(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw))
 

@@ -1,0 +1,168 @@
+"""The `train` command: one tracked run of one model, resumable from its checkpoint.
+
+The run and the checkpoint belong together: a `.run` file next to the checkpoint records the MLflow run and the
+process that own it, so `resume=true` continues that run, a second train of the same configuration is refused while
+the first lives, and a run whose process was SIGKILLed is ended KILLED rather than left RUNNING.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from bias_lab import distributed, tracking
+from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
+from bias_lab.data import cache_dir
+from bias_lab.errors import UserError
+from bias_lab.loop import resolve_device, seed_everything, validate
+from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
+from bias_lab.workers import WORKER, worker_dead
+
+
+def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str) -> Path:
+    """Where `train` checkpoints: one file per configuration, so `resume=true` with the same command finds it."""
+    key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items()
+           if k not in (*TRAIN_ONLY, "device", "threads", "cache_dir")}
+    h = hashlib.sha256(json.dumps({**key, "digest": digest}, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir(data_cfg) / "checkpoints" / f"{train_cfg.model}-{h}.pt"
+
+
+def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
+    """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
+    validate(train_cfg)  # before any data is decoded or run opened: a bad setting costs nothing
+    with distributed.session(resolve_device(train_cfg.device)):
+        if distributed.is_main():
+            tracking.setup()
+        seed_everything(train_cfg.seed, train_cfg.threads)  # before prepare: `threads` shapes its float sums too
+        with distributed.main_first():  # rank 0 decodes into the cache, the other ranks then read it
+            prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
+        ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
+        if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
+            train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
+            return {}
+        return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
+
+
+def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
+    run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
+    owner = _read_owner(run_file)
+    status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
+    _refuse_live_owner(owner, status, run_file)
+    previous = owner.get("run_id") if status is not None else None
+    if previous and train_cfg.resume and status == "FINISHED":
+        # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
+        warnings.warn(f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
+                      "(the finished run is left as it is)")
+        previous = None
+        train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
+    if previous and not (train_cfg.resume and ck.exists()):
+        if status == "RUNNING":  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
+            _end_orphan(previous)
+        previous = None
+    if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
+        warnings.warn("resume=true but there is no unfinished run of this configuration to continue (a finished run "
+                      "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run")
+    with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
+        # an unwritable folder (warned once): the checkpoint would fail too, so train without one
+        checkpoint = ck if _write_owner(run_file, active.info.run_id) else None
+        if previous:
+            mlflow.set_tag("resumed", "true")
+        else:
+            log_setup(prep, data_cfg, train_cfg, bias_cfg)
+        tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": distributed.world()})
+        if checkpoint is not None:
+            mlflow.set_tag("checkpoint", str(checkpoint))
+        _, out = train_model(prep, train_cfg, checkpoint=checkpoint)
+        print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
+        print(tracking.ui_hint(active), file=sys.stderr)
+    if checkpoint is not None:
+        _finished(ck, run_file, active.info.run_id, train_cfg.keep_checkpoint)
+    return out
+
+
+def _read_owner(run_file: Path) -> dict[str, Any]:
+    """{run_id, worker} recorded next to a checkpoint; {} when there is none. A bare run id is an older file."""
+    try:
+        text = run_file.read_text().strip()
+    except OSError:
+        return {}
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        owner = None
+    return owner if isinstance(owner, dict) else {"run_id": text}
+
+
+def _write_owner(run_file: Path, run_id: str) -> bool:
+    """Record this process as the run's owner. False (one warning) when the cache folder is not writable: that
+    only costs the resume, never the run."""
+    owner = {"run_id": run_id, "worker": WORKER}
+    try:
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(owner))
+    except OSError as e:
+        warnings.warn(f"cannot write the checkpoint files in {run_file.parent} ({e.strerror or e}): training goes on "
+                      "without checkpoints, so it cannot be resumed; point cache_dir at a writable folder")
+        return False
+    return True
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    """Whether the process that owns the checkpoint may still be training. This process (an earlier train in the
+    same Python session, done by now) counts as gone; another host's process cannot be checked, so it counts as
+    alive."""
+    worker = owner.get("worker")
+    return isinstance(worker, str) and worker != WORKER and not worker_dead(worker)
+
+
+def _refuse_live_owner(owner: dict[str, Any], status: str | None, run_file: Path) -> None:
+    """Two trains of one configuration (only device or threads differ) would share one checkpoint and one run: the
+    second must neither end the first's run nor overwrite its checkpoint. Refuse, rather than write elsewhere: a
+    separate checkpoint could not be found by `resume=true`, and the two runs would train the same thing."""
+    if status == "RUNNING" and _alive(owner):
+        host, pid = owner["worker"].rsplit(":", 2)[:2]
+        raise UserError(f"another train of this configuration is running (pid {pid} on {host}, "
+                        f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
+                        f"a bias-lab train, delete {run_file}")
+
+
+def _status(run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except Exception:
+        return None
+
+
+def _end_orphan(run_id: str) -> None:
+    """End a RUNNING run left by a killed `train` (SIGKILL runs no handler) as KILLED. Only called once its
+    owner process is known to be gone (_refuse_live_owner)."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "error", "killed (the process ended without closing its run); superseded by a new run")
+    client.set_terminated(run_id, "KILLED")
+
+
+def _finished(ck: Path, run_file: Path, run_id: str, keep: bool) -> None:
+    """After a FINISHED run: its checkpoint only served resuming, so delete it (and its .run file) unless asked to
+    keep it; a kept one stays without an owner process, so the next train of this configuration is not refused."""
+    try:
+        if keep:
+            run_file.write_text(json.dumps({"run_id": run_id}))
+        else:
+            for f in (ck, run_file):  # the checkpoint may never have been written (an unwritable cache)
+                if f.exists():
+                    f.unlink()
+    except OSError as e:
+        warnings.warn(f"cannot {'update' if keep else 'delete'} the checkpoint files {ck.with_suffix('.*')} "
+                      f"({e.strerror or e}): delete them by hand")
+
+
+_SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")
