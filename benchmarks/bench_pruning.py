@@ -3,7 +3,7 @@
     python benchmarks/bench_pruning.py --data DIR      # default /work/shared/data/tiny4; ~5-10 min on 2 cores
     python benchmarks/bench_pruning.py --quick         # generated tiny data, 3 trials of 2 epochs: a smoke run
 
-Both studies run through bias_lab.tuning.run_tune (what `bias-lab tune` does), with the same TPE seed, the
+Both studies run through bias_lab.tune.run_tune (what `bias-lab tune` does), with the same TPE seed, the
 same trial count and the same fixed settings, in a temporary MLflow store and journal (nothing is registered).
 Epochs trained = the sum over trials of the epochs each trial actually ran (a pruned trial stops early).
 Prints a table and one `TARGET ... PASS|FAIL` line per target of issue 6:
@@ -26,7 +26,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
 
-from bias_lab import tuning  # noqa: E402
+from bias_lab import tune  # noqa: E402
 from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
@@ -36,16 +36,16 @@ def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, flo
     """One study; returns best val accuracy, epochs trained, trial counts and wall time."""
     data = DataConfig(data=args.data, image_size=args.image_size)
     train = TrainConfig(model=args.model, epochs=args.epochs, seed=args.seed, threads=args.threads)
-    tune = TuneConfig(n_trials=args.n_trials, pruner=pruner, storage=str(workdir / "optuna.journal"),
+    tune_cfg = TuneConfig(n_trials=args.n_trials, pruner=pruner, storage=str(workdir / "optuna.journal"),
                       study_name=f"bench-pruning-{pruner}", final_model=False)
     t0 = time.perf_counter()
-    tuning.run_tune(data, train, BiasConfig(), tune)
+    tune.run_tune(data, train, BiasConfig(), tune_cfg)
     wall = time.perf_counter() - t0
-    s = optuna.load_study(study_name=tune.study_name, storage=tuning.open_storage(tune.storage)[0])
+    s = optuna.load_study(study_name=tune_cfg.study_name, storage=tune.open_storage(tune_cfg.storage)[0])
     states = [t.state for t in s.trials]
     return {
         "best_val_accuracy": s.best_value,
-        "epochs_trained": tuning.epochs_trained(s),
+        "epochs_trained": tune.epochs_trained(s),
         "complete": states.count(optuna.trial.TrialState.COMPLETE),
         "pruned": states.count(optuna.trial.TrialState.PRUNED),
         "wall_s": wall,

@@ -109,7 +109,7 @@ def train(**kw: Any) -> None:
 @options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig, skip=C.NOT_USED_BY["tune"])
 def tune(**kw: Any) -> None:
     """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
-    from bias_lab.tuning import run_tune
+    from bias_lab.tune import run_tune
 
     run_tune(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw), make(C.TuneConfig, kw))
 
@@ -127,7 +127,7 @@ def bias_eval(**kw: Any) -> None:
 @options(C.DataConfig, C.SubmitConfig)
 def kaggle_submit(**kw: Any) -> None:
     """Predict the unlabelled test folder with a registered model and write a validated Kaggle CSV."""
-    from bias_lab.submission import run_submit
+    from bias_lab.kaggle_submit import run_submit
 
     run_submit(make(C.DataConfig, kw), make(C.SubmitConfig, kw))
 
@@ -136,7 +136,7 @@ def kaggle_submit(**kw: Any) -> None:
 @options(C.DataConfig, C.TrainConfig, C.SweepConfig, defaults={"epochs": 4}, skip=C.NOT_USED_BY["bias_sweep"])  # a grid of runs: short ones
 def bias_sweep(**kw: Any) -> None:
     """DI and accuracy of model_2 over a grid of p1-p0 and sigma: how strong must a shortcut be to be taken?"""
-    from bias_lab.sweep import run_sweep
+    from bias_lab.bias_sweep import run_sweep
 
     run_sweep(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.SweepConfig, kw))
 

@@ -17,12 +17,11 @@ from typing import Any
 
 import mlflow
 
-from bias_lab import distributed, tracking
+from bias_lab import distributed, pipeline, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
 from bias_lab.errors import UserError
 from bias_lab.loop import resolve_device, seed_everything, validate
-from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
 from bias_lab.workers import WORKER, worker_dead
 
 
@@ -40,17 +39,17 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
     with distributed.session(resolve_device(train_cfg.device)):
         if distributed.is_main():
             tracking.setup()
-        seed_everything(train_cfg.seed, train_cfg.threads)  # before prepare: `threads` shapes its float sums too
+        seed_everything(train_cfg.seed, train_cfg.threads)  # before pipeline.prepare: `threads` shapes its float sums too
         with distributed.main_first():  # rank 0 decodes into the cache, the other ranks then read it
-            prep = prepare(data_cfg, bias_cfg, train_cfg.seed)
+            prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
         ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
         if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
-            train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
+            pipeline.train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
             return {}
         return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
 
 
-def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
+def _train_tracked(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
     owner = _read_owner(run_file)
     status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
@@ -75,11 +74,11 @@ def _train_tracked(prep: Prepared, data_cfg: DataConfig, train_cfg: TrainConfig,
         if previous:
             mlflow.set_tag("resumed", "true")
         else:
-            log_setup(prep, data_cfg, train_cfg, bias_cfg)
+            pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg)
         tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": distributed.world()})
         if checkpoint is not None:
             mlflow.set_tag("checkpoint", str(checkpoint))
-        _, out = train_model(prep, train_cfg, checkpoint=checkpoint)
+        _, out = pipeline.train_model(prep, train_cfg, checkpoint=checkpoint)
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)
     if checkpoint is not None:

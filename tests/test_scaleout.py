@@ -198,7 +198,7 @@ def _tune_command(data: Path, storage: str, final_model: bool) -> list[str]:
 def _kill_mid_trial(victim: subprocess.Popen, storage: optuna.storages.BaseStorage, timeout_s: float) -> int:
     """SIGKILL `victim` between two epochs of one of its trials; returns that trial's number."""
     deadline = time.monotonic() + timeout_s
-    tag = f":{victim.pid}:"  # tuning.WORKER is host:pid:start
+    tag = f":{victim.pid}:"  # workers.WORKER is host:pid:start
     while time.monotonic() < deadline and victim.poll() is None:
         try:
             trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from bias_lab import data, submission
+from bias_lab import data, kaggle_submit
 from bias_lab.errors import UserError
 from bias_lab.tracking import load_model
 
@@ -44,7 +44,7 @@ def register(uri: str, name: str = "bias-lab", alias: str = "champion") -> str:
 
 
 def expected_labels(model_uri: str, data_dir: Path) -> dict[str, str]:
-    """Each test id's label computed here, independently of submission.py: model logits -> meta classes."""
+    """Each test id's label computed here, independently of kaggle_submit.py: model logits -> meta classes."""
     model, meta = load_model(model_uri)
     ds = data.load(data.DataConfig(data=str(data_dir), image_size=meta["image_size"]))
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_failures_write_nothing_and_keep_a_good_file(kaggle_data: Path, client: 
         path.write_text("id,label\n12")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(submission, "write_csv", disk_full)
+    monkeypatch.setattr(kaggle_submit, "write_csv", disk_full)
     code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--output", "sub.csv")
     assert code == 1 and "No space left" in out and "Traceback" not in out
     assert Path("sub.csv").read_bytes() == good and sorted(p.name for p in Path(".").iterdir() if "sub" in p.name) == ["sub.csv"]
@@ -170,23 +170,23 @@ def test_score(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sol.write_text("id,label,Usage\n1,3,Public\n2,7,Public\n3,1,Private\n4,7,Private\n")
     sub = tmp_path / "sub.csv"
     sub.write_text("ImageId,Category\n4.jpg,7\n3.jpg,1\n2.jpg,1\n1.jpg,3\n")  # other order, ids with extension
-    assert submission.score(sub, sol) == 0.75
+    assert kaggle_submit.score(sub, sol) == 0.75
     with pytest.raises(SystemExit) as done:
-        submission.main(["score", str(sub), str(sol)])
+        kaggle_submit.main(["score", str(sub), str(sol)])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == "accuracy=0.7500"
     sub.write_text("id,label\n1,3\n2,7\n3,1\n")
     with pytest.raises(UserError, match="no row for 1 solution ids .e.g. 4"):
-        submission.score(sub, sol)
+        kaggle_submit.score(sub, sol)
     sub.write_text("id,label\n1,3\n1,3\n2,7\n3,1\n4,7\n")
     with pytest.raises(UserError, match="more than once"):
-        submission.score(sub, sol)
+        kaggle_submit.score(sub, sol)
 
 
 def test_score_matches_a_perfect_and_a_constant_submission(kaggle_data: Path, tmp_path: Path) -> None:
     sol = kaggle_data / "solution.csv"
     shutil.copy(sol, tmp_path / "perfect.csv")
-    assert submission.score(tmp_path / "perfect.csv", sol) == 1.0
-    assert submission.score(kaggle_data / "sample_submission.csv", sol) == 0.25  # all '1', 5 of 20 are 1
+    assert kaggle_submit.score(tmp_path / "perfect.csv", sol) == 1.0
+    assert kaggle_submit.score(kaggle_data / "sample_submission.csv", sol) == 0.25  # all '1', 5 of 20 are 1
 
 
 def model_file(name: str) -> Path:
@@ -215,7 +215,7 @@ def test_duplicate_test_ids_refused_before_any_work(kaggle_data: Path, tmp_path:
     assert "keep one image per id" in line and not Path("sub.csv").exists()
     assert not [r for r in all_runs(client) if r.data.tags.get("entry_point") == "kaggle_submit"]
     with pytest.raises(UserError, match=r"for 1 test ids \(7\)"):  # the check on loaded ids (demo data is not listed)
-        submission.check_unique_ids(["7", "8", "7"], "the test folder")
+        kaggle_submit.check_unique_ids(["7", "8", "7"], "the test folder")
 
 
 def test_diverged_model_refused(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
@@ -242,7 +242,7 @@ def test_unwritable_output_folder_refused_before_any_work(tmp_path: Path, client
     if os.geteuid() == 0:  # root writes anywhere: let the probe meet what a user without the permission meets
         def denied(*args, dir=None, **kw):
             raise PermissionError(13, "Permission denied", str(dir))
-        monkeypatch.setattr(submission.tempfile, "mkstemp", denied)
+        monkeypatch.setattr(kaggle_submit.tempfile, "mkstemp", denied)
     try:
         code, out = invoke("kaggle-submit", "--data", str(tmp_path / "no-data"), "--model-uri", "models:/nope@champion",
                            "--output", str(locked / "sub.csv"))
@@ -287,7 +287,7 @@ def test_corrupt_model_files(kaggle_data: Path) -> None:
 
 def test_without_sample_submission_rows_are_sorted_by_id_naturally() -> None:
     """ids of different lengths: 9 before 10 before 100 (file order and string order would both be wrong)."""
-    from bias_lab.submission import arrange
+    from bias_lab.kaggle_submit import arrange
 
     sub = arrange(["100", "9", "1000", "10"], ["a", "b", "c", "d"], None)
     assert [i for i, _ in sub.rows] == ["9", "10", "100", "1000"]

@@ -10,37 +10,37 @@ import pandas as pd
 import pytest
 
 from bias_lab import config as C
-from bias_lab import sweep
+from bias_lab import bias_sweep
 from bias_lab.errors import UserError
 
 from .conftest import all_runs, figures_page
 
 
 def test_grid_parsing_and_cells() -> None:
-    assert sweep.parse_grid("1, 0,0.5,0.5", "gaps", 0, 1) == [0.0, 0.5, 1.0]
+    assert bias_sweep.parse_grid("1, 0,0.5,0.5", "gaps", 0, 1) == [0.0, 0.5, 1.0]
     for text, message in (("0,x", "not a comma-separated list"), ("", "is empty"), ("0,1.5", r"1.5 is outside \[0, 1\]")):
         with pytest.raises(UserError, match=message):
-            sweep.parse_grid(text, "gaps", 0, 1)
+            bias_sweep.parse_grid(text, "gaps", 0, 1)
     with pytest.raises(UserError, match="inf is outside"):
-        sweep.parse_grid("1,inf", "sigmas", 0, math.inf)
-    b = sweep.cell_bias(0.5, 0.3, "1,3")
+        bias_sweep.parse_grid("1,inf", "sigmas", 0, math.inf)
+    b = bias_sweep.cell_bias(0.5, 0.3, "1,3")
     assert (b.p0, b.p1, b.sigma, b.classes) == (0.25, 0.75, 0.3, "1,3")
-    assert (sweep.cell_bias(1.0, 1, "").p0, sweep.cell_bias(1.0, 1, "").p1) == (0.0, 1.0)
+    assert (bias_sweep.cell_bias(1.0, 1, "").p0, bias_sweep.cell_bias(1.0, 1, "").p1) == (0.0, 1.0)
 
 
 def test_threshold_is_where_the_bias_starts_and_stays() -> None:
     gaps = [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert sweep.threshold(gaps, [1.0, 0.95, 0.7, 0.3, 0.0]) == 0.5
-    assert sweep.threshold(gaps, [1.0, 0.5, 0.9, 0.3, 0.0]) == 0.75  # a noisy early dip is not the threshold
-    assert sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.7]) == 1.0
-    assert math.isnan(sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.85]))
-    assert sweep.threshold(gaps, [1.0, 1.0, 1.0, math.inf, math.inf]) == 0.75
-    assert math.isnan(sweep.threshold(gaps, [0.0, 0.0, 0.0, 0.0, math.nan]))  # undefined at the top: not shown taken
+    assert bias_sweep.threshold(gaps, [1.0, 0.95, 0.7, 0.3, 0.0]) == 0.5
+    assert bias_sweep.threshold(gaps, [1.0, 0.5, 0.9, 0.3, 0.0]) == 0.75  # a noisy early dip is not the threshold
+    assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.7]) == 1.0
+    assert math.isnan(bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.85]))
+    assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.0, math.inf, math.inf]) == 0.75
+    assert math.isnan(bias_sweep.threshold(gaps, [0.0, 0.0, 0.0, 0.0, math.nan]))  # undefined at the top: not shown taken
 
 
 def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
     data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    out = sweep.run_sweep(data, C.TrainConfig(model="lenet", epochs=1, batch_size=16),
+    out = bias_sweep.run_sweep(data, C.TrainConfig(model="lenet", epochs=1, batch_size=16),
                           C.SweepConfig(classes="2,4", gaps="0,1", sigmas="1", bootstrap=50))
     assert set(out) == {"threshold_gap_sigma_1", "threshold_gap"}
     runs = all_runs(client)

@@ -17,7 +17,7 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from bias_lab import pipeline, tracking, tuning
+from bias_lab import pipeline, tracking, tune
 from bias_lab.bias_eval import champion_hparams
 from bias_lab.data import load
 from bias_lab import config as C
@@ -51,7 +51,7 @@ class OddPruner(optuna.pruners.BasePruner):
 
 
 def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tuning, "make_pruner", lambda name, epochs: OddPruner())
+    monkeypatch.setattr(tune, "make_pruner", lambda name, epochs: OddPruner())
     code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "3", "--study-name", "s"))
     assert code == 0, out
     [parent], kids = parent_and_children(client)
@@ -207,7 +207,7 @@ def test_champion_moves_only_on_improvement(client) -> None:
     champion = lambda: str(client.get_model_version_by_alias("m", "champion").version)  # noqa: E731
 
     def register(digest: str, val: float) -> dict:
-        return tuning.register_champion(info.model_uri, "m", digest, val, {"model": "lenet"})
+        return tune.register_champion(info.model_uri, "m", digest, val, {"model": "lenet"})
 
     assert register("d1", 0.5)["moved"] and champion() == "1"
     d = register("d1", 0.4)
@@ -276,7 +276,7 @@ def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -
 
 def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
     """The real median pruner (no stand-in): after 3 good trials, one reporting a far worse value is pruned at once."""
-    study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0))
+    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0))
     for _ in range(3):
         t = study.ask()
         for epoch in range(1, 7):
@@ -290,25 +290,25 @@ def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
             pruned_at = epoch
             break
     assert pruned_at is not None and pruned_at <= 3, pruned_at
-    assert not tuning.make_pruner("none", 6).prune(study, study.trials[-1])
+    assert not tune.make_pruner("none", 6).prune(study, study.trials[-1])
 
 
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
-    storage, _ = tuning.open_storage("")
-    study = tuning.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
+    storage, _ = tune.open_storage("")
+    study = tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
     assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
-    tuning.open_study(storage, "f", C.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
-    with pytest.raises(tuning.UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
-        tuning.open_study(storage, "f", C.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
+    tune.open_study(storage, "f", C.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
+    with pytest.raises(tune.UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
+        tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
 
 
 def test_worker_liveness() -> None:
-    assert not tuning.worker_dead(tuning.WORKER)  # this process
+    assert not tune.worker_dead(tune.WORKER)  # this process
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = tuning.WORKER.split(":")[0]
-    assert tuning.worker_dead(f"{host}:{dead.pid}:1")
-    assert not tuning.worker_dead(f"other-host:{dead.pid}:1") and not tuning.worker_dead("")
+    host = tune.WORKER.split(":")[0]
+    assert tune.worker_dead(f"{host}:{dead.pid}:1")
+    assert not tune.worker_dead(f"other-host:{dead.pid}:1") and not tune.worker_dead("")
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ values), so nothing is repeated on the command line. Rows follow sample_submissi
 appears only after every check passed and the MLflow run holding it as an artifact was logged, so a failure
 leaves neither a partial file nor a replaced earlier one. `score` compares a submission with a solution.csv:
 
-    python -m bias_lab.submission score submission.csv path/to/solution.csv
+    python -m bias_lab.kaggle_submit score submission.csv path/to/solution.csv
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def score(submission_csv: str | Path, solution_csv: str | Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m bias_lab.submission score SUBMISSION SOLUTION`: print the accuracy."""
+    """`python -m bias_lab.kaggle_submit score SUBMISSION SOLUTION`: print the accuracy."""
     import click
 
     @click.group()
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             raise click.ClickException(str(e)) from None
         click.echo(f"accuracy={acc:.4f}")
 
-    cli.main(argv, prog_name="python -m bias_lab.submission")
+    cli.main(argv, prog_name="python -m bias_lab.kaggle_submit")
 
 
 if __name__ == "__main__":
