@@ -13,6 +13,7 @@ global batch, DDP all-reduces the gradients, and the epoch's metrics are all-red
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -197,6 +198,29 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@dataclass
+class FitState:
+    """What fit carries from epoch to epoch; a checkpoint stores it verbatim (these names are its keys)."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict of metrics per epoch
+    best: tuple[float, int] = (-1.0, 0)  # (best val_accuracy, its 1-based epoch)
+    best_state: dict[str, torch.Tensor] | None = None  # the weights of that epoch (a copy)
+    train_s: float = 0.0  # seconds in train steps (the throughput's denominator)
+    wall_s: float = 0.0  # seconds of the whole fit so far, evaluation included
+
+
+@dataclass
+class _Optim:
+    """The SGD machinery of one fit: what a checkpoint must restore besides the weights and FitState."""
+
+    step_model: nn.Module  # the model, or its DDP wrapper under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    order_gen: torch.Generator  # batch order, on the CPU: identical across devices
+    aug_gen: torch.Generator  # augmentation draws, on the data's device
+
+
 def fit(
     model: nn.Module,
     train: Part,
@@ -214,110 +238,133 @@ def fit(
     is added to the loss. With `checkpoint`, state is saved after every epoch and, when cfg.resume is set,
     training continues from it, reaching the same weights as an uninterrupted run.
     """
-    validate(cfg)  # again: tune and bias_eval reach fit without run_train
+    validate(cfg)  # again: tune and bias_eval reach fit without the train command
     check(D.world() == 1 or input_hook is None, "a train-batch hook (channel dropout) does not run under torchrun: start without it")
     check(cfg.batch_size >= D.world(), f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
           "use batch_size >= nproc_per_node")
     device = next(model.parameters()).device
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
-    n = len(train)
-    batches = D.batch_bounds(n, cfg.batch_size, D.world())  # the same global batches on every rank
-    total_steps = len(batches) * cfg.epochs
-    # torchrun: each rank runs its shard of every batch and DDP all-reduces the gradients; rank 0's buffers
-    # (BatchNorm statistics) are sent to the others before each evaluation rather than before each step
-    step_model = model if D.world() == 1 else D.wrap(model)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total_steps))
-    order_gen = torch.Generator().manual_seed(cfg.seed)  # batch order (CPU: identical across devices)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # augmentation draws, on the data's device
-    state = {"epoch": 0, "history": [], "best": (-1.0, 0), "best_state": None, "train_s": 0.0, "wall_s": 0.0}
+    batches = D.batch_bounds(len(train), cfg.batch_size, D.world())  # the same global batches on every rank
+    optim = _optim(model, cfg, device, total_steps=len(batches) * cfg.epochs)
+    state = FitState()
     if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
-        ck = _load_checkpoint(checkpoint, device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        order_gen.set_state(ck["order_gen"])
-        aug_gen.set_state(ck["aug_gen"].cpu())
-        torch.set_rng_state(ck["torch_rng"].cpu())
-        state = {k: ck[k] for k in state}
-        state["best"] = tuple(state["best"])
+        state = _restore(checkpoint, device, model, optim)
 
     from tqdm.auto import tqdm
 
-    t_start = time.perf_counter() - state["wall_s"]
+    t_start = time.perf_counter() - state.wall_s
     diverged = False
-    bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state["epoch"],
+    bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state.epoch,
                total=cfg.epochs, **({} if D.is_main() else {"disable": True}))  # one bar, rank 0's; TQDM_DISABLE still works
     for epoch in bar:
-        model.train()
-        if D.world() > 1:  # dropout masks: each rank its own stream, a function of (seed, epoch, rank), so resume-safe
-            torch.manual_seed(hash((cfg.seed, epoch, D.rank())) & 0xFFFF_FFFF)
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=order_gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for start, end in batches:
-            batch = perm[start:end]
-            idx = D.shard(batch)  # all of it without torchrun
-            x = batch_inputs(train, idx, norm, aug_gen if cfg.augment else None, batch=len(batch))
-            if input_hook is not None:
-                x = input_hook(x, idx, aug_gen)
-            y = train.labels[idx]
-            total = len(batch) if train.weights is None else train.weights[batch].sum()  # a tensor: no sync per step
-            with autocast(device):
-                logits = step_model(channels_last(x))
-                loss = _loss(logits, y, None if train.weights is None else train.weights[idx], cfg.label_smoothing, total)
-                loss = loss + getattr(model, "aux_loss", 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * (len(batch) / D.world())  # summed over ranks: batch mean x batch size
-            correct += (logits.argmax(1) == y).sum()
-        loss_sum, correct = D.all_sum(loss_sum, correct)  # one device sync (and collective) per epoch, not per step
-        train_loss = float(loss_sum) / n
-        state["train_s"] += time.perf_counter() - t0
+        train_loss, train_accuracy = _train_epoch(model, optim, train, batches, cfg, norm, epoch, input_hook)
+        state.train_s += time.perf_counter() - t0
         D.sync_buffers(model)
         v = evaluate(model, val, norm, sharded=True)
         metrics = {
             "train_loss": train_loss,
-            "train_accuracy": float(correct) / n,
+            "train_accuracy": train_accuracy,
             "val_loss": v["loss"],
             "val_accuracy": v["accuracy"],
-            "scheduled_lr": opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
+            "scheduled_lr": optim.opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
             "epoch_time_s": time.perf_counter() - t0,
         }
-        state["history"].append(metrics)
-        state["epoch"] = epoch + 1
+        state.history.append(metrics)
+        state.epoch = epoch + 1
         if not math.isfinite(train_loss):
             diverged = True
             bar.close()
             break
-        if v["accuracy"] > state["best"][0]:
-            state["best"] = (v["accuracy"], epoch + 1)
-            state["best_state"] = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        state["wall_s"] = time.perf_counter() - t_start
+        if v["accuracy"] > state.best[0]:
+            state.best = (v["accuracy"], epoch + 1)
+            state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        state.wall_s = time.perf_counter() - t_start
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
         if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
             on_epoch(epoch + 1, metrics)
         if checkpoint is not None and D.is_main():  # the ranks hold the same state: one writer
-            if not _save_checkpoint(checkpoint, model, opt, sched, order_gen, aug_gen, state):
+            if not _save_checkpoint(checkpoint, model, optim, state):
                 checkpoint = None  # warned once: an unwritable cache costs the resume, never the run
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    wall = time.perf_counter() - t_start
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     return FitResult(
-        history=state["history"],
-        best_epoch=state["best"][1],
-        best_val_accuracy=max(state["best"][0], 0.0),
-        train_time_s=wall,
-        images_per_s=n * len(state["history"]) / max(state["train_s"], 1e-9),
+        history=state.history,
+        best_epoch=state.best[1],
+        best_val_accuracy=max(state.best[0], 0.0),
+        train_time_s=time.perf_counter() - t_start,
+        images_per_s=len(train) * len(state.history) / max(state.train_s, 1e-9),
         diverged=diverged,
-        epochs_run=len(state["history"]),
+        epochs_run=len(state.history),
     )
+
+
+def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int) -> _Optim:
+    """SGD with the schedule over `total_steps`, and the seeded generators of batch order and augmentation.
+    Under torchrun each rank steps its shard of every batch and DDP all-reduces the gradients; rank 0's buffers
+    (BatchNorm statistics) are sent to the others before each evaluation rather than before each step."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+    return _Optim(
+        step_model=model if D.world() == 1 else D.wrap(model),
+        opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total_steps)),
+        order_gen=torch.Generator().manual_seed(cfg.seed),
+        aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+    )
+
+
+def _train_epoch(model: nn.Module, optim: _Optim, train: Part, batches: list[tuple[int, int]], cfg: TrainConfig,
+                 norm: Norm, epoch: int, input_hook: InputHook | None) -> tuple[float, float]:
+    """One pass of SGD steps over `train` in a fresh random order; returns (mean train loss, train accuracy)."""
+    model.train()
+    device = train.images.device
+    if D.world() > 1:  # dropout masks: each rank its own stream, a function of (seed, epoch, rank), so resume-safe
+        torch.manual_seed(hash((cfg.seed, epoch, D.rank())) & 0xFFFF_FFFF)
+    n = len(train)
+    perm = torch.randperm(n, generator=optim.order_gen).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start, end in batches:
+        batch = perm[start:end]
+        idx = D.shard(batch)  # all of it without torchrun
+        x = batch_inputs(train, idx, norm, optim.aug_gen if cfg.augment else None, batch=len(batch))
+        if input_hook is not None:
+            x = input_hook(x, idx, optim.aug_gen)
+        y = train.labels[idx]
+        total = len(batch) if train.weights is None else train.weights[batch].sum()  # a tensor: no sync per step
+        with autocast(device):
+            logits = optim.step_model(channels_last(x))
+            loss = _loss(logits, y, None if train.weights is None else train.weights[idx], cfg.label_smoothing, total)
+            loss = loss + getattr(model, "aux_loss", 0.0)  # set by the forward just run (mitigation's adversary)
+        optim.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.opt.step()
+        optim.sched.step()
+        loss_sum += loss.detach() * (len(batch) / D.world())  # summed over ranks: batch mean x batch size
+        correct += (logits.argmax(1) == y).sum()
+    loss_sum, correct = D.all_sum(loss_sum, correct)  # one device sync (and collective) per epoch, not per step
+    return float(loss_sum) / n, float(correct) / n
+
+
+def _fields(state: FitState) -> dict[str, object]:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) -> FitState:
+    """Load a checkpoint into the model and `optim`; returns the FitState it was saved with."""
+    ck = _load_checkpoint(path, device)
+    model.load_state_dict(ck["model"])
+    optim.opt.load_state_dict(ck["optimizer"])
+    optim.sched.load_state_dict(ck["scheduler"])
+    optim.order_gen.set_state(ck["order_gen"])
+    optim.aug_gen.set_state(ck["aug_gen"].cpu())
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    state = FitState(**{k: ck[k] for k in _fields(FitState())})
+    state.best = tuple(state.best)  # a tuple in FitState, whatever the file gives back
+    return state
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -325,7 +372,7 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
     pickled code that weights_only refuses): never a traceback, nor torch's advice to unpickle it."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", "epoch"} - set(ck)
+        missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", *_fields(FitState())} - set(ck)
         check(not missing, f"it lacks {sorted(missing)}")
         return ck
     except Exception as e:
@@ -336,17 +383,17 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
                         "or run with resume=false to start over") from None
 
 
-def _save_checkpoint(path: Path, model, opt, sched, order_gen, aug_gen, state: dict) -> bool:
+def _save_checkpoint(path: Path, model: nn.Module, optim: _Optim, state: FitState) -> bool:
     """Everything needed to continue bit-exactly, written atomically (weights_only-loadable: no pickled code).
     False (with one warning) when it cannot be written: a read-only or full cache folder costs the resume only."""
     blob = {
         "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "order_gen": order_gen.get_state(),
-        "aug_gen": aug_gen.get_state(),
+        "optimizer": optim.opt.state_dict(),
+        "scheduler": optim.sched.state_dict(),
+        "order_gen": optim.order_gen.get_state(),
+        "aug_gen": optim.aug_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
-        **state,
+        **_fields(state),  # not dataclasses.asdict: that deep-copies best_state's tensors every epoch
     }
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
