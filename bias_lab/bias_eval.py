@@ -19,15 +19,13 @@ from typing import Any, Callable
 
 import mlflow
 import numpy as np
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from bias_lab import bias as biasmod
 from bias_lab import explain
 from bias_lab import metrics as M
 from bias_lab import mitigation as mit
 from bias_lab import markdown as md
-from bias_lab import plots, tracking
+from bias_lab import plots, registry, tracking
 from bias_lab.config import MITIGATIONS, MODEL_1_MODES, NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
 from bias_lab.errors import UserError, check
@@ -37,7 +35,6 @@ from bias_lab.loop import InputHook
 from bias_lab.loop import SEED_LIMIT
 from bias_lab.loop import validate as validate_train
 
-HPARAMS = ("lr", "momentum", "batch_size")  # what the champion supplies (what tune searches)
 TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # table label -> metric prefix
 MEASURES = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "di", "di_ci_low", "di_ci_high", "dp_ratio",
             "selection_rate_s0", "selection_rate_s1", "accuracy_s0", "accuracy_s1", "n_s0", "n_s1")
@@ -81,46 +78,9 @@ def validate(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
 # ------------------------------------------------------------------------------------------- hyperparameters
 
 
-def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[dict[str, Any], str] | None:
-    """lr / momentum / batch_size of the registered version of `name` trained on this data with this arch.
-
-    A version matches when its tags or its source run's params say data_digest in `digests` (the binary
-    task's: a model tuned on another task is no evidence for this one) and model == arch (tune tags its versions with data_digest,
-    model, lr, momentum, batch_size, val_accuracy). Among matches: the `champion` alias wins, then the better
-    digest, then val_accuracy. Returns (params, model URI) or None.
-    """
-    client = MlflowClient()
-    try:
-        versions = list(client.search_model_versions(f"name='{name}'"))
-    except MlflowException:  # no registry in this store, or no such model
-        return None
-    try:
-        champion = client.get_model_version_by_alias(name, "champion").version
-    except MlflowException:
-        champion = None
-    best, best_key = None, None
-    for v in versions:
-        try:
-            run = client.get_run(v.run_id) if v.run_id else None
-        except MlflowException:  # source run deleted
-            run = None
-        params = {**(run.data.params if run else {}), **(v.tags or {})}
-        digest = params.get("data_digest", params.get("dataset_digest"))
-        if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in HPARAMS):
-            continue
-        val = float(params.get("val_accuracy", run.data.metrics.get("best_val_accuracy", -1.0) if run else -1.0))
-        key = (v.version == champion, -digests.index(digest), val, int(v.version))
-        if best_key is None or key > best_key:
-            best, best_key = (params, v.version), key
-    if best is None:
-        return None
-    params, version = best
-    return {"lr": float(params["lr"]), "momentum": float(params["momentum"]), "batch_size": int(float(params["batch_size"]))}, f"models:/{name}/{version}"
-
-
 def hyperparameters(train_cfg: TrainConfig, eval_cfg: BiasEvalConfig, digests: tuple[str, ...]) -> tuple[TrainConfig, str]:
     """The training settings both models share: the champion's lr/momentum/batch_size when asked and found."""
-    found = champion_hparams(eval_cfg.registered_model, digests, train_cfg.model) if eval_cfg.use_champion else None
+    found = registry.champion_hparams(eval_cfg.registered_model, digests, train_cfg.model) if eval_cfg.use_champion else None
     if found is None:
         return train_cfg, "command line" + ("" if not eval_cfg.use_champion else
                                             " (no registered model tuned on this binary task with this architecture)")
@@ -398,7 +358,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
     # only a model tuned on this binary task (`tune --bias true --classes A,B`) vouches for its hyperparameters:
     # the 4-class champion's (lr 0.34, batch 128, say) made model_2 collapse to one class on the pair
     train_cfg, source = hyperparameters(train_cfg, eval_cfg, (f"{ds.digest}-{classes[0]}v{classes[1]}",))
-    print(f"hyperparameters of both models: {', '.join(f'{h}={getattr(train_cfg, h)}' for h in HPARAMS)}, "
+    print(f"hyperparameters of both models: {', '.join(f'{h}={getattr(train_cfg, h)}' for h in registry.HPARAMS)}, "
           f"epochs={train_cfg.epochs}; source: {source}", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {}
     descriptions: dict[str, str] = {}
@@ -414,7 +374,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
             if k == 0:
                 log_setup(ref, data_cfg, train_cfg, bias_cfg, eval_cfg, skip=NOT_USED_BY["bias_eval"])
                 tracking.log_params({"hparams_source": source, "label_y0": classes[0], "label_y1": classes[1],
-                                     "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in HPARAMS)})
+                                     "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in registry.HPARAMS)})
             y = ref.test.labels.numpy()
             chance.append(max(y.mean(), 1 - y.mean()) if len(y) else math.nan)
             base_di["in distribution"].append(M.base_rate_di(y, ref.test.s.numpy()))

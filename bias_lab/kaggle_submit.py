@@ -28,11 +28,12 @@ import mlflow
 import torch
 from torch import nn
 
-from bias_lab import tracking
+from bias_lab import registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.models import finite_weights
+from bias_lab.registry import ModelMeta
 from bias_lab.loop import Norm, Part, predict, resolve_device
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -41,50 +42,11 @@ SAMPLE_FILE = "sample_submission.csv"
 # ----------------------------------------------------------------------------------------------- model
 
 
-@dataclass
-class ModelRef:
-    """What a model URI points at: the URI actually loaded plus, when it is known, its registry version."""
-
-    uri: str  # as given
-    resolved: str  # pinned: models:/name/<version> for an alias, so the run records what was predicted with
-    name: str | None = None
-    version: str | None = None
-    run_id: str | None = None  # the run that logged the model
-
-
-def resolve(model_uri: str) -> ModelRef:
-    """Pin an alias / 'latest' to a version and find the run that logged the model (UserError when unknown)."""
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    check(bool(model_uri.strip()), "model_uri is empty: pass e.g. models:/bias-lab@champion or runs:/<run_id>/model")
-    client = mlflow.MlflowClient()
-    try:
-        if model_uri.startswith("models:/"):
-            found = get_model_name_and_version(client, model_uri)
-            if len(found) == 1:  # models:/m-<id>, a logged model outside the registry
-                return ModelRef(model_uri, model_uri, run_id=client.get_logged_model(found[0]).source_run_id)
-            name, version = found
-            mv = client.get_model_version(name, version)
-            return ModelRef(model_uri, f"models:/{name}/{version}", name, str(version), mv.run_id)
-        if model_uri.startswith("runs:/"):
-            run_id, _ = RunsArtifactRepository.parse_runs_uri(model_uri)
-            client.get_run(run_id)
-            versions = client.search_model_versions(f"run_id='{run_id}'")
-            mv = versions[0] if len(versions) == 1 else None  # registered more than once: no single version to tag
-            return ModelRef(model_uri, model_uri, mv and mv.name, mv and str(mv.version), run_id)
-    except Exception as e:  # RESOURCE_DOES_NOT_EXIST, a malformed URI, a registry without that alias...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot find model '{model_uri}' ({first}): pass models:/<name>@<alias>, models:/<name>/<version> "
-                        "or runs:/<run_id>/model as listed in the MLflow UI, or run tune to register one") from e
-    return ModelRef(model_uri, model_uri)  # a path or other artifact URI: loaded as is
-
-
-def check_model(meta: dict, uri: str) -> None:
+def check_model(meta: ModelMeta, uri: str) -> None:
     """A model can label the competition's test set only if it takes plain images and knows every class."""
-    check(not meta.get("eps_channel"), f"model '{uri}' was trained with the eps noise channel, an input the competition "
+    check(not meta.eps_channel, f"model '{uri}' was trained with the eps noise channel, an input the competition "
                                        "test images do not have: submit a model trained with bias=false")
-    check(meta.get("task") != "binary", f"model '{uri}' is a binary model of labels {', '.join(meta['classes'])} only: "
+    check(meta.task != "binary", f"model '{uri}' is a binary model of labels {', '.join(meta.classes)} only: "
                                         "submit a model trained on all classes (train/tune without classes=)")
 
 
@@ -100,23 +62,23 @@ def check_finite(model: nn.Module, uri: str) -> None:
     check(finite_weights(model), diverged(uri))
 
 
-def check_labels(meta: dict, ds: Dataset, uri: str) -> None:
+def check_labels(meta: ModelMeta, ds: Dataset, uri: str) -> None:
     """The model's labels must be train.csv's (and, ideally, its training data this data)."""
-    unknown = sorted(set(meta["classes"]) - set(ds.classes), key=natural_key)
+    unknown = sorted(set(meta.classes) - set(ds.classes), key=natural_key)
     check(not unknown, f"model '{uri}' predicts labels {', '.join(unknown)} that {ds.source}/train.csv does not have: "
                        "submit a model trained on this data")
-    if meta.get("dataset_digest") and meta["dataset_digest"] != ds.digest:
-        warnings.warn(f"model '{uri}' was trained on other data (digest {meta['dataset_digest']}, this data {ds.digest})",
+    if meta.dataset_digest and meta.dataset_digest != ds.digest:
+        warnings.warn(f"model '{uri}' was trained on other data (digest {meta.dataset_digest}, this data {ds.digest})",
                       stacklevel=2)
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_size: int, uri: str = "") -> list[str]:
+def predict_labels(model: nn.Module, meta: ModelMeta, images: torch.Tensor, batch_size: int, uri: str = "") -> list[str]:
     """loop.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
     Finite weights can still overflow to inf (or NaN) outputs: those have no meaningful argmax, so they stop it."""
     from tqdm.auto import tqdm
 
-    norm, preds = Norm(meta["mean"], meta["std"]), []
+    norm, preds = Norm(meta.mean, meta.std), []
     with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -125,7 +87,7 @@ def predict_labels(model: nn.Module, meta: dict, images: torch.Tensor, batch_siz
             preds.append(logits.argmax(1))
             bar.update(len(chunk))
     idx = torch.cat(preds).tolist() if preds else []
-    return [meta["classes"][i] for i in idx]
+    return [meta.classes[i] for i in idx]
 
 
 def check_unique_ids(names: list[str], where: str) -> None:
@@ -221,22 +183,22 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
             check_unique_ids(listing.test_files, os.path.commonpath([os.path.dirname(f) for f in listing.test_files]))
     tracking.setup()
     device = resolve_device(cfg.device)
-    ref = resolve(cfg.model_uri)
+    ref = registry.resolve(cfg.model_uri)
     model, meta = tracking.load_model(ref.resolved, device)
     check_model(meta, cfg.model_uri)
     check_finite(model, cfg.model_uri)
-    ds = load(dataclasses.replace(data_cfg, image_size=int(meta["image_size"])))  # the model's preprocessing, not the CLI's
+    ds = load(dataclasses.replace(data_cfg, image_size=int(meta.image_size)))  # the model's preprocessing, not the CLI's
     check(len(ds.test_ids) > 0, f"{ds.source} has no test images (test/test/*.jpg or test/*.jpg): add the competition's test folder")
     check_unique_ids(ds.test_ids, f"the test folder of {ds.source}")  # the demo data is not listed above
     check_labels(meta, ds, cfg.model_uri)
-    print(f"model {ref.resolved} ({meta['arch']}, {meta['image_size']} px) on {len(ds.test_ids)} test images, device {device}",
+    print(f"model {ref.resolved} ({meta.arch}, {meta.image_size} px) on {len(ds.test_ids)} test images, device {device}",
           file=sys.stderr)
 
     with tracking.run("kaggle-submit", tags={"entry_point": "kaggle_submit"}) as active:
         run_id = active.info.run_id
         tracking.log_params({"model_uri": cfg.model_uri, "model_uri_resolved": ref.resolved, "model_name": ref.name,
-                             "model_version": ref.version, "model_run_id": ref.run_id, "arch": meta["arch"],
-                             "image_size": meta["image_size"], "data": data_cfg.data, "data_source": ds.source,
+                             "model_version": ref.version, "model_run_id": ref.run_id, "arch": meta.arch,
+                             "image_size": meta.image_size, "data": data_cfg.data, "data_source": ds.source,
                              "data_digest": ds.digest, "competition": cfg.competition, "output": str(out),
                              "batch_size": cfg.batch_size, "device_resolved": str(device)})
         labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
@@ -259,7 +221,7 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
             mlflow.MlflowClient().set_model_version_tag(ref.name, ref.version, "kaggle_submit_run_id", run_id)
 
     what = f"{ref.name} v{ref.version}" if ref.version else ref.resolved
-    message = re.sub(r'["`$\\]', "'", f"{meta['arch']} {what} (bias-lab run {run_id[:8]})")
+    message = re.sub(r'["`$\\]', "'", f"{meta.arch} {what} (bias-lab run {run_id[:8]})")
     print(tracking.ui_hint(active), file=sys.stderr)
     print(f"wrote {out} ({len(sub.rows)} rows). Upload it with:", file=sys.stderr)
     print(f'kaggle competitions submit -c {shlex.quote(cfg.competition)} -f {shlex.quote(str(out))} -m "{message}"')

@@ -24,6 +24,7 @@ from bias_lab import plots, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
 from bias_lab.models import build, finite_weights, summarize
+from bias_lab.registry import ModelMeta
 from bias_lab.loop import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything
 
 
@@ -46,21 +47,20 @@ class Prepared:
     def channels(self) -> int:
         return self.train.channels
 
-    def meta(self, cfg: TrainConfig) -> dict[str, Any]:
+    def meta(self, cfg: TrainConfig) -> ModelMeta:
         """The preprocessing a logged model needs at prediction time."""
-        return {
-            "arch": cfg.model,
-            "in_channels": self.channels,
-            "image_size": int(self.dataset.images.shape[-1]),
-            "grayscale": True,
-            "mean": self.norm.mean,
-            "std": self.norm.std,
-            "classes": self.dataset.classes,
-            "task": "binary" if self.binary else "multiclass",
-            "eps_channel": self.eps,
-            "bias": dataclasses.asdict(self.bias) if self.binary else None,
-            "dataset_digest": self.dataset.digest,
-        }
+        return ModelMeta(
+            arch=cfg.model,
+            in_channels=self.channels,
+            image_size=int(self.dataset.images.shape[-1]),
+            mean=self.norm.mean,
+            std=self.norm.std,
+            classes=self.dataset.classes,
+            task="binary" if self.binary else "multiclass",
+            eps_channel=self.eps,
+            bias=dataclasses.asdict(self.bias) if self.binary else None,
+            dataset_digest=self.dataset.digest,
+        )
 
 
 def _part(ds: Dataset, idx: np.ndarray, ch: biasmod.Channel | None, eps: bool) -> Part:

@@ -28,6 +28,7 @@ from torch import nn
 
 from bias_lab.errors import UserError, first_line
 from bias_lab.models import build
+from bias_lab.registry import ModelMeta
 
 DEFAULT_EXPERIMENT = "bias-lab"
 META_FILE = "bias_lab.json"
@@ -251,30 +252,30 @@ def ui_hint(run: Any) -> str:
     return hint
 
 
-def log_model(model: nn.Module, meta: dict[str, Any], name: str = "model") -> Any:
-    """Log `model` with its preprocessing `meta` (arch, in_channels, image_size, mean, std, classes...)."""
-    c, s = meta["in_channels"], meta["image_size"]
+def log_model(model: nn.Module, meta: ModelMeta, name: str = "model") -> Any:
+    """Log `model` with its preprocessing `meta`."""
+    c, s = meta.in_channels, meta.image_size
     from mlflow.models import infer_signature
 
     example = np.zeros((2, c, s, s), dtype=np.float32)  # batch 2: a batch of 1 would freeze the exported batch size
-    signature = infer_signature(example, np.zeros((1, len(meta["classes"])), dtype=np.float32))
+    signature = infer_signature(example, np.zeros((1, len(meta.classes)), dtype=np.float32))
     cpu_model = model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
     with tempfile.TemporaryDirectory() as tmp:
         weights, meta_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
         torch.save(cpu_model.state_dict(), weights)
-        meta_path.write_text(json.dumps(meta, indent=2))
+        meta_path.write_text(json.dumps(meta.to_dict(), indent=2))
         return mlflow.pytorch.log_model(
             cpu_model,
             name=name,
             signature=signature,
             input_example=example,
-            metadata={"bias_lab": meta},
+            metadata={"bias_lab": meta.to_dict()},
             extra_files=[str(weights), str(meta_path)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", f"mlflow=={mlflow.__version__}"],
         )
 
 
-def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild a logged model from its state_dict (weights_only) and return it with its preprocessing meta."""
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
@@ -286,13 +287,12 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
         raise UserError(f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune")
     redo = "pass another model/version, or train/tune again to log a fresh one"
     try:  # a truncated upload or a hand-edited file: name it instead of a JSONDecodeError/KeyError traceback
-        meta = json.loads(metas[0].read_text(encoding="utf-8"))
-        needed = ("arch", "in_channels", "classes", "image_size", "mean", "std")  # what rebuilding and preprocessing read
-        missing = [k for k in needed if k not in meta] if isinstance(meta, dict) else list(needed)
-        if missing:
-            raise UserError(f"the {META_FILE} of '{model_uri}' lacks {', '.join(missing)}: it is not a bias_lab model "
-                            f"this version can read; {redo}")
-        model = build(meta["arch"], meta["in_channels"], len(meta["classes"]), meta["image_size"])
+        try:
+            meta = ModelMeta.from_dict(json.loads(metas[0].read_text(encoding="utf-8")))
+        except KeyError as e:
+            raise UserError(f"the {META_FILE} of '{model_uri}' lacks {e.args[0]}: it is not a bias_lab model "
+                            f"this version can read; {redo}") from None
+        model = build(meta.arch, meta.in_channels, len(meta.classes), meta.image_size)
     except (OSError, ValueError, TypeError) as e:  # broken JSON, not UTF-8, a value of the wrong type
         raise UserError(f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "
                         f"model; {redo}") from e
@@ -303,5 +303,5 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
         # Never show torch's own message: for a file weights_only refuses it advises loading it with
         # weights_only=False, which would run whatever code the file holds. Our words, and no chained traceback.
         raise UserError(f"the weights of '{model_uri}' ({WEIGHTS_FILE}, {type(e).__name__}) are corrupt or not a "
-                        f"bias_lab {meta['arch']} state_dict: {redo}") from None
+                        f"bias_lab {meta.arch} state_dict: {redo}") from None
     return model.to(device).eval(), meta

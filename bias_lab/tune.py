@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from bias_lab import markdown as md
-from bias_lab import pipeline, tracking
+from bias_lab import pipeline, registry, tracking
 from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.markdown import fmt
@@ -45,7 +45,6 @@ from bias_lab.workers import WORKER, worker_dead
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
-CHAMPION = "champion"
 HEARTBEAT_S = 60  # RDB: a trial whose worker has not beaten for GRACE_S is stale (Optuna's documented values)
 GRACE_S = 120
 JOURNAL_FILE = "optuna.journal"
@@ -455,45 +454,6 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
     return out
 
 
-# ----------------------------------------------------------------------------------------------- registry
-
-
-def register_champion(model_uri: str, name: str, digest: str, val_accuracy: float, tags: dict[str, Any]) -> dict[str, Any]:
-    """Register `model_uri` under `name`; move the `champion` alias to it only if its val_accuracy beats the
-    baseline: the current champion when it was trained on the same data (digest), else the best earlier
-    version on that data. Returns the decision (version, moved, baseline, reason)."""
-    client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    same = [v for v in client.search_model_versions(f"name='{name}'")
-            if v.tags.get("data_digest") == digest and "val_accuracy" in v.tags]
-    if champion is not None and champion.tags.get("data_digest") == digest and "val_accuracy" in champion.tags:
-        baseline = champion
-    else:
-        baseline = max(same, key=lambda v: float(v.tags["val_accuracy"]), default=None)
-    mv = mlflow.register_model(model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, "data_digest": digest,
-                                                      "val_accuracy": repr(float(val_accuracy))})
-    base_acc = float(baseline.tags["val_accuracy"]) if baseline is not None else None
-    if baseline is None:
-        moved = True
-        reason = f"first model registered for data {digest}"
-        if champion is not None:
-            reason += f" (champion was v{champion.version}, trained on other data {champion.tags.get('data_digest', '?')})"
-    elif val_accuracy > base_acc:
-        moved, reason = True, f"val_accuracy {val_accuracy:.4f} > {base_acc:.4f} of v{baseline.version}"
-    else:
-        moved = False
-        reason = f"val_accuracy {val_accuracy:.4f} <= {base_acc:.4f} of v{baseline.version}; champion stays v{champion.version if champion else baseline.version}"
-    if moved:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-    client.set_model_version_tag(name, mv.version, "champion_decision", reason)
-    current = mv.version if moved else (champion.version if champion else None)
-    return {"version": mv.version, "moved": moved, "baseline_version": baseline.version if baseline else None,
-            "baseline_val_accuracy": base_acc, "champion_version": current, "reason": reason}
-
-
 def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
                 tune_cfg: TuneConfig, best: FrozenTrial, study_name: str) -> dict[str, float]:
     """Retrain the best configuration (train split, best-val epoch kept), test it once, log and register it in a
@@ -509,7 +469,7 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
                                         f"registered; {pipeline.divergence_cause(cfg)}, or narrow the lr range (lr_max)")
     # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
     info = tracking.log_model(net, prep.meta(cfg))
-    decision = register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
+    decision = registry.register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
         "model": cfg.model, "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size,
         "image_size": data_cfg.image_size, "seed": cfg.seed, "optuna_study": study_name,
         "optuna_trial": best.number, "tune_run_id": parent, "final_run_id": child.info.run_id,

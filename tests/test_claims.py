@@ -30,7 +30,7 @@ def test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split(ea
         pred = predict(model, prep.test, prep.norm).argmax(1).numpy()
     y = prep.test.labels.numpy()
     assert run.data.metrics["test_accuracy"] == pytest.approx(float(np.mean(pred == y)), abs=1e-9)
-    assert run.data.metrics["test_accuracy"] > 1 / len(meta["classes"]) + 0.05  # a model that learned: the check bites
+    assert run.data.metrics["test_accuracy"] > 1 / len(meta.classes) + 0.05  # a model that learned: the check bites
 
 
 @pytest.mark.parametrize("p0,p1", [(0.0, 1.0), (0.1, 0.9)])

@@ -42,7 +42,7 @@ def test_train_run_logs_everything(kaggle_data: Path, client: mlflow.MlflowClien
     contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
     assert contexts == ["test", "train", "val"]
     model, meta = load_model(f"runs:/{run.info.run_id}/model")
-    assert meta["classes"] == ["1", "2", "3", "4"] and meta["image_size"] == 32 and meta["in_channels"] == 1
+    assert meta.classes == ["1", "2", "3", "4"] and meta.image_size == 32 and meta.in_channels == 1
     assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 4)
 
 
@@ -55,7 +55,7 @@ def test_binary_biased_run_logs_di(kaggle_data: Path, client: mlflow.MlflowClien
         assert key in m, key
     assert run.data.params["in_channels"] == "2" and run.data.tags["task"] == "binary"
     _, meta = load_model(f"runs:/{run.info.run_id}/model")
-    assert meta["classes"] == ["2", "4"] and meta["eps_channel"] is True
+    assert meta.classes == ["2", "4"] and meta.eps_channel is True
 
 
 def test_failure_ends_run_failed_with_error(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch) -> None:

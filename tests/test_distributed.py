@@ -113,7 +113,7 @@ def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(kaggle_da
     best = int(run.data.metrics["best_epoch"])
     assert v["accuracy"] == pytest.approx(_history(client, run.info.run_id, "val_accuracy")[best - 1], abs=1e-9)
     assert v["loss"] == pytest.approx(_history(client, run.info.run_id, "val_loss")[best - 1], rel=1e-5)
-    assert meta["dataset_digest"] == run.data.params["data_digest"]
+    assert meta.dataset_digest == run.data.params["data_digest"]
 
     # the same command in one process takes the same SGD steps (LeNet has no BatchNorm): the same curves
     single = subprocess.run([sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, "--threads", "1"],

@@ -46,10 +46,10 @@ def register(uri: str, name: str = "bias-lab", alias: str = "champion") -> str:
 def expected_labels(model_uri: str, data_dir: Path) -> dict[str, str]:
     """Each test id's label computed here, independently of kaggle_submit.py: model logits -> meta classes."""
     model, meta = load_model(model_uri)
-    ds = data.load(data.DataConfig(data=str(data_dir), image_size=meta["image_size"]))
+    ds = data.load(data.DataConfig(data=str(data_dir), image_size=meta.image_size))
     with torch.no_grad():
-        pred = model(data.normalize(ds.test_images, meta["mean"], meta["std"])).argmax(1).tolist()
-    return {i: meta["classes"][p] for i, p in zip(ds.test_ids, pred)}
+        pred = model(data.normalize(ds.test_images, meta.mean, meta.std)).argmax(1).tolist()
+    return {i: meta.classes[p] for i, p in zip(ds.test_ids, pred)}
 
 
 def test_submit_champion_alias(kaggle_data: Path, client: mlflow.MlflowClient) -> None:

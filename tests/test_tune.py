@@ -17,8 +17,7 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from bias_lab import pipeline, tracking, tune
-from bias_lab.bias_eval import champion_hparams
+from bias_lab import pipeline, registry, tracking, tune
 from bias_lab.data import load
 from bias_lab import config as C
 from bias_lab.models import build
@@ -89,7 +88,7 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     digest = load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest
     assert mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
     assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)
-    hp, uri = champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
+    hp, uri = registry.champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
     assert hp == study.best_params and uri == "models:/bias-lab/1"
 
 
@@ -203,11 +202,11 @@ def test_two_workers_share_one_journal(kaggle_data: Path, client, tmp_path: Path
 def test_champion_moves_only_on_improvement(client) -> None:
     mlflow.set_experiment("registry")
     with mlflow.start_run():
-        info = tracking.log_model(build("lenet", 1, 4, 32), {"arch": "lenet", "in_channels": 1, "image_size": 32, "classes": list("abcd")})
+        info = tracking.log_model(build("lenet", 1, 4, 32), registry.ModelMeta("lenet", 1, 32, 0.5, 0.25, list("abcd")))
     champion = lambda: str(client.get_model_version_by_alias("m", "champion").version)  # noqa: E731
 
     def register(digest: str, val: float) -> dict:
-        return tune.register_champion(info.model_uri, "m", digest, val, {"model": "lenet"})
+        return registry.register_champion(info.model_uri, "m", digest, val, {"model": "lenet"})
 
     assert register("d1", 0.5)["moved"] and champion() == "1"
     d = register("d1", 0.4)
