@@ -26,7 +26,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
 
-from bias_lab import tune  # noqa: E402
+from bias_lab import studies, tune  # noqa: E402
 from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
@@ -41,7 +41,7 @@ def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, flo
     t0 = time.perf_counter()
     tune.run_tune(data, train, BiasConfig(), tune_cfg)
     wall = time.perf_counter() - t0
-    s = optuna.load_study(study_name=tune_cfg.study_name, storage=tune.open_storage(tune_cfg.storage)[0])
+    s = optuna.load_study(study_name=tune_cfg.study_name, storage=studies.open_storage(tune_cfg.storage)[0])
     states = [t.state for t in s.trials]
     return {
         "best_val_accuracy": s.best_value,

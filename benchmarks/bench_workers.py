@@ -33,7 +33,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from bias_lab import tracking, tune  # noqa: E402
+from bias_lab import studies, tracking, tune  # noqa: E402
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
 from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
@@ -58,7 +58,7 @@ def study(args: argparse.Namespace, workers: int, env: dict[str, str], rep: int)
     wall = time.perf_counter() - t0
     if any(p.returncode for p in procs):
         sys.exit(f"a worker failed ({[p.returncode for p in procs]}):\n" + "\n".join(e[-2000:] for e in errs))
-    s = optuna.load_study(study_name=name, storage=tune.open_storage(args.storage)[0])
+    s = optuna.load_study(study_name=name, storage=studies.open_storage(args.storage)[0])
     done = [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     search = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return {
@@ -98,7 +98,7 @@ def main() -> None:
         tracking.setup()  # the experiment exists before K workers start (they would race to create it)
         load1 = os.getloadavg()[0]
         print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} n_trials={args.n_trials} "
-              f"pruner={args.pruner} storage={tune._redact(args.storage)} cpus={os.cpu_count()} load={load1:.1f}", file=sys.stderr)
+              f"pruner={args.pruner} storage={studies._redact(args.storage)} cpus={os.cpu_count()} load={load1:.1f}", file=sys.stderr)
         # alternating 1, K, 1, K...: drift in the machine's other load hits both sides alike
         res = [study(args, w, env, rep) for rep in range(args.repeats) for w in (1, args.workers)]
     print("\n| workers | rep | threads each | wall s | search s | complete | pruned | surplus | epochs | trials per worker | best val acc | load after |")

@@ -23,9 +23,7 @@ import math
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import mlflow
 import optuna
@@ -35,19 +33,16 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from bias_lab import markdown as md
-from bias_lab import pipeline, registry, tracking
+from bias_lab import pipeline, registry, studies, tracking
 from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
-from bias_lab.errors import UserError, check, first_line
+from bias_lab.errors import check, first_line
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
 from bias_lab.loop import validate as validate_train
-from bias_lab.workers import WORKER, worker_dead
+from bias_lab.workers import WORKER
 
 SEARCHED = ("lr", "momentum", "batch_size")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts: failed trials are redone
-HEARTBEAT_S = 60  # RDB: a trial whose worker has not beaten for GRACE_S is stale (Optuna's documented values)
-GRACE_S = 120
-JOURNAL_FILE = "optuna.journal"
 # the settings a study's values depend on: resuming with other values would mix incomparable trials
 _NOT_FIXED = {"cache_dir", "strict", "lr", "momentum", "batch_size", "device", "threads", *TRAIN_ONLY}
 
@@ -119,141 +114,6 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
     return optuna.pruners.NopPruner()
-
-
-# ----------------------------------------------------------------------------------------------- storage
-
-
-def default_storage_path() -> Path:
-    """optuna.journal next to the MLflow sqlite db / file store; the cwd when tracking is remote."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / JOURNAL_FILE
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path or uri).expanduser().resolve().parent / JOURNAL_FILE
-    return Path.cwd() / JOURNAL_FILE
-
-
-def _redact(url: str) -> str:
-    with contextlib.suppress(Exception):
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    return url.split("@")[-1]
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    """PostgreSQL: give up on an unreachable host after 10 s (not the OS's ~2 min TCP timeout), and test pooled
-    connections before use, so a long-running worker survives a restarted server or a dropped idle connection."""
-    if url.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    return {}
-
-
-def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
-    """(storage, description). A URL with '://' is an RDB (heartbeat on), anything else a journal file path."""
-    if "://" in spec:
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        key = "heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                on_stale = _StaleTrialCallback(retry(max_retry=1))
-                storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                                     engine_kwargs=_engine_kwargs(spec), **{key: on_stale})
-        except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
-            raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({first_line(e)}): start the database, "
-                            "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
-        return storage, _redact(spec)
-    path = Path(spec).expanduser() if spec else default_storage_path()
-    check(path.parent.is_dir(), f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage")
-    try:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        _check_journal(path)
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        storage.get_all_studies()  # replays the file now: a bad journal fails here, not in the middle of the command
-        return storage, str(path.resolve())
-    except OSError as e:
-        raise UserError(f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path") from e
-    except Exception as e:  # replaying a file that is no Optuna journal: JSON, Unicode, key, type, assertion errors
-        raise UserError(f"{path} is not an Optuna journal ({type(e).__name__}: {first_line(e)}): pass another --storage "
-                        "path, or move the file away to start a new study") from e
-
-
-def _check_journal(path: Path) -> None:
-    """Every complete line of an existing journal is a JSON operation. Optuna skips a bad line while it is the last
-    one (a write cut short) and fails on it once another worker appends: find it before any work."""
-    if not path.exists():
-        return
-    import json
-
-    with path.open("rb") as f:
-        for line in f:
-            if line.endswith(b"\n") and line.strip() and not isinstance(json.loads(line), dict):
-                raise ValueError("a line is not a journal operation")
-
-
-# ----------------------------------------------------------------------------------------------- workers
-
-
-def _end_runs_of(client: MlflowClient, run_ids: list[str], why: str) -> list[str]:
-    """End the RUNNING runs among `run_ids` as KILLED; returns those ended."""
-    ended = []
-    for run_id in run_ids:
-        try:
-            if client.get_run(run_id).info.status != "RUNNING":
-                continue
-            client.set_tag(run_id, "error", why)
-            client.set_tag(run_id, "state", "failed")
-            client.set_terminated(run_id, "KILLED")
-            ended.append(run_id)
-        except MlflowException:  # deleted run, or one in another tracking store
-            continue
-    return ended
-
-
-class _StaleTrialCallback:
-    """RDB heartbeat: a stale trial is failed by Optuna; end its MLflow runs and re-queue its params once."""
-
-    def __init__(self, retry: Callable[[optuna.Study, FrozenTrial], None]) -> None:
-        self.retry = retry
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        ids = [trial.user_attrs[k] for k in ("mlflow_run_id", "mlflow_parent_run_id") if k in trial.user_attrs]
-        _end_runs_of(MlflowClient(), ids, f"trial {trial.number}: its worker stopped beating (killed?)")
-        self.retry(study, trial)
-
-
-def recover(study: optuna.Study, study_name: str) -> list[int]:
-    """Fail the RUNNING trials of dead workers (re-queued once) and end their MLflow runs; returns their numbers."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # RDB heartbeat (any machine); a no-op for the journal
-        retry = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker_dead(t.user_attrs.get("worker", "")):
-            continue
-        try:  # a lost race (another worker failed it first) raises instead of skipping: only the winner re-queues it
-            study.tell(t.number, state=TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            continue
-        failed.append(t.number)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            retry(study, t)
-    # MLflow runs of dead workers of this study: parents and children (also a parent killed before any trial)
-    client = MlflowClient()
-    with contextlib.suppress(MlflowException):
-        exps = [e.experiment_id for e in client.search_experiments()]
-        running = client.search_runs(exps, f"tags.optuna_study = '{study_name}' and attributes.status = 'RUNNING'", max_results=1000)
-        dead = [r.info.run_id for r in running if worker_dead(r.data.tags.get("worker", ""))]
-        _end_runs_of(client, dead, "its tune worker died (killed) before ending it; found by the next tune")
-    for n in failed:
-        print(f"trial {n}: its worker died mid-trial; marked failed and its params re-queued", file=sys.stderr)
-    return failed
 
 
 # ----------------------------------------------------------------------------------------------- the study
@@ -363,7 +223,7 @@ def optimize(study: optuna.Study, search: Search, tune_cfg: TuneConfig) -> None:
     """Run trials until the study holds n_trials finished ones (all workers and resumes counted) or timeout."""
     deadline = time.monotonic() + tune_cfg.timeout if tune_cfg.timeout > 0 else math.inf
     while time.monotonic() < deadline:
-        recover(study, search.study_name)
+        studies.recover(study, search.study_name)
         # in-flight trials of live workers count too, so that several workers stop at n_trials, not beyond
         if count(study, (*FINISHED, TrialState.RUNNING)) >= tune_cfg.n_trials:
             break
@@ -495,7 +355,7 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     _quiet_optuna()
     validate(tune_cfg)
     validate_train(train_cfg)  # before the storage, the data or a run: the searched values are checked per trial
-    storage, storage_desc = open_storage(tune_cfg.storage)
+    storage, storage_desc = studies.open_storage(tune_cfg.storage)
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
     name = tune_cfg.study_name.strip() or f"bias-lab-{train_cfg.model}-{prep.dataset.digest}"

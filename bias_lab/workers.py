@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
+
+import psutil
 
 
 def _proc_start(pid: int) -> str:
-    """Start time of a process in clock ticks since boot ('' where /proc is missing): tells a reused pid apart."""
+    """When a process started (epoch seconds, to the 1/100 s the kernel keeps); '' when it is gone or hidden."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except (psutil.Error, OSError):
         return ""
 
 
@@ -23,13 +24,9 @@ def worker_dead(worker: str) -> bool:
     if len(parts) < 3 or ":".join(parts[:-2]) != socket.gethostname() or not parts[-2].isdigit():
         return False  # another machine (only a heartbeat, RDB, can tell) or no worker recorded
     pid, start = int(parts[-2]), parts[-1]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not psutil.pid_exists(pid):
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return bool(start) and _proc_start(pid) not in ("", start)
+    return bool(start) and _proc_start(pid) not in ("", start)  # '' (another user's, hidden): count it alive
 
 
 def identity(pid: int) -> str:

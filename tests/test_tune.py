@@ -17,7 +17,8 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from bias_lab import pipeline, registry, tracking, tune
+from bias_lab import pipeline, registry, studies, tracking, tune, workers
+from bias_lab.errors import UserError
 from bias_lab.data import load
 from bias_lab import config as C
 from bias_lab.models import build
@@ -293,21 +294,21 @@ def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
 
 
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
-    storage, _ = tune.open_storage("")
+    storage, _ = studies.open_storage("")
     study = tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
     assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
     tune.open_study(storage, "f", C.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
-    with pytest.raises(tune.UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
+    with pytest.raises(UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
         tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
 
 
 def test_worker_liveness() -> None:
-    assert not tune.worker_dead(tune.WORKER)  # this process
+    assert not workers.worker_dead(workers.WORKER)  # this process
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = tune.WORKER.split(":")[0]
-    assert tune.worker_dead(f"{host}:{dead.pid}:1")
-    assert not tune.worker_dead(f"other-host:{dead.pid}:1") and not tune.worker_dead("")
+    host = workers.WORKER.split(":")[0]
+    assert workers.worker_dead(f"{host}:{dead.pid}:1")
+    assert not workers.worker_dead(f"other-host:{dead.pid}:1") and not workers.worker_dead("")
 
 
 @pytest.mark.slow
