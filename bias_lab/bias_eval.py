@@ -22,8 +22,8 @@ import numpy as np
 
 from bias_lab import bias as biasmod
 from bias_lab import explain
-from bias_lab import metrics as M
-from bias_lab import mitigation as mit
+from bias_lab import metrics
+from bias_lab import mitigation
 from bias_lab import markdown as md
 from bias_lab import plots, registry, tracking
 from bias_lab.config import MITIGATIONS, MODEL_1_MODES, NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
@@ -104,7 +104,7 @@ def arms(ds: Dataset, data_cfg: DataConfig, bias_cfg: BiasConfig, eval_cfg: Bias
              prepare(data_cfg, bias_cfg, seed, binary=True, eps=True, ds=ds))
     if eval_cfg.mitigation == "none":
         return [m1, m2]
-    m = mit.build(eval_cfg.mitigation, m2.prep, bias_cfg, eval_cfg, seed)
+    m = mitigation.build(eval_cfg.mitigation, m2.prep, bias_cfg, eval_cfg, seed)
     return [m1, m2, Arm("model_3", f"{eval_cfg.mitigation}: {m.description}", m.prep, m.wrap, m.input_hook, m.note)]
 
 
@@ -169,7 +169,7 @@ def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: i
             row = {"model": role, "trained_on": desc, "test": test, **{m: get(m) for m in MEASURES}}
             if seeds > 1:
                 row.update({f"{m}_std": get(f"{m}_std") for m in ("accuracy", "di")})
-            verdict = M.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
+            verdict = metrics.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
             row["four_fifths"] = (verdict if verdict == "undefined" or learned(acc, low, chance) else
                                   f"inconclusive: did not learn (test accuracy {fmt(acc, True)}, chance {fmt(chance, True)})")
             if role in notes:
@@ -301,7 +301,7 @@ def conclusion(summary: dict[str, float], rows: list[dict[str, Any]], bias_cfg: 
     if "model_3" in roles:
         r3 = row[("model_3", "decorrelated")]
         dacc3, acc3 = g("model_3", "decorrelated_test_accuracy"), g("model_3", "test_accuracy")
-        inside = not M.biased(r3["di"]) and not math.isnan(r3["di"])
+        inside = not metrics.biased(r3["di"]) and not math.isnan(r3["di"])
         close = abs(dacc3 - dacc1) <= MITIGATION_TOLERANCE
         out += ["", f"## Mitigation: model_3 ({r3['trained_on']})", "",
                 f"- On the decorrelated test model_3 has DI = {fmt(r3['di'])} (95% CI {fmt(r3['di_ci_low'])}–{fmt(r3['di_ci_high'])}) "
@@ -377,8 +377,8 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
                                      "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in registry.HPARAMS)})
             y = ref.test.labels.numpy()
             chance.append(max(y.mean(), 1 - y.mean()) if len(y) else math.nan)
-            base_di["in distribution"].append(M.base_rate_di(y, ref.test.s.numpy()))
-            base_di["decorrelated"].append(M.base_rate_di(y, ref.test_decorrelated.s.numpy()))
+            base_di["in distribution"].append(metrics.base_rate_di(y, ref.test.s.numpy()))
+            base_di["decorrelated"].append(metrics.base_rate_di(y, ref.test_decorrelated.s.numpy()))
             for arm in models:
                 name = arm.role if eval_cfg.seeds == 1 else f"{arm.role}-seed{seed}"
                 descriptions[arm.role] = arm.description
@@ -438,6 +438,6 @@ def _log_comparison(rows: list[dict[str, Any]], text: str, bias_cfg: BiasConfig,
                              + text.replace("\n#", "\n###").replace("# Conclusion", "### Conclusion", 1), "conclusion.md")
     mlflow.set_tags({f"{r['model']}_verdict": r["four_fifths"] for r in rows if r["test"] == "decorrelated"})
     for r in rows:  # NaN / inf comparisons get their reason on the parent too
-        note = M.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not math.isfinite(r["di"]) else ""
+        note = metrics.explain({"n_s0": r["n_s0"], "n_s1": r["n_s1"], "di": r["di"]}) if not math.isfinite(r["di"]) else ""
         if note:
             mlflow.set_tag(f"{r['model']}_{TESTS[r['test']]}di_note", note)

@@ -18,7 +18,7 @@ import numpy as np
 
 from bias_lab import explain
 from bias_lab import markdown as md
-from bias_lab import metrics as M
+from bias_lab import metrics
 from bias_lab import plots, tracking
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
@@ -56,7 +56,7 @@ def threshold(gaps: list[float], dis: list[float]) -> float:
     """Smallest gap from which every larger gap's DI is outside the four-fifths band (NaN counts as inside)."""
     found = math.nan
     for gap, di in reversed(list(zip(gaps, dis))):
-        if not M.biased(di):
+        if not metrics.biased(di):
             break
         found = gap
     return found
@@ -118,7 +118,7 @@ def _log_sweep(cells: list[dict[str, float]], gaps: list[float], sigmas: list[fl
     lines = [f"# Bias sweep: {title}", "", md.table(head, ([
         f"{r['sigma']:g}", f"{r['gap']:g}", f"{r['p0']:g}", f"{r['p1']:g}",
         f"{fmt(r['decorrelated_test_di'])} [{fmt(r['decorrelated_test_di_ci_low'])}, {fmt(r['decorrelated_test_di_ci_high'])}]",
-        M.verdict(r['decorrelated_test_di'], r['decorrelated_test_di_ci_low'], r['decorrelated_test_di_ci_high']),
+        metrics.verdict(r['decorrelated_test_di'], r['decorrelated_test_di_ci_low'], r['decorrelated_test_di_ci_high']),
         fmt(r['decorrelated_test_accuracy'], True), fmt(r['test_accuracy'], True), fmt(r['saliency_eps_share'], True),
     ] for r in table.to_dict("records")))]
     lines += ["", "## Threshold: the smallest p1-p0 from which the model takes the shortcut", ""]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from bias_lab import config as C
+from bias_lab import config
 from bias_lab.errors import UserError
 
 
@@ -94,7 +94,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@options(C.DataConfig, C.TrainConfig, C.BiasConfig)
+@options(config.DataConfig, config.TrainConfig, config.BiasConfig)
 def train(**kw: Any) -> None:
     """Train one model; log params, curves, test accuracy (and DI on a binary task) and the model.
 
@@ -102,52 +102,52 @@ def train(**kw: Any) -> None:
     """
     from bias_lab.train import run_train
 
-    run_train(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw))
+    run_train(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.BiasConfig, kw))
 
 
 @main.command()
-@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig, skip=C.NOT_USED_BY["tune"])
+@options(config.DataConfig, config.TrainConfig, config.BiasConfig, config.TuneConfig, skip=config.NOT_USED_BY["tune"])
 def tune(**kw: Any) -> None:
     """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
     from bias_lab.tune import run_tune
 
-    run_tune(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw), make(C.TuneConfig, kw))
+    run_tune(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.BiasConfig, kw), make(config.TuneConfig, kw))
 
 
 @main.command("bias-eval")
-@options(C.DataConfig, C.TrainConfig, C.BiasConfig, C.BiasEvalConfig, skip=C.NOT_USED_BY["bias_eval"])
+@options(config.DataConfig, config.TrainConfig, config.BiasConfig, config.BiasEvalConfig, skip=config.NOT_USED_BY["bias_eval"])
 def bias_eval(**kw: Any) -> None:
     """Train model_1 (clean) and model_2 (biased eps channel); compare accuracy and DI side by side."""
     from bias_lab.bias_eval import run_bias_eval
 
-    run_bias_eval(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.BiasConfig, kw), make(C.BiasEvalConfig, kw))
+    run_bias_eval(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.BiasConfig, kw), make(config.BiasEvalConfig, kw))
 
 
 @main.command("kaggle-submit")
-@options(C.DataConfig, C.SubmitConfig)
+@options(config.DataConfig, config.SubmitConfig)
 def kaggle_submit(**kw: Any) -> None:
     """Predict the unlabelled test folder with a registered model and write a validated Kaggle CSV."""
     from bias_lab.kaggle_submit import run_submit
 
-    run_submit(make(C.DataConfig, kw), make(C.SubmitConfig, kw))
+    run_submit(make(config.DataConfig, kw), make(config.SubmitConfig, kw))
 
 
 @main.command("bias-sweep")
-@options(C.DataConfig, C.TrainConfig, C.SweepConfig, defaults={"epochs": 4}, skip=C.NOT_USED_BY["bias_sweep"])  # a grid of runs: short ones
+@options(config.DataConfig, config.TrainConfig, config.SweepConfig, defaults={"epochs": 4}, skip=config.NOT_USED_BY["bias_sweep"])  # a grid of runs: short ones
 def bias_sweep(**kw: Any) -> None:
     """DI and accuracy of model_2 over a grid of p1-p0 and sigma: how strong must a shortcut be to be taken?"""
     from bias_lab.bias_sweep import run_sweep
 
-    run_sweep(make(C.DataConfig, kw), make(C.TrainConfig, kw), make(C.SweepConfig, kw))
+    run_sweep(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.SweepConfig, kw))
 
 
 @main.command()
-@options(C.ReportConfig)
+@options(config.ReportConfig)
 def report(**kw: Any) -> None:
     """Write one self-contained HTML (+ markdown) report of the tracked train, tune and bias_eval runs."""
     from bias_lab.report import run_report
 
-    run_report(make(C.ReportConfig, kw))
+    run_report(make(config.ReportConfig, kw))
 
 
 def entrypoint(command: str) -> None:

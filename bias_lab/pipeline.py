@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bias_lab import bias as biasmod
-from bias_lab import metrics as M
+from bias_lab import metrics
 from bias_lab import plots, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
@@ -116,15 +116,15 @@ def measure(model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int =
     y = prep.test.labels.numpy()
     pred = logits.argmax(1).numpy()
     out = {
-        "test_accuracy": M.accuracy(y, pred),
+        "test_accuracy": metrics.accuracy(y, pred),
         "test_loss": float(torch.nn.functional.cross_entropy(logits, prep.test.labels)) if len(y) else math.nan,
     }
     if prep.binary:
-        out.update({f"test_{k}": v for k, v in M.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items() if k != "accuracy"})
+        out.update({f"test_{k}": v for k, v in metrics.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items() if k != "accuracy"})
         dec = prep.test_decorrelated
         dpred = predict(model, dec, prep.norm).argmax(1).numpy()
-        out.update({f"decorrelated_test_{k}": v for k, v in M.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()})
-    return out, M.confusion(y, pred, len(prep.dataset.classes))
+        out.update({f"decorrelated_test_{k}": v for k, v in metrics.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()})
+    return out, metrics.confusion(y, pred, len(prep.dataset.classes))
 
 
 def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch: EpochHook | None = None,
@@ -176,7 +176,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
                                             "set test_fraction > 0 for them")
         for k in ("test_di", "decorrelated_test_di"):
             if k in out and not math.isfinite(out[k]):
-                mlflow.set_tag(f"{k}_note", M.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
+                mlflow.set_tag(f"{k}_note", metrics.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
         if res.diverged:
             mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: {divergence_cause(cfg)}")
         finite = finite_weights(net)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from bias_lab import bias as biasmod
-from bias_lab import bias_eval as BE
-from bias_lab import config as C
-from bias_lab import metrics as M
+from bias_lab import bias_eval
+from bias_lab import config
+from bias_lab import metrics
 from bias_lab import plots
 from bias_lab.data import load
 
@@ -48,10 +48,10 @@ def test_eps_is_zero_without_s_and_has_sigma_with_s() -> None:
 
 
 def test_prepared_splits_carry_the_channel_and_a_decorrelated_test(kaggle_data: Path) -> None:
-    data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    bias = C.BiasConfig(classes="2,4", p0=0.0, p1=1.0, sigma=1.5)
+    data = config.DataConfig(data=str(kaggle_data), image_size=32)
+    bias = config.BiasConfig(classes="2,4", p0=0.0, p1=1.0, sigma=1.5)
     ds = load(data)
-    m1, m2 = BE.arms(ds, data, bias, C.BiasEvalConfig(), seed=3)
+    m1, m2 = bias_eval.arms(ds, data, bias, config.BiasEvalConfig(), seed=3)
     assert (m1.prep.channels, m2.prep.channels) == (1, 2)
     for part in (m2.prep.train, m2.prep.val, m2.prep.test):
         assert torch.equal(part.s, part.labels.bool())  # p0=0, p1=1: S is the label
@@ -62,7 +62,7 @@ def test_prepared_splits_carry_the_channel_and_a_decorrelated_test(kaggle_data: 
     # model_1 and model_2 are measured on the same test images and the same S draws
     assert torch.equal(m1.prep.test.images, m2.prep.test.images) and torch.equal(m1.prep.test.s, m2.prep.test.s)
     # the decorrelated variant of model_1 trains with eps equally often in both classes, measured on (p0, p1)
-    d1, _ = BE.arms(ds, data, C.BiasConfig(classes="2,4", p0=0.0, p1=1.0), C.BiasEvalConfig(model_1_mode="decorrelated"), seed=3)
+    d1, _ = bias_eval.arms(ds, data, config.BiasConfig(classes="2,4", p0=0.0, p1=1.0), config.BiasEvalConfig(model_1_mode="decorrelated"), seed=3)
     assert d1.prep.channels == 2 and torch.equal(d1.prep.test.s, m2.prep.test.s)
     s, y = d1.prep.train.s, d1.prep.train.labels
     assert 0 < s[y == 0].float().mean() < 1 and 0 < s[y == 1].float().mean() < 1
@@ -78,7 +78,7 @@ def test_di_matches_aif360_and_fairlearn(seed: int) -> None:
     s = rng.integers(0, 2, n)
     y = (rng.random(n) < 0.3 + 0.4 * s).astype(int)  # S correlated with y
     pred = np.where(rng.random(n) < 0.8, y, 1 - y)
-    m = M.fairness(y, pred, s, bootstrap=500, seed=seed)
+    m = metrics.fairness(y, pred, s, bootstrap=500, seed=seed)
     assert m["di"] == pytest.approx(disparate_impact_ratio(y, pred, prot_attr=s, priv_group=1, pos_label=1))
     rates = MetricFrame(metrics=selection_rate, y_true=y, y_pred=pred, sensitive_features=s).by_group
     assert (m["selection_rate_s0"], m["selection_rate_s1"]) == pytest.approx((rates[0], rates[1]))
@@ -87,7 +87,7 @@ def test_di_matches_aif360_and_fairlearn(seed: int) -> None:
     assert m["accuracy_s1"] == pytest.approx(np.mean(y[s == 1] == pred[s == 1]))
     assert m["n_s0"] + m["n_s1"] == n
     assert m["di_ci_low"] < m["di"] < m["di_ci_high"] and m["accuracy_ci_low"] < m["accuracy"] < m["accuracy_ci_high"]
-    assert M.base_rate_di(y, s) == pytest.approx(disparate_impact_ratio(pd.Series(y), prot_attr=s, priv_group=1))
+    assert metrics.base_rate_di(y, s) == pytest.approx(disparate_impact_ratio(pd.Series(y), prot_attr=s, priv_group=1))
 
 
 def test_bootstrap_ci_covers_the_truth_and_narrows_with_n() -> None:
@@ -96,7 +96,7 @@ def test_bootstrap_ci_covers_the_truth_and_narrows_with_n() -> None:
     for n in (200, 5000):
         s = rng.integers(0, 2, n)
         pred = (rng.random(n) < np.where(s == 1, 0.5, 0.4)).astype(int)  # true DI = 0.8
-        lo, hi = M.bootstrap_di(pred, s, n=2000, seed=1)
+        lo, hi = metrics.bootstrap_di(pred, s, n=2000, seed=1)
         assert lo < 0.8 < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 3
@@ -104,21 +104,21 @@ def test_bootstrap_ci_covers_the_truth_and_narrows_with_n() -> None:
 
 def test_undefined_and_infinite_di_are_reported_not_raised() -> None:
     y = np.array([0, 1, 0, 1, 1, 0])
-    only_s0 = M.fairness(y, np.array([1, 1, 0, 1, 0, 0]), np.zeros(6, int), bootstrap=100)
+    only_s0 = metrics.fairness(y, np.array([1, 1, 0, 1, 0, 0]), np.zeros(6, int), bootstrap=100)
     assert math.isnan(only_s0["di"]) and math.isnan(only_s0["accuracy_s1"]) and only_s0["n_s1"] == 0
     assert math.isnan(only_s0["di_ci_low"]) and math.isnan(only_s0["dp_ratio"])
-    assert M.explain(only_s0) == "DI undefined: group S=1 is empty in this split"
+    assert metrics.explain(only_s0) == "DI undefined: group S=1 is empty in this split"
     s = np.array([0, 0, 0, 1, 1, 1])
-    no_positive_s1 = M.fairness(y, np.array([1, 0, 1, 0, 0, 0]), s, bootstrap=100)
+    no_positive_s1 = metrics.fairness(y, np.array([1, 0, 1, 0, 0, 0]), s, bootstrap=100)
     assert math.isinf(no_positive_s1["di"]) and no_positive_s1["dp_ratio"] == 0
-    assert "infinite" in M.explain(no_positive_s1)
-    assert M.verdict(no_positive_s1["di"], no_positive_s1["di_ci_low"], no_positive_s1["di_ci_high"]) == "biased"
-    none_positive = M.fairness(y, np.zeros(6, int), s, bootstrap=100)
-    assert math.isnan(none_positive["di"]) and "0/0" in M.explain(none_positive)
-    assert M.verdict(none_positive["di"], math.nan, math.nan) == "undefined" and not M.biased(math.nan)
-    empty = M.fairness(np.array([], int), np.array([], int), np.array([], int))
+    assert "infinite" in metrics.explain(no_positive_s1)
+    assert metrics.verdict(no_positive_s1["di"], no_positive_s1["di_ci_low"], no_positive_s1["di_ci_high"]) == "biased"
+    none_positive = metrics.fairness(y, np.zeros(6, int), s, bootstrap=100)
+    assert math.isnan(none_positive["di"]) and "0/0" in metrics.explain(none_positive)
+    assert metrics.verdict(none_positive["di"], math.nan, math.nan) == "undefined" and not metrics.biased(math.nan)
+    empty = metrics.fairness(np.array([], int), np.array([], int), np.array([], int))
     assert all(math.isnan(empty[k]) for k in ("accuracy", "di", "di_ci_low", "accuracy_ci_low")) and empty["n_s0"] == 0
-    assert M.FOUR_FIFTHS == (0.8, 1.25) and not M.biased((5 / 6) / (2 / 3)) and M.biased(0.79)
+    assert metrics.FOUR_FIFTHS == (0.8, 1.25) and not metrics.biased((5 / 6) / (2 / 3)) and metrics.biased(0.79)
 
 
 def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
@@ -128,15 +128,15 @@ def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
         "model_2": [{"test_accuracy": 1.0, "test_di": 0.0, "decorrelated_test_di": math.inf},
                     {"test_accuracy": 1.0, "test_di": 0.1, "decorrelated_test_di": 0.5}],
     }
-    summary = BE.summarize(results)
+    summary = bias_eval.summarize(results)
     assert summary["model_1_test_accuracy"] == pytest.approx(0.75)
     assert summary["model_1_test_accuracy_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
     assert math.isnan(summary["model_1_decorrelated_test_di"]) and math.isinf(summary["model_2_decorrelated_test_di"])
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
+    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
     assert [(r["model"], r["test"]) for r in rows] == [("model_1", "in distribution"), ("model_1", "decorrelated"),
                                                        ("model_2", "in distribution"), ("model_2", "decorrelated")]
-    assert "±" in BE.markdown_table(rows) and "inf" in BE.markdown_table(rows)
-    text = BE.conclusion(summary, rows, C.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2)
+    assert "±" in bias_eval.markdown_table(rows) and "inf" in bias_eval.markdown_table(rows)
+    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2)
     assert all(q in text for q in ("Q2", "Q3", "Q4")) and "n/a" in text
     fig = plots.bias_comparison(rows)
     assert len(fig.data) == 4 and list(fig.data[3].text) == ["undefined", "inf"]
@@ -148,8 +148,8 @@ def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
     for role, di, lo, hi in (("model_1", 1.0, 0.9, 1.1), ("model_2", 0.0, 0.0, 0.0)):
         for prefix in ("test_", "decorrelated_test_"):
             summary.update({f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi})
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
-    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
+    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
     assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
     assert "buys 20.0 points of accuracy for model_2" in text and "-30.0 points vs model_1" in text and "down to chance" in text
     assert "costs 30.0 points" in text and "Caution" not in text
@@ -172,8 +172,8 @@ def test_only_model_3_at_chance_still_concludes_on_the_shortcut() -> None:
             summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": di,
                             f"{role}_{prefix}di_ci_low": di, f"{role}_{prefix}di_ci_high": di})
     summary["model_2_decorrelated_test_accuracy"] = 0.5
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5)
-    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5)
+    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
     assert "Caution: model_3 did not learn the task" in text and "model_2 took the shortcut" in text
     assert "In short: the shortcut buys" in text and "no conclusion on the shortcut" not in text
 
@@ -182,7 +182,7 @@ def test_the_across_seeds_interval_is_students_t() -> None:
     from scipy import stats
 
     for n in range(2, 40):
-        lo, hi = BE.seed_interval(0.5, 0.1, n)
+        lo, hi = bias_eval.seed_interval(0.5, 0.1, n)
         exact = stats.t.ppf(0.975, min(n - 1, 30)) * 0.1 / math.sqrt(n)
         assert (lo, hi) == pytest.approx((0.5 - exact, 0.5 + exact), abs=2e-4), n
 
@@ -194,13 +194,13 @@ def test_a_model_at_chance_gets_no_verdict() -> None:
         for prefix in ("test_", "decorrelated_test_"):
             summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": 1.0,
                             f"{role}_{prefix}di_ci_low": 1.0, f"{role}_{prefix}di_ci_high": 1.0})
-    rows = BE.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
+    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
     verdicts = {(r["model"], r["test"]): r["four_fifths"] for r in rows}
     assert verdicts[("model_1", "decorrelated")] == "not biased"
-    assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in BE.TESTS)
-    text = BE.conclusion(summary, rows, C.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in bias_eval.TESTS)
+    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
     assert "Caution: model_2 did not learn the task" in text and "model_2 did not learn the task: no verdict" in text
-    assert "no measurable reliance" not in text and "not biased" not in BE.verdicts(text).replace("model_1 is not biased", "")
+    assert "no measurable reliance" not in text and "not biased" not in bias_eval.verdicts(text).replace("model_1 is not biased", "")
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -240,7 +240,7 @@ def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
 
 
 def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    _register_versions(client, load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest)
+    _register_versions(client, load(config.DataConfig(data=str(kaggle_data), image_size=32)).digest)
     code, out = invoke("bias-eval", "--data", str(kaggle_data), *TINY, "--classes", "2,4")
     assert code == 0, out
     runs = [r for r in all_runs(client) if r.data.tags.get("entry_point") == "bias_eval"]
@@ -280,7 +280,7 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     assert "Q2" in text and "Q4" in text and f"{100 * c2.metrics['test_accuracy']:.1f}%" in text
     assert "four-fifths band" in figures_page(client, parent.info.run_id, {"comparison"})
     note = parent.data.tags["mlflow.note.content"]  # the run page's Description: the conclusion, then the table
-    assert note.startswith(BE.verdicts(text))  # the verdicts first, then the table, then the whole conclusion
+    assert note.startswith(bias_eval.verdicts(text))  # the verdicts first, then the table, then the whole conclusion
     assert all(line in note for line in text.splitlines() if not line.startswith("#")) and "### Conclusion" in note
     assert "| model_1 | in distribution |" in note and "| model_2 | decorrelated |" in note  # and the table between
     assert parent.data.tags["model_2_verdict"] == table.loc[3, "four_fifths"]
@@ -324,8 +324,8 @@ def test_control_p0_equal_p1_does_not_cry_wolf(tmp_path: Path, client: mlflow.Ml
     """eps present equally often in both classes (p0 = p1 = 0.5) carries no label. model_2 learns the images; its
     decorrelated DI is the labels' own DI there (it does not use S), and it is not called biased."""
     data = _brightness_pair(tmp_path / "pair")
-    out = BE.run_bias_eval(C.DataConfig(data=str(data), image_size=32), C.TrainConfig(model="lenet", epochs=3, batch_size=16, lr=0.05),
-                           C.BiasConfig(classes="1,2", p0=0.5, p1=0.5), C.BiasEvalConfig(bootstrap=300, use_champion=False))
+    out = bias_eval.run_bias_eval(config.DataConfig(data=str(data), image_size=32), config.TrainConfig(model="lenet", epochs=3, batch_size=16, lr=0.05),
+                           config.BiasConfig(classes="1,2", p0=0.5, p1=0.5), config.BiasEvalConfig(bootstrap=300, use_champion=False))
     [parent] = [r for r in all_runs(client) if "mlflow.parentRunId" not in r.data.tags]
     assert out["model_2_test_accuracy_ci_low"] > 0.5, out["model_2_test_accuracy"]  # it learned: a verdict is due
     assert out["model_2_decorrelated_test_di"] == pytest.approx(out["decorrelated_test_base_rate_di"], abs=0.1)
@@ -334,9 +334,9 @@ def test_control_p0_equal_p1_does_not_cry_wolf(tmp_path: Path, client: mlflow.Ml
 
 
 def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    train = C.TrainConfig(model="lenet", epochs=1, batch_size=16)
-    out = BE.run_bias_eval(data, train, C.BiasConfig(p0=0.0, p1=0.0), C.BiasEvalConfig(bootstrap=50, use_champion=False))
+    data = config.DataConfig(data=str(kaggle_data), image_size=32)
+    train = config.TrainConfig(model="lenet", epochs=1, batch_size=16)
+    out = bias_eval.run_bias_eval(data, train, config.BiasConfig(p0=0.0, p1=0.0), config.BiasEvalConfig(bootstrap=50, use_champion=False))
     assert math.isnan(out["model_2_test_di"]) and out["model_2_test_n_s1"] == 0  # eps never present in distribution
     assert math.isfinite(out["model_2_decorrelated_test_n_s1"])
     runs = all_runs(client)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bias_lab import config as C
-from bias_lab import metrics as M
+from bias_lab import config
+from bias_lab import metrics
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
 from bias_lab.loop import predict
@@ -25,7 +25,7 @@ def test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split(ea
     assert invoke("train", "--data", str(easy_data), *FAST, "--epochs", "4")[0] == 0
     [run] = all_runs(client)
     model, meta = load_model(f"runs:/{run.info.run_id}/model")
-    prep = prepare(C.DataConfig(data=str(easy_data), image_size=32), C.BiasConfig(), 0)
+    prep = prepare(config.DataConfig(data=str(easy_data), image_size=32), config.BiasConfig(), 0)
     with torch.no_grad():
         pred = predict(model, prep.test, prep.norm).argmax(1).numpy()
     y = prep.test.labels.numpy()
@@ -39,7 +39,7 @@ def test_the_decorrelated_test_draws_s_at_one_half_in_each_class(kaggle_data: Pa
     from bias_lab.demo import write_demo
 
     data = write_demo(kaggle_data.parent / f"big-{p0}", seed=2, n_train=400, n_test=1)
-    prep = prepare(C.DataConfig(data=str(data), image_size=32, test_fraction=0.5), C.BiasConfig(classes="1,2", p0=p0, p1=p1),
+    prep = prepare(config.DataConfig(data=str(data), image_size=32, test_fraction=0.5), config.BiasConfig(classes="1,2", p0=p0, p1=p1),
                    0, binary=True, eps=True)
     s, y = prep.test_decorrelated.s.numpy(), prep.test_decorrelated.labels.numpy()
     for label in (0, 1):  # 200 test images per class: a share of 0.5 lies in [0.4, 0.6] with probability > 0.99
@@ -59,7 +59,7 @@ def test_the_di_bootstrap_interval_covers_the_truth_95_percent_of_the_time() -> 
     for k in range(trials):
         s = rng.integers(0, 2, n)
         y_pred = (rng.random(n) < np.where(s == 0, r0, r1)).astype(int)
-        lo, hi = M.bootstrap_di(y_pred, s, n=400, seed=k)
+        lo, hi = metrics.bootstrap_di(y_pred, s, n=400, seed=k)
         hits += lo <= r0 / r1 <= hi
     assert 0.91 <= hits / trials <= 0.99, hits / trials
 
@@ -68,6 +68,6 @@ def test_wilson_interval_covers_95_percent() -> None:
     rng = np.random.default_rng(1)
     p, n, trials = 0.7, 120, 2000
     k = rng.binomial(n, p, trials)
-    covered = np.mean([lo <= p <= hi for lo, hi in (M.wilson(int(x), n) for x in k)])
+    covered = np.mean([lo <= p <= hi for lo, hi in (metrics.wilson(int(x), n) for x in k)])
     assert 0.93 <= covered <= 0.97, covered
-    assert math.isnan(M.wilson(0, 0)[0])
+    assert math.isnan(metrics.wilson(0, 0)[0])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from bias_lab import config as C
+from bias_lab import config
 from bias_lab import pipeline
 from bias_lab.cli import main
 from bias_lab.tracking import load_model
@@ -199,7 +199,7 @@ def test_mlproject_mirrors_cli(entry: str, command: str) -> None:
 
 
 def test_config_fields_have_help() -> None:
-    for cls in (C.DataConfig, C.TrainConfig, C.BiasConfig, C.TuneConfig, C.BiasEvalConfig, C.SubmitConfig):
+    for cls in (config.DataConfig, config.TrainConfig, config.BiasConfig, config.TuneConfig, config.BiasEvalConfig, config.SubmitConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
 

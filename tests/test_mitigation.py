@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from bias_lab import bias_eval as BE
-from bias_lab import config as C
+from bias_lab import bias_eval
+from bias_lab import config
 from bias_lab import explain
-from bias_lab import mitigation as mit
+from bias_lab import mitigation
 from bias_lab.data import load
 from bias_lab.models import build
 from bias_lab.pipeline import prepare
@@ -25,11 +25,11 @@ def test_reweighing_makes_s_independent_of_y_and_says_when_it_cannot() -> None:
     g = torch.Generator().manual_seed(0)
     y = (torch.rand(4000, generator=g) < 0.5).long()
     s = torch.rand(4000, generator=g) < torch.where(y == 1, 0.8, 0.3)
-    w, note = mit.reweigh_weights(s, y)
+    w, note = mitigation.reweigh_weights(s, y)
     assert note == ""
     weighted = [float(w[(y == b) & s].sum() / w[y == b].sum()) for b in (0, 1)]  # weighted P(S=1 | y)
     assert weighted[0] == pytest.approx(weighted[1], abs=1e-6) and weighted[0] == pytest.approx(float(s.float().mean()), abs=1e-6)
-    w, note = mit.reweigh_weights(y.bool(), y)  # p0=0, p1=1: S is y
+    w, note = mitigation.reweigh_weights(y.bool(), y)  # p0=0, p1=1: S is y
     assert [float(w[(y == b) & y.bool()].sum() / w[y == b].sum()) for b in (0, 1)] == [0.0, 1.0]  # still S = y
     assert "(S=0, y=1)" in note and "(S=1, y=0)" in note
 
@@ -38,13 +38,13 @@ def test_channel_dropout_redraws_eps_independently_of_the_label() -> None:
     n, sigma = 4000, 2.0
     y = torch.arange(n) % 2
     x = torch.cat([torch.randn(n, 1, 8, 8), torch.randn(n, 1, 8, 8) * sigma * y.view(-1, 1, 1, 1)], dim=1)  # eps iff y=1
-    out = mit.channel_dropout(sigma, 1.0)(x, torch.arange(n), torch.Generator().manual_seed(1))
+    out = mitigation.channel_dropout(sigma, 1.0)(x, torch.arange(n), torch.Generator().manual_seed(1))
     assert torch.equal(out[:, 0], x[:, 0])  # the image is untouched
     present = out[:, 1].flatten(1).abs().amax(1) > 0
     assert abs(present[y == 0].float().mean() - 0.5) < 0.05 and abs(present[y == 1].float().mean() - 0.5) < 0.05
     assert out[:, 1][present].std().item() == pytest.approx(sigma, rel=0.02)
     assert torch.all(out[:, 1][~present] == 0)
-    half = mit.channel_dropout(sigma, 0.5)(x, torch.arange(n), torch.Generator().manual_seed(1))
+    half = mitigation.channel_dropout(sigma, 0.5)(x, torch.arange(n), torch.Generator().manual_seed(1))
     kept = (half[:, 1] == x[:, 1]).flatten(1).all(1)
     # half kept; of the re-drawn half, those zero before (y=0) and zero again (S'=0) look kept too: 1/2 + 1/2 * 1/4
     assert abs(kept.float().mean() - 0.625) < 0.03
@@ -52,12 +52,12 @@ def test_channel_dropout_redraws_eps_independently_of_the_label() -> None:
 
 def test_gradient_reversal_and_the_adversarial_wrapper() -> None:
     x = torch.ones(3, requires_grad=True)
-    mit.GradReverse.apply(x, 2.0).sum().backward()
+    mitigation.GradReverse.apply(x, 2.0).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -2.0))
     for arch, features in (("lenet", 84), ("alexnet", 1024), ("resnet18", 512)):
-        assert mit.last_linear(build(arch, 2, 2, 32)).in_features == features
+        assert mitigation.last_linear(build(arch, 2, 2, 32)).in_features == features
     torch.manual_seed(0)
-    model = mit.Adversarial(build("lenet", 2, 2, 32), sigma=1.0, weight=1.0, seed=0)
+    model = mitigation.Adversarial(build("lenet", 2, 2, 32), sigma=1.0, weight=1.0, seed=0)
     batch = torch.randn(8, 2, 32, 32)
     logits = model.train()(batch)
     assert logits.shape == (8, 2) and model.aux_loss.item() > 0
@@ -81,8 +81,8 @@ class _Reads(nn.Module):
 
 
 def test_explanations_tell_an_eps_reader_from_an_image_reader(kaggle_data: Path) -> None:
-    data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    prep = prepare(data, C.BiasConfig(classes="1,3", p0=0.0, p1=1.0), 0, binary=True, eps=True, ds=load(data))
+    data = config.DataConfig(data=str(kaggle_data), image_size=32)
+    prep = prepare(data, config.BiasConfig(classes="1,3", p0=0.0, p1=1.0), 0, binary=True, eps=True, ds=load(data))
     m, fig = explain.explain(_Reads(channel=1, threshold=0.1), prep, seed=0)  # predicts y=1 iff eps present
     y1 = float(prep.test.labels.float().mean())
     assert m["saliency_eps_share"] == pytest.approx(1.0)
@@ -94,9 +94,9 @@ def test_explanations_tell_an_eps_reader_from_an_image_reader(kaggle_data: Path)
 
 
 def test_bias_eval_with_a_mitigation_logs_model_3_and_explanations(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    train = C.TrainConfig(model="lenet", epochs=1, batch_size=16)
-    out = BE.run_bias_eval(data, train, C.BiasConfig(classes="1,3"), C.BiasEvalConfig(mitigation="adversarial", bootstrap=50, use_champion=False))
+    data = config.DataConfig(data=str(kaggle_data), image_size=32)
+    train = config.TrainConfig(model="lenet", epochs=1, batch_size=16)
+    out = bias_eval.run_bias_eval(data, train, config.BiasConfig(classes="1,3"), config.BiasEvalConfig(mitigation="adversarial", bootstrap=50, use_champion=False))
     runs = all_runs(client)
     children = {r.data.tags["role"]: r for r in runs if "role" in r.data.tags}
     assert set(children) == {"model_1", "model_2", "model_3"} and all(r.info.status == "FINISHED" for r in runs)

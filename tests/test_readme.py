@@ -14,7 +14,7 @@ BEGIN, END = "<!-- PARAMS:BEGIN", "<!-- PARAMS:END -->"
 
 
 def render() -> str:
-    from bias_lab import config as C
+    from bias_lab import config
 
     groups = [(c, t) for c, t in ((getattr(C, n, None), t) for n, t in (
         ("DataConfig", "Data (every entry point)"), ("TrainConfig", "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches "

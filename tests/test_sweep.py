@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from bias_lab import config as C
+from bias_lab import config
 from bias_lab import bias_sweep
 from bias_lab.errors import UserError
 
@@ -39,9 +39,9 @@ def test_threshold_is_where_the_bias_starts_and_stays() -> None:
 
 
 def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
-    data = C.DataConfig(data=str(kaggle_data), image_size=32)
-    out = bias_sweep.run_sweep(data, C.TrainConfig(model="lenet", epochs=1, batch_size=16),
-                          C.SweepConfig(classes="2,4", gaps="0,1", sigmas="1", bootstrap=50))
+    data = config.DataConfig(data=str(kaggle_data), image_size=32)
+    out = bias_sweep.run_sweep(data, config.TrainConfig(model="lenet", epochs=1, batch_size=16),
+                          config.SweepConfig(classes="2,4", gaps="0,1", sigmas="1", bootstrap=50))
     assert set(out) == {"threshold_gap_sigma_1", "threshold_gap"}
     runs = all_runs(client)
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from bias_lab import pipeline, registry, studies, tracking, tune, workers
 from bias_lab.errors import UserError
 from bias_lab.data import load
-from bias_lab import config as C
+from bias_lab import config
 from bias_lab.models import build
 
 from .conftest import all_runs, figures_page, invoke
@@ -86,7 +86,7 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     # the model is logged on the tune run itself: its page lists the registered version
     assert str(mv.version) == "1" and mv.run_id == parent.info.run_id and parent.data.tags["champion_moved"] == "true"
     assert mv.tags["final_run_id"] == final.info.run_id and "bias-lab v1" in parent.data.tags["mlflow.note.content"]
-    digest = load(C.DataConfig(data=str(kaggle_data), image_size=32)).digest
+    digest = load(config.DataConfig(data=str(kaggle_data), image_size=32)).digest
     assert mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
     assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)
     hp, uri = registry.champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
@@ -295,11 +295,11 @@ def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
 
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
     storage, _ = studies.open_storage("")
-    study = tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
+    study = tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
     assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
-    tune.open_study(storage, "f", C.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
+    tune.open_study(storage, "f", config.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
     with pytest.raises(UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
-        tune.open_study(storage, "f", C.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
+        tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
 
 
 def test_worker_liveness() -> None:
