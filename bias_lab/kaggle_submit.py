@@ -213,7 +213,7 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
         tracking.log_metrics({"n_rows": len(sub.rows), "n_unreadable_test": len(ds.test_unreadable),
                               "n_partial_test": len(ds.test_partial),
                               **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes}})
-        tracking.log_json({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
+        mlflow.log_dict({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
         mlflow.set_tags({k: v for k, v in {"model_uri": cfg.model_uri, "model_name": ref.name, "model_version": ref.version,
                                            "model_run_id": ref.run_id}.items() if v})
         _publish(sub, out, run_id)  # the file appears only once it is also in the run

@@ -103,19 +103,15 @@ class Summary:
 
 
 def summarize(model: nn.Module, in_channels: int, image_size: int) -> Summary:
-    """Layer table (leaf modules in execution order), parameter count and MACs, from one dummy forward pass."""
+    """Layer table (leaf modules in execution order) and parameter count from one dummy forward pass; MACs from
+    torch's FlopCounterMode in the same pass (conv and matmul FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     layers: list[Layer] = []
-    macs = 0
 
     def hook(mod: nn.Module, _inp, out) -> None:
-        nonlocal macs
-        name = names[mod]
-        if isinstance(mod, nn.Conv2d):
-            macs += out[0].numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-        elif isinstance(mod, nn.Linear):
-            macs += mod.in_features * mod.out_features
         own = sum(p.numel() for p in mod.parameters(recurse=False))
-        layers.append(Layer(name, type(mod).__name__, "x".join(map(str, out.shape[1:])), own))
+        layers.append(Layer(names[mod], type(mod).__name__, "x".join(map(str, out.shape[1:])), own))
 
     names = {m: n for n, m in model.named_modules() if n and not list(m.children())}
     handles = [m.register_forward_hook(hook) for m in names]
@@ -123,13 +119,13 @@ def summarize(model: nn.Module, in_channels: int, image_size: int) -> Summary:
     try:
         model.eval()
         p = next(model.parameters())
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
             model(torch.zeros(1, in_channels, image_size, image_size, device=p.device, dtype=p.dtype))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return Summary(layers, sum(p.numel() for p in model.parameters()), int(macs))
+    return Summary(layers, sum(p.numel() for p in model.parameters()), flops.get_total_flops() // 2)
 
 
 def finite_weights(model: nn.Module) -> bool:

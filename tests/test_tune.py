@@ -52,6 +52,7 @@ class OddPruner(optuna.pruners.BasePruner):
 
 def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tune, "make_pruner", lambda name, epochs: OddPruner())
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow samples every 10 s by default
     code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "3", "--study-name", "s"))
     assert code == 0, out
     [parent], kids = parent_and_children(client)
@@ -76,6 +77,7 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert m["best_val_accuracy"] == study.best_value and m["epochs_trained"] == 5
     assert float(p["best_lr"]) == study.best_params["lr"] and int(p["best_batch_size"]) == study.best_params["batch_size"]
     assert 0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
+    assert "system/cpu_utilization_percentage" in m and not any(k.startswith("system/") for k in trials[0].data.metrics)
     figures_page(client, parent.info.run_id, {"optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum"})
     assert not {"lr", "momentum", "batch_size", "resume"} & set(p)  # searched or unused: the tune run did not use one value
     assert f"best trial {study.best_trial.number}" in parent.data.tags["mlflow.note.content"]  # the run page's Description
@@ -326,3 +328,24 @@ def test_pruning_benchmark_runs(capsys) -> None:
     out = capsys.readouterr().out
     assert "| none |" in out and "| median |" in out
     assert "TARGET pruning keeps best val accuracy within 1 point" in out and "TARGET pruning trains >= 2x fewer epochs" in out
+
+
+def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
+    """TrialSeededTPE re-seeds Optuna's private RNGs (TPESampler._rng, its random sampler's _rng) per trial number.
+    Guards that access against the Optuna versions pyproject allows: if those attributes move, a new process on an
+    existing study would restart the random stream and re-propose trial 0's point as trial 3's."""
+    def draws(study: optuna.Study, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = study.ask()
+            out.append(t.suggest_float("x", 0.0, 1.0))
+            study.tell(t, out[-1])
+        return out
+
+    whole = draws(optuna.create_study(sampler=tune.make_sampler(7, 12)), 5)
+    storage = optuna.storages.InMemoryStorage()
+    first = draws(optuna.create_study(storage=storage, study_name="s", sampler=tune.make_sampler(7, 12)), 3)
+    resumed = draws(optuna.load_study(storage=storage, study_name="s", sampler=tune.make_sampler(7, 12)), 2)
+    assert first + resumed == whole
+    assert len(set(whole)) == 5
+    assert draws(optuna.create_study(sampler=tune.make_sampler(8, 12)), 5) != whole
