@@ -18,6 +18,28 @@ from bias_lab import config
 from bias_lab.errors import UserError
 
 
+class Integral(click.ParamType):
+    """An integer that may be written as an integral float: MLproject declares integer parameters `float` (MLflow
+    has no int type), so `mlflow run -P epochs=10.0` passes MLflow's check and must pass ours too."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if not f.is_integer():
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        return int(f)
+
+
 def options(*classes: type, defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> Callable:
     """Click options for every field of the given config dataclasses but `skip` (`defaults` overrides some, per
     command, the same way the command's MLproject entry point does)."""
@@ -26,7 +48,7 @@ def options(*classes: type, defaults: dict[str, Any] | None = None, skip: tuple[
         for cls in reversed(classes):
             for fld in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
                 choices = fld.metadata.get("choices")
-                kind = click.Choice(choices) if choices else {bool: click.BOOL, int: int, float: float}.get(type(fld.default), str)
+                kind = click.Choice(choices) if choices else {bool: click.BOOL, int: Integral(), float: float}.get(type(fld.default), str)
                 f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=(defaults or {}).get(fld.name, fld.default),
                                  show_default=True, help=fld.metadata["help"])(f)
         return f

@@ -211,7 +211,8 @@ CLI_CASES = [
 # click's own usage errors (an unknown choice, a non-number) print its usage block: 4 lines, not one yet
 USAGE_CASES = [
     Case("unknown_model_name", ["--model", "vgg99"], 2, "'vgg99' is not one of", "lenet"),
-    Case("batch_size_not_a_number", ["--batch-size", "abc"], 2, "'abc' is not a valid integer", "help"),
+    Case("batch_size_not_a_number", ["--batch-size", "abc"], 2, "'abc' is not an integer", "help"),
+    Case("epochs_not_integral", ["--epochs", "2.5"], 2, "'2.5' is not an integer", "help"),
 ]
 
 
@@ -351,3 +352,16 @@ def test_images_checked_in_the_corpus_are_what_they_claim(corpus: dict[str, Path
     for i in ("1002", "1003", "1008", "1009"):
         assert data.decode(corpus["bad_files"] / "train" / "train" / f"{i}.jpg", 32) is None, i
     assert torch.is_tensor(data.load(data.DataConfig(data=str(corpus["ok"]), image_size=32)).images)
+
+
+def test_integer_settings_accept_integral_floats() -> None:
+    """MLproject declares integer parameters `float` (MLflow has no int), so `mlflow run -P epochs=10.0` reaches the
+    command as '10.0': it must mean 10, while 10.5 stays an error."""
+    import click
+
+    from bias_lab.cli import Integral
+
+    assert [Integral().convert(v, None, None) for v in ("10", "10.0", "1e1", 7)] == [10, 10, 10, 7]
+    for bad in ("10.5", "abc", "nan", "inf"):
+        with pytest.raises(click.BadParameter):
+            Integral().convert(bad, None, None)
