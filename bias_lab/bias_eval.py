@@ -169,7 +169,7 @@ def table_rows(summary: dict[str, float], descriptions: dict[str, str], seeds: i
             row = {"model": role, "trained_on": desc, "test": test, **{m: get(m) for m in MEASURES}}
             if seeds > 1:
                 row.update({f"{m}_std": get(f"{m}_std") for m in ("accuracy", "di")})
-            verdict = metrics.verdict(row["di"], row["di_ci_low"], row["di_ci_high"])
+            verdict = metrics.verdict(get("di"), get("di_ci_low"), get("di_ci_high"))
             row["four_fifths"] = (verdict if verdict == "undefined" or learned(acc, low, chance) else
                                   f"inconclusive: did not learn (test accuracy {fmt(acc, True)}, chance {fmt(chance, True)})")
             if role in notes:
@@ -363,7 +363,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
     results: dict[str, list[dict[str, float]]] = {}
     descriptions: dict[str, str] = {}
     notes: dict[str, str] = {}
-    base_di = {t: [] for t in TESTS}
+    base_di: dict[str, list[float]] = {t: [] for t in TESTS}
     chance = []
     with tracking.run(f"bias_eval-{train_cfg.model}-{classes[0]}v{classes[1]}", tags={"entry_point": "bias_eval"}) as parent:
         for k in range(eval_cfg.seeds):
@@ -376,6 +376,7 @@ def run_bias_eval(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasCo
                 tracking.log_params({"hparams_source": source, "label_y0": classes[0], "label_y1": classes[1],
                                      "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in registry.HPARAMS)})
             y = ref.test.labels.numpy()
+            assert ref.test.s is not None and ref.test_decorrelated is not None and ref.test_decorrelated.s is not None
             chance.append(max(y.mean(), 1 - y.mean()) if len(y) else math.nan)
             base_di["in distribution"].append(metrics.base_rate_di(y, ref.test.s.numpy()))
             base_di["decorrelated"].append(metrics.base_rate_di(y, ref.test_decorrelated.s.numpy()))

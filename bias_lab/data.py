@@ -179,6 +179,7 @@ def _list_kaggle(root: Path) -> _Listing:
 
     img_dir = _first_dir(root / "train" / "train", root / "train")
     check(img_dir is not None, f"{root} has train.csv but no train/train/ or train/ image folder: put the images there")
+    assert img_dir is not None  # for the type checker: check() raised otherwise
     stats: dict[str, tuple[int, int]] = {}
     by_stem = {os.path.splitext(n)[0]: n for n in _scan(img_dir, stats)}
     by_name = set(by_stem.values())
@@ -226,7 +227,9 @@ def _train_dir(root: Path) -> Path:
 def _list_imagefolder(root: Path) -> _Listing:
     train_dir = _train_dir(root)
     class_dirs = _class_dirs(root)
-    files, labels, stats = [], [], {}
+    files: list[str] = []
+    labels: list[str] = []
+    stats: dict[str, tuple[int, int]] = {}
     for d in class_dirs:
         imgs = _images_in(d, stats)
         check(bool(imgs), f"class folder {d} has no images: add images or remove the folder")
@@ -331,7 +334,7 @@ def _to_gray(img: Image.Image, size: int) -> np.ndarray:
         img = img.convert("L")  # directly: convert("RGB") of an RGB image is a full copy, the biggest buffer here
     elif img.mode != "L":
         img = img.convert("RGB").convert("L")  # via RGB: CMYK, palette, alpha and 1-bit all convert there
-    img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -69,7 +69,7 @@ def write_demo(root: Path, seed: int = 0, n_train: int = N_TRAIN_PER_CLASS, n_te
     (tmp / "train" / "train").mkdir(parents=True)
     (tmp / "test" / "test").mkdir(parents=True)
     ids = rng.permutation(np.arange(100000, 1000000))[: (n_train + n_test) * len(CLASSES)]
-    rows = {"train": [], "test": []}
+    rows: dict[str, list[tuple[int, int]]] = {"train": [], "test": []}
     k = 0
     for split, n in (("train", n_train), ("test", n_test)):
         for _ in range(n):

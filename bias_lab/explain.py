@@ -52,6 +52,7 @@ def saliency(model: nn.Module, part: Part, norm: Norm) -> tuple[torch.Tensor, to
         logits = model(x).float()
         logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
         xs.append(x.detach().cpu())
+        assert x.grad is not None  # x requires grad and took part in the loss
         gs.append(x.grad.abs().cpu())
     model.zero_grad(set_to_none=True)
     if not xs:

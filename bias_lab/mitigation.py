@@ -173,6 +173,7 @@ def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalC
     """model_3's training setup for `method`, on model_2's data `prep` (which is not modified)."""
     check(prep.eps, "a mitigation needs the eps channel in the input: pass model_2's prepared data")
     if method == "reweigh":
+        assert prep.train.s is not None  # binary task: every split carries S
         w, note = reweigh_weights(prep.train.s, prep.train.labels)
         return Mitigation("model_2's data, Kamiran-Calders reweighing", dataclasses.replace(prep, train=dataclasses.replace(prep.train, weights=w)), note=note)
     if method == "adversarial":

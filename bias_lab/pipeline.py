@@ -119,9 +119,9 @@ def measure(model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int =
         "test_accuracy": metrics.accuracy(y, pred),
         "test_loss": float(torch.nn.functional.cross_entropy(logits, prep.test.labels)) if len(y) else math.nan,
     }
-    if prep.binary:
+    dec = prep.test_decorrelated
+    if prep.binary and prep.test.s is not None and dec is not None and dec.s is not None:  # binary: all three are set
         out.update({f"test_{k}": v for k, v in metrics.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items() if k != "accuracy"})
-        dec = prep.test_decorrelated
         dpred = predict(model, dec, prep.norm).argmax(1).numpy()
         out.update({f"decorrelated_test_{k}": v for k, v in metrics.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()})
     return out, metrics.confusion(y, pred, len(prep.dataset.classes))

@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from bias_lab.errors import UserError, check
@@ -85,8 +86,9 @@ def resolve(model_uri: str) -> ModelRef:
             run_id, _ = RunsArtifactRepository.parse_runs_uri(model_uri)
             client.get_run(run_id)
             versions = client.search_model_versions(f"run_id='{run_id}'")
-            mv = versions[0] if len(versions) == 1 else None  # registered more than once: no single version to tag
-            return ModelRef(model_uri, model_uri, mv and mv.name, mv and str(mv.version), run_id)
+            if len(versions) != 1:  # not registered, or more than once: no single version to tag
+                return ModelRef(model_uri, model_uri, run_id=run_id)
+            return ModelRef(model_uri, model_uri, versions[0].name, str(versions[0].version), run_id)
     except Exception as e:  # RESOURCE_DOES_NOT_EXIST, a malformed URI, a registry without that alias...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot find model '{model_uri}' ({first}): pass models:/<name>@<alias>, models:/<name>/<version> "
@@ -105,6 +107,7 @@ def register_champion(model_uri: str, name: str, digest: str, val_accuracy: floa
         champion = None
     same = [v for v in client.search_model_versions(f"name='{name}'")
             if v.tags.get(DIGEST_TAG) == digest and VAL_TAG in v.tags]
+    baseline: ModelVersion | None
     if champion is not None and champion.tags.get(DIGEST_TAG) == digest and VAL_TAG in champion.tags:
         baseline = champion
     else:
@@ -117,7 +120,7 @@ def register_champion(model_uri: str, name: str, digest: str, val_accuracy: floa
         reason = f"first model registered for data {digest}"
         if champion is not None:
             reason += f" (champion was v{champion.version}, trained on other data {champion.tags.get(DIGEST_TAG, '?')})"
-    elif val_accuracy > base_acc:
+    elif base_acc is None or val_accuracy > base_acc:  # (base_acc is set whenever baseline is)
         moved, reason = True, f"val_accuracy {val_accuracy:.4f} > {base_acc:.4f} of v{baseline.version}"
     else:
         moved = False

@@ -67,21 +67,22 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 on_stale = _StaleTrialCallback(retry(max_retry=1))
-                storage = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                                     engine_kwargs=_engine_kwargs(spec), **{key: on_stale})
+                callback: dict[str, Any] = {key: on_stale}  # the keyword's name depends on the Optuna version
+                rdb = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                 engine_kwargs=_engine_kwargs(spec), **callback)
         except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
             raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({first_line(e)}): start the database, "
                             "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
-        return storage, _redact(spec)
+        return rdb, _redact(spec)
     path = Path(spec).expanduser() if spec else default_storage_path()
     check(path.parent.is_dir(), f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage")
     try:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         _check_journal(path)
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        storage.get_all_studies()  # replays the file now: a bad journal fails here, not in the middle of the command
-        return storage, str(path.resolve())
+        journal = JournalStorage(JournalFileBackend(str(path)))
+        journal.get_all_studies()  # replays the file now: a bad journal fails here, not in the middle of the command
+        return journal, str(path.resolve())
     except OSError as e:
         raise UserError(f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path") from e
     except Exception as e:  # replaying a file that is no Optuna journal: JSON, Unicode, key, type, assertion errors

@@ -120,6 +120,14 @@ def _first_use_lock(uri: str) -> contextlib.AbstractContextManager:
     return FileLock(uri.removeprefix("sqlite:///").split("?")[0] + ".lock", timeout=300)
 
 
+def active_run_id() -> str:
+    """The id of the active run; an error (not an AttributeError on None) when there is none."""
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError("no active MLflow run")
+    return active.info.run_id
+
+
 @contextlib.contextmanager
 def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] | None = None,
         parent_run_id: str | None = None, run_id: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
@@ -146,7 +154,8 @@ def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] |
             _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     else:
-        if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == active.info.run_id:
             mlflow.end_run("FINISHED")
 
 
@@ -183,11 +192,12 @@ def log_params(params: dict[str, Any]) -> None:
 def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: str, digest: str, name: str) -> None:
     """mlflow.data dataset of (id, label, split), one log_input per split context."""
     import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
 
     df = pd.DataFrame({"id": ids, "label": labels, "split": splits})
     for context in ("train", "val", "test"):
         part = df[df.split == context].reset_index(drop=True)
-        ds = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36])
+        ds = from_pandas(part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36])
         for attempt in range(3):
             try:
                 mlflow.log_input(ds, context=context)
@@ -209,7 +219,7 @@ def log_figure(fig: Any, name: str) -> None:
     figures.html embeds plotly.js once (about 4.7 MB) so it renders offline, in the MLflow UI's artifact viewer too:
     mlflow.log_figure's HTML loads plotly.js from a CDN and shows an empty frame without internet, and one
     inlined copy per figure would make a 20-trial tune ~35 MB instead of ~10."""
-    _figures.setdefault(mlflow.active_run().info.run_id, {})[name] = fig
+    _figures.setdefault(active_run_id(), {})[name] = fig
     mlflow.log_text(fig.to_json(), f"figures/{name}.json")
 
 

@@ -211,7 +211,8 @@ class Search:
             trial.set_user_attr("best_val_accuracy", value)  # a pruned trial's Optuna value is its last report (-loss)
             trial.set_user_attr("epochs_run", epochs)
             trial.set_user_attr("train_time_s", round(time.perf_counter() - t0, 3))
-        done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number]
+        done = [float(t.value) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.number != trial.number and t.value is not None]
         so_far = max([*done, *([value] if state == "complete" else [])], default=None)
         if so_far is not None:
             with contextlib.suppress(MlflowException):  # the parent's live view of the search (step = trial number)
@@ -295,7 +296,7 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
     }
     if complete:
         best = study.best_trial
-        out.update(best_val_accuracy=float(best.value), best_trial_number=float(best.number))
+        out.update(best_val_accuracy=float(best.value or 0.0), best_trial_number=float(best.number))
         tracking.log_params({f"best_{k}": v for k, v in best.params.items()})
         mlflow.set_tag("best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
     else:
@@ -323,7 +324,7 @@ def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainC
     """Retrain the best configuration (train split, best-val epoch kept), test it once, log and register it in a
     child run tagged role=final; record test measures and the champion decision on the parent."""
     cfg = dataclasses.replace(train_cfg, **best.params)
-    parent = mlflow.active_run().info.run_id
+    parent = tracking.active_run_id()
     digest = prep.dataset.digest
     tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags, system_metrics=True) as child:
