@@ -4,6 +4,8 @@
     python benchmarks/bench_ddp.py --device cuda --nproc 4 --model resnet18 --epochs 5    # 1 GPU vs 4 GPUs (nccl)
     python benchmarks/bench_ddp.py --quick                            # generated tiny data, LeNet, 1 epoch: a smoke run
 
+On CUDA, K processes need K GPUs (one per process, NCCL); with fewer the script refuses before starting.
+
 Both sides are the command users run (`python -m bias_lab.cli train ...`, and the same under
 `torch.distributed.run --standalone --nproc_per_node=K`), alternated `--repeats` times so that drift in the machine's
 other load hits both alike; medians are compared. On a CPU the total threads are the same on both sides (1 process
@@ -70,6 +72,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="generated tiny data, LeNet @32 px, 1 epoch, 1 repeat")
     args = ap.parse_args()
+    if args.device.startswith("cuda"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < args.nproc:  # torchrun would die at set_device(cuda:K-1); NCCL refuses two ranks on one GPU
+            sys.exit(f"--device cuda --nproc {args.nproc} needs {args.nproc} GPUs, {gpus} visible: DDP runs one process per "
+                     f"GPU. Use --nproc {max(gpus, 1)}; to measure several trials sharing one GPU, run "
+                     "benchmarks/bench_epoch.py --device cuda (its 'trials per GPU' section)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         env = scratch_env(workdir)

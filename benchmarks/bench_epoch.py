@@ -2,6 +2,15 @@
 
     python benchmarks/bench_epoch.py --data DIR      # default /work/shared/data/tiny4; 2-4 min on 2 cores
     python benchmarks/bench_epoch.py --quick         # generated tiny data, a few steps: a smoke run (~15-30 s)
+    python benchmarks/bench_epoch.py --device cuda   # the GPU section instead (synthetic data, a few minutes)
+    python benchmarks/bench_epoch.py --device cuda --check   # its PASS/FAIL checks only (what gpu_check.sh runs)
+
+GPU section (--device cuda; --device cpu --gpu-section --quick runs the same code on a CPU as a smoke test): fit vs
+the compute bound in the same precision (bf16 autocast, channels_last) at a large and at tune's usual batch, with
+the first (warm-up) epoch left out of fit's images/s; deterministic=false (cudnn.benchmark); host milliseconds and
+kernels per step; trials per hour with 1 vs K trial processes sharing the GPU. CHECK lines: the device really
+used, fit >= 0.8 of the compute bound for ResNet-18 @64, same seed same numbers, resume equals an uninterrupted
+run (AlexNet: dropout), K trials per GPU >= 1.5x one.
 
 Side by side in one process, on the same images, same model (same init), same batch size, same torch threads:
   naive         torchvision dataset (ImageFolder, or the CSV equivalent for the Kaggle layout) + transforms
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -53,7 +63,7 @@ from bias_lab import data as D  # noqa: E402
 from bias_lab import pipeline, tracking  # noqa: E402
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig  # noqa: E402
 from bias_lab.models import build  # noqa: E402
-from bias_lab.loop import Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
+from bias_lab.loop import FitResult, Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -268,6 +278,247 @@ def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int)
     return best
 
 
+# ------------------------------------------------------------------------------------------ GPU section (--device cuda)
+
+
+@dataclass
+class GpuPlan:
+    image_size: int
+    model: str  # the fit-vs-compute and trials model (ResNet-18 @64 on a GPU)
+    resume_model: str  # has dropout: resume must restore the device's RNG too (AlexNet)
+    images: int  # training images of the synthetic split
+    batch: int  # the batch fit is compared with the compute bound at
+    small_batch: int  # tune's usual batch: host-bound on a GPU
+    epochs: int  # fit epochs; the first (warm-up) is left out of images_per_s
+    trial_images: int  # images of one concurrent trial
+    trial_epochs: int
+    k: int  # concurrent trials per GPU
+
+
+GPU_FULL = GpuPlan(64, "resnet18", "alexnet", 8192, 256, 32, 3, 4096, 2, 4)
+GPU_QUICK = GpuPlan(32, "lenet", "lenet", 96, 32, 16, 2, 64, 1, 2)  # a smoke run of the same code, on any device
+
+
+def synthetic(n: int, size: int, seed: int) -> Part:
+    """n random uint8 images of 4 classes: the GPU numbers need no dataset on the GPU machine."""
+    g = torch.Generator().manual_seed(seed)
+    return Part(torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 4)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit_run(device: torch.device, model_name: str, size: int, part: Part, batch: int, epochs: int, seed: int = 0,
+            **cfg: object) -> tuple[nn.Module, FitResult]:
+    torch.manual_seed(seed)
+    model = build(model_name, 1, 4, size).to(device)
+    val = Part(part.images[:64], part.labels[:64])
+    config = TrainConfig(model=model_name, epochs=epochs, batch_size=batch, lr=0.01, device=str(device), seed=seed, **cfg)
+    return model, fit(model, part, val, config, NORM_GPU)
+
+
+NORM_GPU = Norm(127.0, 64.0)
+
+
+def compute_bound(device: torch.device, model_name: str, size: int, part: Part, batch: int, repeats: int = 2) -> float:
+    """Images/s of forward + backward + SGD on ready batches on `device`, in fit's layout and precision (channels_last,
+    bf16 autocast on CUDA): no data work. Best of `repeats` passes after one warm-up pass."""
+    torch.manual_seed(0)
+    model = build(model_name, 1, 4, size).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = D.normalize(part.images.to(device), NORM_GPU.mean, NORM_GPU.std)
+    y = part.labels.to(device)
+    batches = [(channels_last(x[i : i + batch]), y[i : i + batch]) for i in range(0, len(y), batch)]
+    best = 0.0
+    for rep in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        for xb, yb in batches:
+            with autocast(device):
+                loss = F.cross_entropy(model(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        if rep:  # the first pass is the warm-up (cuDNN autotuning, allocator)
+            best = max(best, len(y) / (time.perf_counter() - t0))
+    return best
+
+
+def step_costs(device: torch.device, model_name: str, size: int, steps: int = 20) -> tuple[float, str]:
+    """(ms per step at batch 2, kernels per step). At batch 2 the GPU's work is negligible, so the step time is the
+    host's: Python + torch dispatch + kernel launches, the floor of every step whatever the batch."""
+    torch.manual_seed(0)
+    model = build(model_name, 1, 4, size).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    xb = channels_last(torch.randn(2, 1, size, size, device=device))
+    yb = torch.zeros(2, dtype=torch.long, device=device)
+
+    def step() -> None:
+        with autocast(device):
+            loss = F.cross_entropy(model(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    kernels = "n/a (CPU)"
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            sync(device)
+        n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = f"{n / 5:.0f}"
+    return ms, kernels
+
+
+def trial_worker(args: argparse.Namespace) -> int:
+    """One 'trial' for the trials-per-GPU measurement: warm up, say ready, wait for go, fit, print its times."""
+    plan = GPU_QUICK if args.quick else GPU_FULL
+    device = torch.device(args.device)
+    part = synthetic(plan.trial_images, plan.image_size, 1)
+    fit_run(device, plan.model, plan.image_size, Part(part.images[:plan.small_batch * 2], part.labels[:plan.small_batch * 2]),
+            plan.small_batch, 1)  # warm-up: CUDA context, cuDNN, allocator
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.time()
+    fit_run(device, plan.model, plan.image_size, part, plan.small_batch, plan.trial_epochs)
+    sync(device)
+    print(f"times {t0} {time.time()}", flush=True)
+    return 0
+
+
+def trials_per_hour(device: torch.device, k: int, quick: bool) -> float:
+    """Trials per hour with k trial processes sharing `device`, started together once all are warm."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--trial-worker", "--device", str(device), *(["--quick"] if quick else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(k)]
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"trial worker did not start (exit {p.wait()}): {line!r}")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        spans = []
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            if p.returncode:
+                raise RuntimeError(f"trial worker failed (exit {p.returncode})")
+            _, a, b = out.split()[-3:]
+            spans.append((float(a), float(b)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    wall = max(b for _, b in spans) - min(a for a, _ in spans)
+    return k * 3600 / wall
+
+
+def same_numbers(a: FitResult, b: FitResult, ma: nn.Module, mb: nn.Module) -> bool:
+    strip = lambda r: [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]  # noqa: E731
+    return strip(a) == strip(b) and all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+
+
+class _Stop(Exception):
+    pass
+
+
+def resume_check(device: torch.device, model_name: str, size: int, part: Part, batch: int, epochs: int) -> bool:
+    """Interrupted after epoch 1 by a hook, resumed from the checkpoint: the same numbers and weights as one run."""
+    ref_model, ref = fit_run(device, model_name, size, part, batch, epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = Path(tmp) / "ck.pt"
+
+        def stop(epoch: int, _m: dict) -> None:
+            if epoch == 2:
+                raise _Stop
+
+        torch.manual_seed(0)
+        model = build(model_name, 1, 4, size).to(device)
+        val = Part(part.images[:64], part.labels[:64])
+        cfg = TrainConfig(model=model_name, epochs=epochs, batch_size=batch, lr=0.01, device=str(device), seed=0,
+                          checkpoint_every_s=3600.0)  # the exception path writes it (epoch 1)
+        with contextlib.suppress(_Stop):
+            fit(model, part, val, cfg, NORM_GPU, on_epoch=stop, checkpoint=ck)
+        torch.manual_seed(123)  # other init: the weights must come from the checkpoint
+        model = build(model_name, 1, 4, size).to(device)
+        res = fit(model, part, val, dataclasses.replace(cfg, resume=True), NORM_GPU, checkpoint=ck)
+    return same_numbers(ref, res, ref_model, model)
+
+
+def gpu_report(device: torch.device, quick: bool, check_only: bool) -> int:
+    """The GPU section (works on any device; --quick is a smoke run). Prints tables and CHECK lines; 1 if a check failed."""
+    from bias_lab.loop import device_info
+
+    plan = GPU_QUICK if quick else GPU_FULL
+    size = plan.image_size
+    info = device_info(device)
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    checks: list[tuple[str, bool, str]] = []
+    part = synthetic(plan.images, size, 0)
+
+    model, res = fit_run(device, plan.model, size, part, plan.batch, plan.epochs)
+    used = next(model.parameters()).device.type == device.type and info["device_resolved"].startswith(device.type)
+    checks.append((f"{device.type} really used (device_info, the model's parameters)", used, info["device_resolved"]))
+    fit_big = res.extra["images_per_s_warm"]
+    compute_big = compute_bound(device, plan.model, size, part, plan.batch)
+    ratio = fit_big / compute_big
+    checks.append((f"fit >= 0.8 of the compute bound, {plan.model}@{size} batch {plan.batch}", ratio >= 0.8,
+                   f"{fit_big:,.0f} / {compute_big:,.0f} img/s = {ratio:.2f}"))
+
+    model_b, res_b = fit_run(device, plan.model, size, part, plan.batch, 2)
+    model_c, res_c = fit_run(device, plan.model, size, part, plan.batch, 2)
+    checks.append((f"same seed same numbers, {plan.model}@{size}", same_numbers(res_b, res_c, model_b, model_c), "2 epochs, twice"))
+    ok = resume_check(device, plan.resume_model, size, synthetic(min(plan.images, 2048), size, 2), plan.small_batch, 3)
+    dropout = " (dropout: the device's RNG restored too)" if plan.resume_model == "alexnet" else ""
+    checks.append((f"resume equals uninterrupted, {plan.resume_model}@{size}{dropout}", ok, "stopped after epoch 1, resumed"))
+
+    one = trials_per_hour(device, 1, quick)
+    many = trials_per_hour(device, plan.k, quick)
+    checks.append((f"{plan.k} trials per {device.type} >= 1.5x one", many >= 1.5 * one,
+                   f"{one:,.0f} -> {many:,.0f} trials/h ({many / one:.2f}x), {plan.model}@{size} batch {plan.small_batch}"))
+
+    if not check_only:
+        _, res_small = fit_run(device, plan.model, size, part, plan.small_batch, plan.epochs)
+        compute_small = compute_bound(device, plan.model, size, part, plan.small_batch)
+        _, res_fast = fit_run(device, plan.model, size, part, plan.batch, plan.epochs, deterministic=False)
+        ms, kernels = step_costs(device, plan.model, size)
+        print(f"\n| {device.type}: {plan.model}@{size}, {plan.images} synthetic images | value |\n|---|---:|")
+        rows = [
+            (f"fit, batch {plan.batch}, img/s (first epoch left out)", f"{fit_big:,.0f}"),
+            (f"compute bound, batch {plan.batch}, same precision, img/s", f"{compute_big:,.0f}"),
+            (f"fit, batch {plan.small_batch}, img/s", f"{res_small.extra['images_per_s_warm']:,.0f}"),
+            (f"compute bound, batch {plan.small_batch}, img/s", f"{compute_small:,.0f}"),
+            (f"fit, batch {plan.batch}, deterministic=false (cudnn.benchmark), img/s", f"{res_fast.extra['images_per_s_warm']:,.0f}"),
+            ("host ms per step (batch 2: the GPU's share is negligible)", f"{ms:.2f}"),
+            ("kernels per step", kernels),
+            ("trials per hour, 1 per device", f"{one:,.0f}"),
+            (f"trials per hour, {plan.k} concurrent per device", f"{many:,.0f}"),
+        ]
+        for what, value in rows:
+            print(f"| {what} | {value} |")
+    print()
+    for name, passed, detail in checks:
+        print(f"CHECK {name}: {'PASS' if passed else 'FAIL'} ({detail})", flush=True)
+    return 0 if all(passed for _, passed, _ in checks) else 1
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -277,7 +528,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="generated tiny data and a few steps (smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every variant; 0 = torch's default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu: the CPU comparison below; cuda[:N]: the GPU section instead")
+    ap.add_argument("--gpu-section", action="store_true", help="the GPU section on --device (on a CPU: a smoke run of it)")
+    ap.add_argument("--check", action="store_true", help="the GPU section's PASS/FAIL checks only (benchmarks/gpu_check.sh)")
+    ap.add_argument("--trial-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.trial_worker:
+        return trial_worker(args)
+    if args.device != "cpu" or args.gpu_section or args.check:
+        from bias_lab.loop import resolve_device
+
+        seed_everything(args.seed, args.threads)
+        return gpu_report(resolve_device(args.device), args.quick, args.check)
     plan = QUICK if args.quick else FULL
     size = plan.image_size
     seed_everything(args.seed, args.threads)  # the global torch settings train_model uses, for every variant

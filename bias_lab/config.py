@@ -49,8 +49,12 @@ class TrainConfig:
     seed: int = knob(0, "seed of splits, init, batches, augmentation and the bias channel")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
+    deterministic: bool = knob(True, "same seed, same numbers (deterministic kernels); false lets cuDNN pick the fastest "
+                                     "kernels (cudnn.benchmark): faster on a GPU, not bit-reproducible")
     resume: bool = knob(False, "continue from the last epoch checkpoint of the same configuration")
     keep_checkpoint: bool = knob(False, "keep the checkpoint when the run finishes (default: deleted, it is only for resuming)")
+    checkpoint_every_s: float = knob(60.0, "write the resume checkpoint after the first epoch that ends this many seconds "
+                                           "after the last one (0 = every epoch); a kill loses at most about this much")
 
 
 @dataclass
@@ -111,7 +115,7 @@ class SubmitConfig:
 # Settings a command's runs never read (tune searches lr/momentum/batch_size; only train resumes; bias_eval always
 # adds eps to model_2): the command does not offer them and its runs do not log them, so no run page shows a
 # value the run did not use.
-TRAIN_ONLY = ("resume", "keep_checkpoint")  # checkpoints: only `train` writes and resumes them
+TRAIN_ONLY = ("resume", "keep_checkpoint", "checkpoint_every_s")  # checkpoints: only `train` writes and resumes them
 NOT_USED_BY: dict[str, tuple[str, ...]] = {
     "tune": ("lr", "momentum", "batch_size", *TRAIN_ONLY),
     "bias_eval": ("bias", *TRAIN_ONLY),

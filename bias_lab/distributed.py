@@ -71,6 +71,10 @@ def local_device(device: torch.device) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     check(device.index in (None, local), f"device={device} under torchrun: each process uses its own GPU "
           "(cuda:LOCAL_RANK); pass device=cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    gpus = torch.cuda.device_count()
+    check(local < gpus, f"torchrun process {local} needs its own GPU (cuda:{local}) but {gpus} GPU(s) are visible: "
+          f"use --nproc_per_node={max(gpus, 1)} or less (NCCL cannot put two processes on one GPU); to fill one GPU, "
+          "run several tune workers on it instead")
     return torch.device("cuda", local)
 
 

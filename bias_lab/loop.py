@@ -17,6 +17,9 @@ import dataclasses
 import math
 import os
 import pickle
+import platform
+import shutil
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -95,14 +98,90 @@ def validate(cfg: TrainConfig) -> None:
     check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
     check(0 <= cfg.seed < SEED_LIMIT, f"seed={cfg.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
     check(cfg.threads >= 0, f"threads={cfg.threads}: use 0 (torch's default) or a positive thread count")
+    check(cfg.checkpoint_every_s >= 0, f"checkpoint_every_s={cfg.checkpoint_every_s}: use seconds >= 0 (0 = every epoch)")
+
+
+def cuda_problem() -> str | None:
+    """None when CUDA is usable; else why not, in one line. A torch build that does not match the driver makes
+    torch.cuda.is_available() return False with only a warning: that warning's text is the reason given."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    if ok:
+        return None
+    said = [first_line(w.message, 160) for w in caught if "cuda" in str(w.message).lower()]
+    if said:
+        return said[0]
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "no GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else " (no driver or no device)")
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present; under torchrun a bare 'cuda' is this process's GPU (cuda:LOCAL_RANK)."""
+    """'auto' -> CUDA when usable (said in a warning when a GPU build cannot use it); under torchrun a bare 'cuda'
+    is this process's GPU (cuda:LOCAL_RANK). device=cuda[:N] fails fast, in one line, when CUDA is unusable."""
+    if name == "cpu":
+        return torch.device("cpu")
+    problem = cuda_problem()
     if name == "auto":
-        return D.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    check(name == "cpu" or torch.cuda.is_available(), f"device={name} but CUDA is not available: use device=cpu or auto")
-    return D.local_device(torch.device(name))
+        if problem is not None and _gpu_present():  # e.g. a torch build newer than the driver: say so, not silently
+            warnings.warn(f"device=auto: this machine has an NVIDIA GPU but CUDA is not usable ({problem}): "
+                          "training on the CPU")
+        return D.local_device(torch.device("cpu" if problem else "cuda"))
+    check(problem is None, f"device={name} but CUDA is not usable ({problem}): use device=cpu or auto")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device={name}: {first_line(e, 120)}; use cpu, auto or cuda[:N]") from None
+    check(device.type in ("cpu", "cuda"), f"device={name}: use cpu, auto or cuda[:N]")
+    check(device.index is None or device.index < torch.cuda.device_count(),
+          f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}")
+    return D.local_device(device)
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA driver is installed (its device node or nvidia-smi), whether or not torch can use it."""
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def device_info(device: torch.device) -> dict[str, str]:
+    """What a run actually trains on, as strings for MLflow params: the resolved device, the GPU (or CPU) name,
+    CUDA runtime / driver / cuDNN versions on CUDA, torch's version and thread count."""
+    info = {"device_resolved": str(device), "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(device_name=props.name, cuda_version=str(torch.version.cuda), cuda_driver=_driver_version(index),
+                    cudnn_version=str(torch.backends.cudnn.version()), gpu_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gb=f"{props.total_memory / 2**30:.1f}")
+    else:
+        info["device_name"] = _cpu_name()
+    return info
+
+
+def _driver_version(index: int) -> str:
+    """The NVIDIA driver's version (nvidia-smi; torch does not expose it); 'unknown' when it cannot be asked."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
+                                 capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -121,12 +200,24 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
 
 
-def seed_everything(seed: int, threads: int = 0) -> None:
+def seed_everything(seed: int, threads: int = 0, deterministic: bool = True) -> None:
+    """Seed torch, set its threads, and choose between reproducible and fastest kernels (set_determinism)."""
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_determinism(deterministic)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def set_determinism(deterministic: bool) -> None:
+    """True: deterministic kernels (same seed, same machine -> same numbers), without torch's fill of uninitialised
+    memory (every kernel writes what it reads back, so the results stay deterministic; the fill only costs time).
+    warn_only: an op with no deterministic kernel (adaptive_avg_pool2d backward on CUDA) warns instead of failing.
+    False: any kernel, and cuDNN benchmarks its algorithms per shape (cudnn.benchmark): faster on a GPU, not
+    bit-reproducible. fit applies cfg.deterministic itself, so every entry point gets it."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def batch_inputs(part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None,
@@ -235,8 +326,9 @@ def fit(
 
     `on_epoch` sees each epoch's metrics (MLflow logging, Optuna pruning). `input_hook` may rewrite a train
     batch (e.g. channel dropout). A model may set `model.aux_loss` during forward (e.g. an adversary) and it
-    is added to the loss. With `checkpoint`, state is saved after every epoch and, when cfg.resume is set,
-    training continues from it, reaching the same weights as an uninterrupted run.
+    is added to the loss. With `checkpoint`, state is saved after an epoch every cfg.checkpoint_every_s seconds (0: every
+    epoch), after the last epoch, and when an exception stops training (the last completed epoch); when cfg.resume is
+    set, training continues from it, reaching the same weights as an uninterrupted run.
     """
     validate(cfg)  # again: tune and bias_eval reach fit without the train command
     check(D.world() == 1 or input_hook is None, "a train-batch hook (channel dropout) does not run under torchrun: start without it")
@@ -246,6 +338,7 @@ def fit(
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
     batches = D.batch_bounds(len(train), cfg.batch_size, D.world())  # the same global batches on every rank
+    set_determinism(cfg.deterministic)  # here, so every entry point (train, tune, bias_eval) gets the setting
     optim = _optim(model, cfg, device, total_steps=len(batches) * cfg.epochs)
     state = FitState()
     if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
@@ -255,40 +348,22 @@ def fit(
 
     t_start = time.perf_counter() - state.wall_s
     diverged = False
+    epoch_train_s: list[float] = []  # this process's epochs: the first one pays the warm-up (cuDNN, allocator)
+    saver = _Saver(checkpoint if D.is_main() else None, cfg.checkpoint_every_s, device)  # the ranks hold the same state: one writer
     bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state.epoch,
                total=cfg.epochs, **({} if D.is_main() else {"disable": True}))  # one bar, rank 0's; TQDM_DISABLE still works
-    for epoch in bar:
-        t0 = time.perf_counter()
-        train_loss, train_accuracy = _train_epoch(model, optim, train, batches, cfg, norm, epoch, input_hook)
-        state.train_s += time.perf_counter() - t0
-        D.sync_buffers(model)
-        v = evaluate(model, val, norm, sharded=True)
-        metrics = {
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "val_loss": v["loss"],
-            "val_accuracy": v["accuracy"],
-            "scheduled_lr": optim.opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
-            "epoch_time_s": time.perf_counter() - t0,
-        }
-        state.history.append(metrics)
-        state.epoch = epoch + 1
-        if not math.isfinite(train_loss):
-            diverged = True
-            bar.close()
-            break
-        if v["accuracy"] > state.best[0]:
-            state.best = (v["accuracy"], epoch + 1)
-            state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        state.wall_s = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
-        if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
-            on_epoch(epoch + 1, metrics)
-        if checkpoint is not None and D.is_main():  # the ranks hold the same state: one writer
-            if not _save_checkpoint(checkpoint, model, optim, state):
-                checkpoint = None  # warned once: an unwritable cache costs the resume, never the run
+    try:
+        for epoch in bar:
+            if _one_epoch(model, optim, train, val, batches, cfg, norm, epoch, input_hook, on_epoch, state, epoch_train_s,
+                          t_start, bar, saver):
+                diverged = True
+                break
+    except BaseException:  # a hook's exception (pruning, a failed log), Ctrl-C, SIGTERM: keep the last whole epoch
+        saver.flush()
+        raise
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
+    warm = epoch_train_s[1:] or epoch_train_s
     return FitResult(
         history=state.history,
         best_epoch=state.best[1],
@@ -297,7 +372,79 @@ def fit(
         images_per_s=len(train) * len(state.history) / max(state.train_s, 1e-9),
         diverged=diverged,
         epochs_run=len(state.history),
+        extra={"images_per_s_warm": len(train) * len(warm) / max(sum(warm), 1e-9)},  # first epoch left out when >1 ran
     )
+
+
+def _one_epoch(model: nn.Module, optim: _Optim, train: Part, val: Part, batches: list[tuple[int, int]], cfg: TrainConfig,
+               norm: Norm, epoch: int, input_hook: InputHook | None, on_epoch: EpochHook | None, state: FitState,
+               epoch_train_s: list[float], t_start: float, bar, saver: _Saver) -> bool:
+    """Train, evaluate, report and (maybe) checkpoint epoch `epoch`; True when the loss diverged."""
+    t0 = time.perf_counter()
+    train_loss, train_accuracy = _train_epoch(model, optim, train, batches, cfg, norm, epoch, input_hook)
+    epoch_train_s.append(time.perf_counter() - t0)
+    state.train_s += epoch_train_s[-1]
+    D.sync_buffers(model)
+    v = evaluate(model, val, norm, sharded=True)
+    metrics = {
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "val_loss": v["loss"],
+        "val_accuracy": v["accuracy"],
+        "scheduled_lr": optim.opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
+        "epoch_time_s": time.perf_counter() - t0,
+    }
+    state.history.append(metrics)
+    state.epoch = epoch + 1
+    if not math.isfinite(train_loss):
+        bar.close()
+        return True
+    if v["accuracy"] > state.best[0]:
+        state.best = (v["accuracy"], epoch + 1)
+        state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    state.wall_s = time.perf_counter() - t_start
+    bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
+    if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
+        on_epoch(epoch + 1, metrics)
+    saver.epoch_done(model, optim, state, last=state.epoch == cfg.epochs)
+    return False
+
+
+class _Saver:
+    """When fit writes its checkpoint: after an epoch once `every_s` seconds have passed since the last write (or
+    since the start; 0 = every epoch), after the last epoch, and, when training stops early by an exception, the
+    last completed epoch (flush). Between writes that epoch is held as a copy (on the device: a clone of weights
+    and optimizer state, cheap next to writing ~90 MB of ResNet-18 to disk every epoch). A SIGKILL loses at most
+    about `every_s` seconds; the resumed run re-trains the epochs after the checkpoint, bit-exactly."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, path: Path | None, every_s: float, device: torch.device):
+        self.path, self.every_s, self.device = path, every_s, device
+        self.last_write = self.clock()
+        self.pending: dict | None = None  # the newest completed epoch not on disk yet
+
+    def epoch_done(self, model: nn.Module, optim: _Optim, state: FitState, last: bool) -> None:
+        if self.path is None:
+            return
+        if last or self.every_s <= 0 or self.clock() - self.last_write >= self.every_s:
+            self.pending = None
+            self._write(_checkpoint_blob(model, optim, state, self.device, copy=False))
+        else:
+            self.pending = _checkpoint_blob(model, optim, state, self.device, copy=True)
+
+    def flush(self) -> None:
+        if self.path is not None and self.pending is not None:
+            blob, self.pending = self.pending, None
+            try:
+                self._write(blob)
+            except Exception as e:  # never hide the exception that stopped training
+                warnings.warn(f"cannot write the checkpoint {self.path} ({first_line(e, 120)})")
+
+    def _write(self, blob: dict) -> None:
+        if not _save_checkpoint(self.path, blob):
+            self.path = None  # warned once: an unwritable cache costs the resume, never the run
+        self.last_write = self.clock()
 
 
 def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int) -> _Optim:
@@ -354,24 +501,38 @@ def _fields(state: FitState) -> dict[str, object]:
 
 
 def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) -> FitState:
-    """Load a checkpoint into the model and `optim`; returns the FitState it was saved with."""
-    ck = _load_checkpoint(path, device)
-    model.load_state_dict(ck["model"])
-    optim.opt.load_state_dict(ck["optimizer"])
+    """Load a checkpoint into the model and `optim`; returns the FitState it was saved with. A checkpoint written
+    on another kind of device (its augmentation generator's state is another generator's: a CPU Mersenne Twister vs
+    a CUDA Philox) cannot continue this run bit-exactly: warned, and training starts fresh (FitState())."""
+    ck = _load_checkpoint(path)
+    saved_on = str(ck.get("device_type", "cpu"))  # checkpoints from before the key were written on a CPU
+    if saved_on != device.type or ck["aug_gen"].numel() != optim.aug_gen.get_state().numel():
+        warnings.warn(f"resume=true but the checkpoint {path} was written on {saved_on}, and this run trains on "
+                      f"{device.type}: its random streams cannot continue here, so training starts fresh (the "
+                      "checkpoint is overwritten); resume on the device type it was written on to continue it")
+        return FitState()
+    model.load_state_dict(ck["model"])  # copies the CPU tensors onto the model's device
+    optim.opt.load_state_dict(ck["optimizer"])  # moves the state to the parameters' device
     optim.sched.load_state_dict(ck["scheduler"])
     optim.order_gen.set_state(ck["order_gen"])
-    optim.aug_gen.set_state(ck["aug_gen"].cpu())
-    torch.set_rng_state(ck["torch_rng"].cpu())
+    optim.aug_gen.set_state(ck["aug_gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in ck:  # dropout masks (AlexNet) on the GPU
+        torch.cuda.set_rng_state(ck["cuda_rng"], device)
     state = FitState(**{k: ck[k] for k in _fields(FitState())})
     state.best = tuple(state.best)  # a tuple in FitState, whatever the file gives back
+    if state.best_state is not None:
+        state.best_state = {k: t.to(device) for k, t in state.best_state.items()}
     return state
 
 
-def _load_checkpoint(path: Path, device: torch.device) -> dict:
-    """The checkpoint's state, or a one-line UserError when it is damaged (truncated, not ours, or holding
-    pickled code that weights_only refuses): never a traceback, nor torch's advice to unpickle it."""
+def _load_checkpoint(path: Path, device: torch.device | None = None) -> dict:
+    """The checkpoint's state, every tensor on the CPU (map_location: generator states must be CPU ByteTensors
+    whatever device wrote them; fit moves weights and optimizer state to its device), or a one-line UserError
+    when it is damaged (truncated, not ours, or holding pickled code that weights_only refuses): never a
+    traceback, nor torch's advice to unpickle it. `device` is accepted for callers of the older signature."""
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", *_fields(FitState())} - set(ck)
         check(not missing, f"it lacks {sorted(missing)}")
         return ck
@@ -383,18 +544,40 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
                         "or run with resume=false to start over") from None
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optim: _Optim, state: FitState) -> bool:
-    """Everything needed to continue bit-exactly, written atomically (weights_only-loadable: no pickled code).
-    False (with one warning) when it cannot be written: a read-only or full cache folder costs the resume only."""
+def _checkpoint_blob(model: nn.Module, optim: _Optim, state: FitState, device: torch.device, copy: bool) -> dict:
+    """Everything needed to continue bit-exactly (weights_only-loadable: no pickled code). `copy`: detached from
+    the live training state (clones on the device), to be written later."""
+    clone = (lambda t: t.detach().clone()) if copy else (lambda t: t)  # noqa: E731
     blob = {
-        "model": model.state_dict(),
-        "optimizer": optim.opt.state_dict(),
+        "model": {k: clone(t) for k, t in model.state_dict().items()},
+        "optimizer": _clone_tree(optim.opt.state_dict()) if copy else optim.opt.state_dict(),
         "scheduler": optim.sched.state_dict(),
-        "order_gen": optim.order_gen.get_state(),
+        "order_gen": optim.order_gen.get_state(),  # get_state returns a new CPU ByteTensor: already a copy
         "aug_gen": optim.aug_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "device_type": device.type,
         **_fields(state),  # not dataclasses.asdict: that deep-copies best_state's tensors every epoch
     }
+    if device.type == "cuda":
+        blob["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if copy:
+        blob["history"] = list(state.history)  # appended to later; best_state is replaced, never changed in place
+    return blob
+
+
+def _clone_tree(obj: object) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    return obj
+
+
+def _save_checkpoint(path: Path, blob: dict) -> bool:
+    """Write a checkpoint blob atomically. False (with one warning) when it cannot be written: a read-only or full
+    cache folder costs the resume only."""
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError

@@ -25,7 +25,7 @@ from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
 from bias_lab.models import build, finite_weights, summarize
 from bias_lab.registry import ModelMeta
-from bias_lab.loop import EpochHook, InputHook, Norm, Part, fit, predict, resolve_device, seed_everything
+from bias_lab.loop import EpochHook, InputHook, Norm, Part, device_info, fit, predict, resolve_device, seed_everything
 
 
 @dataclass
@@ -135,7 +135,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
     `test=False` skips the test split entirely (tune's trials). `wrap(model) -> model` lets a caller add
     modules around the network (e.g. an adversarial head) before training.
     """
-    seed_everything(cfg.seed, cfg.threads)
+    seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
     device = resolve_device(cfg.device)
     net = build(cfg.model, prep.channels, len(prep.dataset.classes), int(prep.dataset.images.shape[-1]))
     summary = summarize(net, prep.channels, int(prep.dataset.images.shape[-1]))
@@ -143,6 +143,7 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
     if log:
         mlflow.log_text(summary.markdown(), "model_summary.md")
         mlflow.log_text(summary.csv(), "model_summary.csv")
+        tracking.log_params(device_info(device))  # the device actually used: `auto` says nothing (train logs it first)
         tracking.log_metrics({"total_params": summary.total_params, "macs_per_image": summary.macs})
 
     def hook(epoch: int, m: dict[str, float]) -> None:

@@ -21,14 +21,21 @@ from bias_lab import distributed, pipeline, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
 from bias_lab.errors import UserError
-from bias_lab.loop import resolve_device, seed_everything, validate
+from bias_lab.loop import device_info, resolve_device, seed_everything, validate
 from bias_lab.workers import WORKER, worker_dead
 
 
-def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str) -> Path:
-    """Where `train` checkpoints: one file per configuration, so `resume=true` with the same command finds it."""
+def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str,
+                    device_type: str | None = None) -> Path:
+    """Where `train` checkpoints: one file per configuration and kind of device (`device_type`, default: what
+    train_cfg.device resolves to), so `resume=true` with the same command finds it. device=auto and device=cuda on
+    a GPU share one, as do runs differing only in threads; a CPU and a GPU run do not: a checkpoint's random
+    streams (and bf16 vs fp32 numbers) belong to one kind of device. CPU keys are those of older versions."""
+    device_type = device_type or resolve_device(train_cfg.device).type
     key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items()
            if k not in (*TRAIN_ONLY, "device", "threads", "cache_dir")}
+    if device_type != "cpu":
+        key["device_type"] = device_type
     h = hashlib.sha256(json.dumps({**key, "digest": digest}, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir(data_cfg) / "checkpoints" / f"{train_cfg.model}-{h}.pt"
 
@@ -36,13 +43,15 @@ def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: Bias
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
     validate(train_cfg)  # before any data is decoded or run opened: a bad setting costs nothing
-    with distributed.session(resolve_device(train_cfg.device)):
+    device = resolve_device(train_cfg.device)  # device=cuda without a usable GPU: a one-line error, before any work
+    with distributed.session(device):
         if distributed.is_main():
             tracking.setup()
-        seed_everything(train_cfg.seed, train_cfg.threads)  # before pipeline.prepare: `threads` shapes its float sums too
+        # before pipeline.prepare: `threads` shapes its float sums too
+        seed_everything(train_cfg.seed, train_cfg.threads, train_cfg.deterministic)
         with distributed.main_first():  # rank 0 decodes into the cache, the other ranks then read it
             prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
-        ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest)
+        ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest, device.type)
         if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
             pipeline.train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
             return {}
@@ -75,7 +84,8 @@ def _train_tracked(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: Tra
             mlflow.set_tag("resumed", "true")
         else:
             pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg)
-        tracking.log_params({"device_resolved": str(resolve_device(train_cfg.device)), "world_size": distributed.world()})
+        # what the run really trains on (GPU name, CUDA and driver versions...): device=auto alone says nothing
+        tracking.log_params({**device_info(resolve_device(train_cfg.device)), "world_size": distributed.world()})
         if checkpoint is not None:
             mlflow.set_tag("checkpoint", str(checkpoint))
         _, out = pipeline.train_model(prep, train_cfg, checkpoint=checkpoint)

@@ -16,9 +16,9 @@ BEGIN, END = "<!-- PARAMS:BEGIN", "<!-- PARAMS:END -->"
 def render() -> str:
     from bias_lab import config
 
-    groups = [(c, t) for c, t in ((getattr(C, n, None), t) for n, t in (
+    groups = [(c, t) for c, t in ((getattr(config, n, None), t) for n, t in (
         ("DataConfig", "Data (every entry point)"), ("TrainConfig", "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches "
-                        "lr / momentum / batch_size, only train has resume / keep_checkpoint)"),
+                        "lr / momentum / batch_size, only train has resume / keep_checkpoint / checkpoint_every_s)"),
         ("BiasConfig", "Bias channel (train, tune, bias_eval; bias_eval always adds eps to model_2, so it has no `bias`)"), ("TuneConfig", "tune"), ("BiasEvalConfig", "bias_eval"),
         ("SweepConfig", "bias_sweep"), ("SubmitConfig", "kaggle_submit"), ("ReportConfig", "report"))) if c is not None]
     out = []

@@ -234,7 +234,7 @@ def test_fit_follows_the_schedule(schedule: str) -> None:
 def train_args(data: Path, epochs: int) -> list[str]:
     args = list(FAST)
     args[args.index("--epochs") + 1] = str(epochs)
-    return ["train", "--data", str(data), *args, "--threads", "1"]
+    return ["train", "--data", str(data), *args, "--threads", "1", "--checkpoint-every-s", "0"]
 
 
 def start(args: list[str]) -> subprocess.Popen:
