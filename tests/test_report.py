@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .conftest import FAST, invoke
@@ -13,7 +14,8 @@ def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
     assert code == 0, out
     page = (tmp_path / "out" / "report.html").read_text()
     md = (tmp_path / "out" / "report.md").read_text()
-    assert page.count("plotly.js v") <= 2 and "Plotly.newPlot" in page  # plotly.js embedded once, figures rebuilt
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1 and "Plotly.newPlot" in page  # embedded once, figures rebuilt
+    assert not re.search(r"<script[^>]*\bsrc=", page), "the report loads a script from elsewhere: blank offline"
     assert "learning curves" in page and "confusion matrix" in page
     assert "test_accuracy" in md and "MACs per image" in md  # metrics and the layer table
     assert not list((tmp_path / "out").glob(".*.tmp"))
