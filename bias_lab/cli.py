@@ -40,17 +40,16 @@ class Integral(click.ParamType):
         return int(f)
 
 
-def options(*classes: type, defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> Callable:
-    """Click options for every field of the given config dataclasses but `skip` (`defaults` overrides some, per
-    command, the same way the command's MLproject entry point does)."""
+def options(ep: config.EntryPoint) -> Callable:
+    """Click options for every setting of the command `ep` (config.ENTRY_POINTS: MLproject is generated from the
+    same entry, so an option and its MLflow parameter share name and default)."""
 
     def deco(f: Callable) -> Callable:
-        for cls in reversed(classes):
-            for fld in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
-                choices = fld.metadata.get("choices")
-                kind = click.Choice(choices) if choices else {bool: click.BOOL, int: Integral(), float: float}.get(type(fld.default), str)
-                f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=(defaults or {}).get(fld.name, fld.default),
-                                 show_default=True, help=fld.metadata["help"])(f)
+        for fld in reversed(ep.fields()):
+            choices = fld.metadata.get("choices")
+            kind = click.Choice(choices) if choices else {bool: click.BOOL, int: Integral(), float: float}.get(type(fld.default), str)
+            f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=ep.default(fld),
+                             show_default=True, help=fld.metadata["help"])(f)
         return f
 
     return deco
@@ -116,7 +115,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@options(config.DataConfig, config.TrainConfig, config.BiasConfig)
+@options(config.ENTRY_POINTS["train"])
 def train(**kw: Any) -> None:
     """Train one model; log params, curves, test accuracy (and DI on a binary task) and the model.
 
@@ -128,7 +127,7 @@ def train(**kw: Any) -> None:
 
 
 @main.command()
-@options(config.DataConfig, config.TrainConfig, config.BiasConfig, config.TuneConfig, skip=config.NOT_USED_BY["tune"])
+@options(config.ENTRY_POINTS["tune"])
 def tune(**kw: Any) -> None:
     """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
     from bias_lab.tune import run_tune
@@ -137,7 +136,7 @@ def tune(**kw: Any) -> None:
 
 
 @main.command("bias-eval")
-@options(config.DataConfig, config.TrainConfig, config.BiasConfig, config.BiasEvalConfig, skip=config.NOT_USED_BY["bias_eval"])
+@options(config.ENTRY_POINTS["bias_eval"])
 def bias_eval(**kw: Any) -> None:
     """Train model_1 (clean) and model_2 (biased eps channel); compare accuracy and DI side by side."""
     from bias_lab.bias_eval import run_bias_eval
@@ -146,7 +145,7 @@ def bias_eval(**kw: Any) -> None:
 
 
 @main.command("kaggle-submit")
-@options(config.DataConfig, config.SubmitConfig)
+@options(config.ENTRY_POINTS["kaggle_submit"])
 def kaggle_submit(**kw: Any) -> None:
     """Predict the unlabelled test folder with a registered model and write a validated Kaggle CSV."""
     from bias_lab.kaggle_submit import run_submit
@@ -155,7 +154,7 @@ def kaggle_submit(**kw: Any) -> None:
 
 
 @main.command("bias-sweep")
-@options(config.DataConfig, config.TrainConfig, config.SweepConfig, defaults={"epochs": 4}, skip=config.NOT_USED_BY["bias_sweep"])  # a grid of runs: short ones
+@options(config.ENTRY_POINTS["bias_sweep"])
 def bias_sweep(**kw: Any) -> None:
     """DI and accuracy of model_2 over a grid of p1-p0 and sigma: how strong must a shortcut be to be taken?"""
     from bias_lab.bias_sweep import run_sweep
@@ -164,7 +163,7 @@ def bias_sweep(**kw: Any) -> None:
 
 
 @main.command()
-@options(config.ReportConfig)
+@options(config.EntryPoint("report", (config.ReportConfig,)))
 def report(**kw: Any) -> None:
     """Write one self-contained HTML (+ markdown) report of the tracked train, tune and bias_eval runs."""
     from bias_lab.report import run_report
