@@ -86,8 +86,14 @@ def list_files(root: Path) -> tuple[list[str], list[str]]:
         return files, labels
     train_dir = root / "train" if (root / "train").is_dir() else root
     files, labels = [], []
-    for d in sorted((d for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and not (train_dir == root and d.name == "test")), key=lambda d: d.name):
+    for d in sorted(
+        (
+            d
+            for d in train_dir.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and not (train_dir == root and d.name == "test")
+        ),
+        key=lambda d: d.name,
+    ):
         imgs = sorted(n for n in os.listdir(d) if n.lower().endswith(IMAGE_EXTS) and not n.startswith("."))
         files += [str(d / n) for n in imgs]
         labels += [d.name] * len(imgs)
@@ -142,10 +148,13 @@ def write_synthetic(root: Path, per_class: int = 30, seed: int = 0) -> Path:
 class LeNet5(nn.Module):
     def __init__(self, n_classes: int = 4, size: int = SIZE):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2)
+        )
         s = ((size - 4) // 2 - 4) // 2
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * s * s, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                                        nn.Linear(84, n_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * s * s, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -183,7 +192,9 @@ class Result:
     note: str = ""
 
 
-def run_textbook(name: str, files: list[str], y: np.ndarray, split: dict, budget: float, seed: int, lr: float) -> Result:
+def run_textbook(
+    name: str, files: list[str], y: np.ndarray, split: dict, budget: float, seed: int, lr: float
+) -> Result:
     t_wall = time.perf_counter()
     norm = T.Normalize([0.5], [0.25])
     train_tf = T.Compose([T.Grayscale(1), T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -222,8 +233,25 @@ def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra
     store = tmp / "mlflow.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(data), "--model", name, "--epochs", str(epochs),
-           "--image-size", str(SIZE), "--seed", str(seed), "--device", "cpu", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bias_lab.cli",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        name,
+        "--epochs",
+        str(epochs),
+        "--image-size",
+        str(SIZE),
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -243,9 +271,17 @@ def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra
     for step, v in vals:
         cum += times.get(step, met["train_time_s"] / max(len(vals), 1))
         curve.append((cum, v))
-    return Result("bias_lab", name, epochs=int(met.get("epochs_run", epochs)), train_s=met["train_time_s"], wall_s=wall,
-                  test_acc=met["test_accuracy"], best_val=met["best_val_accuracy"], curve=curve,
-                  note=f"{met.get('images_per_s', float('nan')):.0f} img/s; " + (" ".join(extra) or "CLI defaults"))
+    return Result(
+        "bias_lab",
+        name,
+        epochs=int(met.get("epochs_run", epochs)),
+        train_s=met["train_time_s"],
+        wall_s=wall,
+        test_acc=met["test_accuracy"],
+        best_val=met["best_val_accuracy"],
+        curve=curve,
+        note=f"{met.get('images_per_s', float('nan')):.0f} img/s; " + (" ".join(extra) or "CLI defaults"),
+    )
 
 
 def epochs_for(calib: Result, budget: float) -> int:
@@ -267,13 +303,31 @@ def write_figure(results: list[Result], out: Path, budget: float) -> None:
     for r in results:
         label = f"{r.side} {r.model}"
         dash = "dot" if r.side == "textbook" else "solid"
-        fig.add_trace(go.Scatter(x=[t for t, _ in r.curve], y=[v for _, v in r.curve], mode="lines+markers",
-                                 name=f"{label}: val accuracy", line={"dash": dash}))
-        fig.add_trace(go.Scatter(x=[r.train_s], y=[r.test_acc], mode="markers", marker={"symbol": "star", "size": 14},
-                                 name=f"{label}: test accuracy {r.test_acc:.3f}"))
+        fig.add_trace(
+            go.Scatter(
+                x=[t for t, _ in r.curve],
+                y=[v for _, v in r.curve],
+                mode="lines+markers",
+                name=f"{label}: val accuracy",
+                line={"dash": dash},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[r.train_s],
+                y=[r.test_acc],
+                mode="markers",
+                marker={"symbol": "star", "size": 14},
+                name=f"{label}: test accuracy {r.test_acc:.3f}",
+            )
+        )
     fig.add_vline(x=budget, line_dash="dash", annotation_text=f"budget {budget:g} s")
-    fig.update_layout(title="Accuracy vs training seconds (same machine, same held-out split)",
-                      xaxis_title="training seconds", yaxis_title="accuracy", template="plotly_white")
+    fig.update_layout(
+        title="Accuracy vs training seconds (same machine, same held-out split)",
+        xaxis_title="training seconds",
+        yaxis_title="accuracy",
+        template="plotly_white",
+    )
     fig.write_html(str(out), include_plotlyjs=True, full_html=True)
 
 
@@ -282,8 +336,12 @@ def main() -> int:
     ap.add_argument("--data", default=DEFAULT_DATA, help="dataset folder (Kaggle or ImageFolder layout)")
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per recipe")
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 5 s budget, lenet only (smoke run)")
-    ap.add_argument("--recipes", nargs="+", default=["lenet", "resnet18"],
-                    help="architectures; lenet and resnet18 run on both sides, alexnet/resnet34 on bias_lab's only")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["lenet", "resnet18"],
+        help="architectures; lenet and resnet18 run on both sides, alexnet/resnet34 on bias_lab's only",
+    )
     ap.add_argument("--textbook-lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench_accuracy.html", help="offline HTML figure (plotly.js inlined)")
@@ -300,32 +358,48 @@ def main() -> int:
         classes = sorted(set(label_names), key=natural_key)
         y = np.array([classes.index(lab) for lab in label_names], dtype=np.int64)
         split = stratified_split(y, args.seed)
-        print(f"# {len(files)} labelled images from {root}: {len(split['train'])} train / {len(split['val'])} val / "
-              f"{len(split['test'])} test (bias_lab's split, seed {args.seed}); budget {budget:g} training s per recipe; "
-              f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-              f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start (other jobs share this machine)", flush=True)
+        print(
+            f"# {len(files)} labelled images from {root}: {len(split['train'])} train / {len(split['val'])} val / "
+            f"{len(split['test'])} test (bias_lab's split, seed {args.seed}); budget {budget:g} training s per recipe; "
+            f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+            f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start (other jobs share this machine)",
+            flush=True,
+        )
         for name in recipes:
             calib_epochs = 2 if name == "lenet" else 1
             calib = run_bias_lab(name, root, calib_epochs, args.seed, tmp, [])
             n_ep = epochs_for(calib, budget)
-            print(f"  bias_lab {name} calibration: {calib_epochs} epoch(s) in {calib.train_s:.1f} s -> {n_ep} epochs "
-                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+            print(
+                f"  bias_lab {name} calibration: {calib_epochs} epoch(s) in {calib.train_s:.1f} s -> {n_ep} epochs "
+                f"({time.perf_counter() - t_start:.0f} s)",
+                flush=True,
+            )
             if name in ("lenet", "resnet18"):
                 r = run_textbook(name, files, y, split, budget, args.seed, args.textbook_lr)
                 results.append(r)
-                print(f"  textbook {name}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
-                      f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+                print(
+                    f"  textbook {name}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
+                    f"({time.perf_counter() - t_start:.0f} s)",
+                    flush=True,
+                )
             r = calib if n_ep == calib_epochs else run_bias_lab(name, root, n_ep, args.seed, tmp, [])
             results.append(r)
-            print(f"  bias_lab {name}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
-                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+            print(
+                f"  bias_lab {name}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
+                f"({time.perf_counter() - t_start:.0f} s)",
+                flush=True,
+            )
     out = Path(args.out).resolve()
     write_figure(results, out, budget)
     load1 = os.getloadavg()
 
-    print("\n| recipe | epochs | train s | test accuracy | best val accuracy | run wall s | notes |\n|---|---:|---:|---:|---:|---:|---|")
+    print(
+        "\n| recipe | epochs | train s | test accuracy | best val accuracy | run wall s | notes |\n|---|---:|---:|---:|---:|---:|---|"
+    )
     for r in results:
-        print(f"| {r.side} {r.model} | {r.epochs} | {r.train_s:.0f} | {r.test_acc:.3f} | {r.best_val:.3f} | {r.wall_s:.0f} | {r.note} |")
+        print(
+            f"| {r.side} {r.model} | {r.epochs} | {r.train_s:.0f} | {r.test_acc:.3f} | {r.best_val:.3f} | {r.wall_s:.0f} | {r.note} |"
+        )
     print("\nval accuracy per epoch (training s: accuracy):")
     for r in results:
         pts = ", ".join(f"{t:.{0 if budget >= 100 else 1}f}:{v:.2f}" for t, v in r.curve)
@@ -337,9 +411,11 @@ def main() -> int:
     if ours and theirs:
         b, t = max(ours, key=lambda r: r.test_acc), max(theirs, key=lambda r: r.test_acc)
         gap = (b.test_acc - t.test_acc) * 100
-        print(f"TARGET bias_lab_best - textbook_best >= +5 pts test accuracy @{budget:g}s: bias_lab {b.model} {b.test_acc:.3f} "
-              f"({b.train_s:.0f} s) vs textbook {t.model} {t.test_acc:.3f} ({t.train_s:.0f} s) = {gap:+.1f} pts "
-              f"{'PASS' if gap >= 5 else 'FAIL'}")
+        print(
+            f"TARGET bias_lab_best - textbook_best >= +5 pts test accuracy @{budget:g}s: bias_lab {b.model} {b.test_acc:.3f} "
+            f"({b.train_s:.0f} s) vs textbook {t.model} {t.test_acc:.3f} ({t.train_s:.0f} s) = {gap:+.1f} pts "
+            f"{'PASS' if gap >= 5 else 'FAIL'}"
+        )
     else:
         print("TARGET bias_lab_best - textbook_best >= +5 pts test accuracy: SKIP (needs a lenet or resnet18 recipe)")
     if budget >= 600:
@@ -349,8 +425,10 @@ def main() -> int:
         print(f"TARGET bias_lab >= 0.75 test accuracy within 600 training s: {shown} {'PASS' if hit else 'FAIL'}")
     else:
         print("TARGET bias_lab >= 0.75 test accuracy within 600 training s: SKIP (needs --budget 600)")
-    print(f"\nfigure: {out}\nload average {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} at end; "
-          f"(total {time.perf_counter() - t_start:.0f} s)")
+    print(
+        f"\nfigure: {out}\nload average {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} at end; "
+        f"(total {time.perf_counter() - t_start:.0f} s)"
+    )
     return 0
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import mlflow  # noqa: E402
+from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
-from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
 SHOWN = ("images_per_s", "train_time_s", "best_val_accuracy", "test_accuracy")
@@ -38,13 +38,43 @@ SHOWN = ("images_per_s", "train_time_s", "best_val_accuracy", "test_accuracy")
 
 def run(args: argparse.Namespace, nproc: int, env: dict[str, str]) -> dict[str, float]:
     """One `train` run with `nproc` processes; its logged metrics."""
-    train = ["-m", "bias_lab.cli", "train", "--data", args.data, "--model", args.model, "--image-size", str(args.image_size),
-             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device]
+    train = [
+        "-m",
+        "bias_lab.cli",
+        "train",
+        "--data",
+        args.data,
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--device",
+        args.device,
+    ]
     if nproc == 1:
-        cmd = [sys.executable, *train, "--threads", str(args.nproc * args.threads if args.device == "cpu" else args.threads)]
+        cmd = [
+            sys.executable,
+            *train,
+            "--threads",
+            str(args.nproc * args.threads if args.device == "cpu" else args.threads),
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train,
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *train,
+            "--threads",
+            str(args.threads),
+        ]
     before = {r.info.run_id for r in _runs()}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -68,7 +98,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
     ap.add_argument("--nproc", type=int, default=2, help="K, compared with 1 process")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process under torchrun (the single process gets K times as many on a CPU)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process under torchrun (the single process gets K times as many on a CPU)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="generated tiny data, LeNet @32 px, 1 epoch, 1 repeat")
     args = ap.parse_args()
@@ -77,28 +112,44 @@ def main() -> None:
 
         gpus = torch.cuda.device_count()
         if gpus < args.nproc:  # torchrun would die at set_device(cuda:K-1); NCCL refuses two ranks on one GPU
-            sys.exit(f"--device cuda --nproc {args.nproc} needs {args.nproc} GPUs, {gpus} visible: DDP runs one process per "
-                     f"GPU. Use --nproc {max(gpus, 1)}; to measure several trials sharing one GPU, run "
-                     "benchmarks/bench_epoch.py --device cuda (its 'trials per GPU' section)")
+            sys.exit(
+                f"--device cuda --nproc {args.nproc} needs {args.nproc} GPUs, {gpus} visible: DDP runs one process per "
+                f"GPU. Use --nproc {max(gpus, 1)}; to measure several trials sharing one GPU, run "
+                "benchmarks/bench_epoch.py --device cuda (its 'trials per GPU' section)"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         env = scratch_env(workdir)
         if args.quick:
             args.data = quick_data(workdir)
-            args.model, args.image_size, args.epochs, args.batch_size, args.lr, args.repeats = "lenet", 32, 1, 32, 0.05, 1
+            args.model, args.image_size, args.epochs, args.batch_size, args.lr, args.repeats = (
+                "lenet",
+                32,
+                1,
+                32,
+                0.05,
+                1,
+            )
         load(DataConfig(data=args.data, image_size=args.image_size))  # decode once: neither side pays it
         load1 = os.getloadavg()[0]
-        print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} batch_size={args.batch_size} "
-              f"device={args.device} nproc={args.nproc} threads={args.threads} cpus={os.cpu_count()} load={load1:.1f}", file=sys.stderr)
+        print(
+            f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} batch_size={args.batch_size} "
+            f"device={args.device} nproc={args.nproc} threads={args.threads} cpus={os.cpu_count()} load={load1:.1f}",
+            file=sys.stderr,
+        )
         res = [run(args, n, env) for _ in range(args.repeats) for n in (1, args.nproc)]
     print("\n| processes | world_size logged | images/s | train_time_s | best val acc | test acc |")
     print("|---|---|---|---|---|---|")
     for r in res:
-        print(f"| {r['nproc']} | {r['world_size']} | {r['images_per_s']:,.1f} | {r['train_time_s']:.1f} | {r['best_val_accuracy']:.4f} | "
-              f"{r['test_accuracy']:.4f} |")
+        print(
+            f"| {r['nproc']} | {r['world_size']} | {r['images_per_s']:,.1f} | {r['train_time_s']:.1f} | {r['best_val_accuracy']:.4f} | "
+            f"{r['test_accuracy']:.4f} |"
+        )
     med = {n: statistics.median(r["images_per_s"] for r in res if r["nproc"] == n) for n in (1, args.nproc)}
-    print(f"\n1 -> {args.nproc} processes (median of {args.repeats}, {args.device}): {med[1]:,.1f} -> {med[args.nproc]:,.1f} images/s "
-          f"({med[args.nproc] / med[1]:.2f}x); load average {load1:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(
+        f"\n1 -> {args.nproc} processes (median of {args.repeats}, {args.device}): {med[1]:,.1f} -> {med[args.nproc]:,.1f} images/s "
+        f"({med[args.nproc] / med[1]:.2f}x); load average {load1:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
 
 
 if __name__ == "__main__":

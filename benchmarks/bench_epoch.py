@@ -62,8 +62,8 @@ from torchvision import transforms as T  # noqa: E402
 from bias_lab import data as D  # noqa: E402
 from bias_lab import pipeline, tracking  # noqa: E402
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig  # noqa: E402
-from bias_lab.models import build  # noqa: E402
 from bias_lab.loop import FitResult, Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
+from bias_lab.models import build  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -112,13 +112,15 @@ class FilesDataset(torch.utils.data.Dataset):
 
 
 def naive_dataset(root: Path, size: int, norm: Norm, classes: list[str]) -> torch.utils.data.Dataset:
-    tf = T.Compose([
-        T.Grayscale(),
-        T.RandomResizedCrop(size, scale=(0.7, 1.0)),  # the same crop area range as data.augment
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize([norm.mean], [norm.std]),
-    ])
+    tf = T.Compose(
+        [
+            T.Grayscale(),
+            T.RandomResizedCrop(size, scale=(0.7, 1.0)),  # the same crop area range as data.augment
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([norm.mean], [norm.std]),
+        ]
+    )
     listing = D.list_files(root)
     if listing.layout == "imagefolder":
         return datasets.ImageFolder(str(root / "train" if (root / "train").is_dir() else root), transform=tf)
@@ -142,8 +144,9 @@ class Speed:
     cpu: float  # images per CPU-second: the work per image, insensitive to other jobs on the machine
 
 
-def naive_steps(model: nn.Module, opt: torch.optim.Optimizer, ds: torch.utils.data.Dataset, batch_size: int,
-                steps: int) -> Speed:
+def naive_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, ds: torch.utils.data.Dataset, batch_size: int, steps: int
+) -> Speed:
     """`steps` steps (or one epoch) of the textbook loop, DataLoader start-up and shutdown included."""
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=2)
     model.train()
@@ -171,8 +174,9 @@ def bias_lab_steps(model: nn.Module, part: Part, val: Part, cfg: TrainConfig, no
     return Speed(res.images_per_s, len(part) / (cpu_s() - c0))
 
 
-def compute_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                  tuned: bool) -> Speed:
+def compute_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, tuned: bool
+) -> Speed:
     """Forward + backward + SGD on ready batches (slices of one in-memory tensor).
 
     tuned: in fit's layout and precision (channels_last, train.autocast); else the textbook fp32 NCHW.
@@ -193,8 +197,9 @@ def compute_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 VARIANTS = ("naive", "bias_lab", "compute", "compute_fp32")
 
 
-def compare(name: str, ds: D.Dataset, files: torch.utils.data.Dataset, norm: Norm, size: int, w: Workload,
-            seed: int) -> dict[str, Speed]:
+def compare(
+    name: str, ds: D.Dataset, files: torch.utils.data.Dataset, norm: Norm, size: int, w: Workload, seed: int
+) -> dict[str, Speed]:
     """Best speed of each variant on the same images (w.steps batches, or all of them)."""
     bs = w.batch_size
     n = len(ds.labels) if w.steps is None else min(len(ds.labels), w.steps * bs)
@@ -254,8 +259,12 @@ def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int)
     whose logging adds the one-off model summary, learning-curve figure and final metrics; log_ms: one
     per-epoch tracking.log_metrics call timed directly (the part that scales with epochs).
     """
-    prep = pipeline.prepare(DataConfig(data=str(root), image_size=plan.image_size, cache_dir=str(cache)), BiasConfig(), seed)
-    cfg = TrainConfig(model="lenet", epochs=plan.mlflow_epochs, batch_size=plan.lenet.batch_size, lr=0.01, device="cpu", seed=seed)
+    prep = pipeline.prepare(
+        DataConfig(data=str(root), image_size=plan.image_size, cache_dir=str(cache)), BiasConfig(), seed
+    )
+    cfg = TrainConfig(
+        model="lenet", epochs=plan.mlflow_epochs, batch_size=plan.lenet.batch_size, lr=0.01, device="cpu", seed=seed
+    )
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     tracking.setup("bias-lab-benchmark")
     best = {k: math.inf for k in ("fit_s_off", "fit_s_on", "wall_s_off", "wall_s_on", "log_ms")}
@@ -266,8 +275,14 @@ def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int)
                 _, out = pipeline.train_model(prep, cfg, log=on, log_model=False, test=False)
                 wall = time.perf_counter() - t0
                 if on:
-                    metrics = {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.01,
-                               "epoch_time_s": 1.0}  # the keys fit reports each epoch
+                    metrics = {
+                        "train_loss": 1.0,
+                        "train_accuracy": 0.5,
+                        "val_loss": 1.0,
+                        "val_accuracy": 0.5,
+                        "lr": 0.01,
+                        "epoch_time_s": 1.0,
+                    }  # the keys fit reports each epoch
                     t0 = time.perf_counter()
                     for step in range(10):
                         tracking.log_metrics(metrics, step=100 + step)
@@ -310,12 +325,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit_run(device: torch.device, model_name: str, size: int, part: Part, batch: int, epochs: int, seed: int = 0,
-            **cfg: object) -> tuple[nn.Module, FitResult]:
+def fit_run(
+    device: torch.device, model_name: str, size: int, part: Part, batch: int, epochs: int, seed: int = 0, **cfg: object
+) -> tuple[nn.Module, FitResult]:
     torch.manual_seed(seed)
     model = build(model_name, 1, 4, size).to(device)
     val = Part(part.images[:64], part.labels[:64])
-    config = TrainConfig(model=model_name, epochs=epochs, batch_size=batch, lr=0.01, device=str(device), seed=seed, **cfg)
+    config = TrainConfig(
+        model=model_name, epochs=epochs, batch_size=batch, lr=0.01, device=str(device), seed=seed, **cfg
+    )
     return model, fit(model, part, val, config, NORM_GPU)
 
 
@@ -389,8 +407,14 @@ def trial_worker(args: argparse.Namespace) -> int:
     plan = GPU_QUICK if args.quick else GPU_FULL
     device = torch.device(args.device)
     part = synthetic(plan.trial_images, plan.image_size, 1)
-    fit_run(device, plan.model, plan.image_size, Part(part.images[:plan.small_batch * 2], part.labels[:plan.small_batch * 2]),
-            plan.small_batch, 1)  # warm-up: CUDA context, cuDNN, allocator
+    fit_run(
+        device,
+        plan.model,
+        plan.image_size,
+        Part(part.images[: plan.small_batch * 2], part.labels[: plan.small_batch * 2]),
+        plan.small_batch,
+        1,
+    )  # warm-up: CUDA context, cuDNN, allocator
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.time()
@@ -432,7 +456,9 @@ def trials_per_hour(device: torch.device, k: int, quick: bool) -> float:
 
 def same_numbers(a: FitResult, b: FitResult, ma: nn.Module, mb: nn.Module) -> bool:
     strip = lambda r: [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in r.history]  # noqa: E731
-    return strip(a) == strip(b) and all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+    return strip(a) == strip(b) and all(
+        torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values())
+    )
 
 
 class _Stop(Exception):
@@ -452,8 +478,15 @@ def resume_check(device: torch.device, model_name: str, size: int, part: Part, b
         torch.manual_seed(0)
         model = build(model_name, 1, 4, size).to(device)
         val = Part(part.images[:64], part.labels[:64])
-        cfg = TrainConfig(model=model_name, epochs=epochs, batch_size=batch, lr=0.01, device=str(device), seed=0,
-                          checkpoint_every_s=3600.0)  # the exception path writes it (epoch 1)
+        cfg = TrainConfig(
+            model=model_name,
+            epochs=epochs,
+            batch_size=batch,
+            lr=0.01,
+            device=str(device),
+            seed=0,
+            checkpoint_every_s=3600.0,
+        )  # the exception path writes it (epoch 1)
         with contextlib.suppress(_Stop):
             fit(model, part, val, cfg, NORM_GPU, on_epoch=stop, checkpoint=ck)
         torch.manual_seed(123)  # other init: the weights must come from the checkpoint
@@ -479,20 +512,38 @@ def gpu_report(device: torch.device, quick: bool, check_only: bool) -> int:
     fit_big = res.extra["images_per_s_warm"]
     compute_big = compute_bound(device, plan.model, size, part, plan.batch)
     ratio = fit_big / compute_big
-    checks.append((f"fit >= 0.8 of the compute bound, {plan.model}@{size} batch {plan.batch}", ratio >= 0.8,
-                   f"{fit_big:,.0f} / {compute_big:,.0f} img/s = {ratio:.2f}"))
+    checks.append(
+        (
+            f"fit >= 0.8 of the compute bound, {plan.model}@{size} batch {plan.batch}",
+            ratio >= 0.8,
+            f"{fit_big:,.0f} / {compute_big:,.0f} img/s = {ratio:.2f}",
+        )
+    )
 
     model_b, res_b = fit_run(device, plan.model, size, part, plan.batch, 2)
     model_c, res_c = fit_run(device, plan.model, size, part, plan.batch, 2)
-    checks.append((f"same seed same numbers, {plan.model}@{size}", same_numbers(res_b, res_c, model_b, model_c), "2 epochs, twice"))
+    checks.append(
+        (
+            f"same seed same numbers, {plan.model}@{size}",
+            same_numbers(res_b, res_c, model_b, model_c),
+            "2 epochs, twice",
+        )
+    )
     ok = resume_check(device, plan.resume_model, size, synthetic(min(plan.images, 2048), size, 2), plan.small_batch, 3)
     dropout = " (dropout: the device's RNG restored too)" if plan.resume_model == "alexnet" else ""
-    checks.append((f"resume equals uninterrupted, {plan.resume_model}@{size}{dropout}", ok, "stopped after epoch 1, resumed"))
+    checks.append(
+        (f"resume equals uninterrupted, {plan.resume_model}@{size}{dropout}", ok, "stopped after epoch 1, resumed")
+    )
 
     one = trials_per_hour(device, 1, quick)
     many = trials_per_hour(device, plan.k, quick)
-    checks.append((f"{plan.k} trials per {device.type} >= 1.5x one", many >= 1.5 * one,
-                   f"{one:,.0f} -> {many:,.0f} trials/h ({many / one:.2f}x), {plan.model}@{size} batch {plan.small_batch}"))
+    checks.append(
+        (
+            f"{plan.k} trials per {device.type} >= 1.5x one",
+            many >= 1.5 * one,
+            f"{one:,.0f} -> {many:,.0f} trials/h ({many / one:.2f}x), {plan.model}@{size} batch {plan.small_batch}",
+        )
+    )
 
     if not check_only:
         _, res_small = fit_run(device, plan.model, size, part, plan.small_batch, plan.epochs)
@@ -505,7 +556,10 @@ def gpu_report(device: torch.device, quick: bool, check_only: bool) -> int:
             (f"compute bound, batch {plan.batch}, same precision, img/s", f"{compute_big:,.0f}"),
             (f"fit, batch {plan.small_batch}, img/s", f"{res_small.extra['images_per_s_warm']:,.0f}"),
             (f"compute bound, batch {plan.small_batch}, img/s", f"{compute_small:,.0f}"),
-            (f"fit, batch {plan.batch}, deterministic=false (cudnn.benchmark), img/s", f"{res_fast.extra['images_per_s_warm']:,.0f}"),
+            (
+                f"fit, batch {plan.batch}, deterministic=false (cudnn.benchmark), img/s",
+                f"{res_fast.extra['images_per_s_warm']:,.0f}",
+            ),
             ("host ms per step (batch 2: the GPU's share is negligible)", f"{ms:.2f}"),
             ("kernels per step", kernels),
             ("trials per hour, 1 per device", f"{one:,.0f}"),
@@ -529,8 +583,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every variant; 0 = torch's default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu: the CPU comparison below; cuda[:N]: the GPU section instead")
-    ap.add_argument("--gpu-section", action="store_true", help="the GPU section on --device (on a CPU: a smoke run of it)")
-    ap.add_argument("--check", action="store_true", help="the GPU section's PASS/FAIL checks only (benchmarks/gpu_check.sh)")
+    ap.add_argument(
+        "--gpu-section", action="store_true", help="the GPU section on --device (on a CPU: a smoke run of it)"
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="the GPU section's PASS/FAIL checks only (benchmarks/gpu_check.sh)"
+    )
     ap.add_argument("--trial-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trial_worker:
@@ -555,14 +613,20 @@ def main() -> int:
         first, cached, n_dec = decode_vs_cache(root, size, tmp / "cache", repeats=3)
         ds = D.load(DataConfig(data=str(root), image_size=size, cache_dir=str(tmp / "cache")))
         if ds.skipped:
-            print(f"error: {len(ds.skipped)} unreadable images; the naive loader would fail on them: remove them", file=sys.stderr)
+            print(
+                f"error: {len(ds.skipped)} unreadable images; the naive loader would fail on them: remove them",
+                file=sys.stderr,
+            )
             return 2
         norm = Norm(*D.pixel_stats(ds.images))
         files = naive_dataset(root, size, norm, ds.classes)
         amp = autocast_dtype(CPU)
-        print(f"# {len(ds.labels)} images @{size}px from {root}; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-              f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f} at start; torch {torch.__version__}; bias_lab computes in "
-              f"channels_last + {'bf16 autocast' if amp else 'fp32'} here", flush=True)
+        print(
+            f"# {len(ds.labels)} images @{size}px from {root}; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f} at start; torch {torch.__version__}; bias_lab computes in "
+            f"channels_last + {'bf16 autocast' if amp else 'fp32'} here",
+            flush=True,
+        )
         lenet = compare("lenet", ds, files, norm, size, plan.lenet, args.seed)
         print(f"  lenet done ({time.perf_counter() - t_start:.0f} s)", flush=True)
         resnet = compare("resnet18", ds, files, norm, size, plan.resnet, args.seed)
@@ -586,19 +650,24 @@ def main() -> int:
     print(f"| data.load, {n_dec} images | cached re-load | {cached:,.0f} | |")
     epochs = f"MLflow, LeNet {plan.mlflow_epochs} epochs"
     print("\n| measurement | variant | value |\n|---|---|---:|")
-    for variant, value in (("fit without logging", f"{ml['fit_s_off']:.2f} s"), ("fit with per-epoch logging", f"{ml['fit_s_on']:.2f} s"),
-                           ("one per-epoch log_metrics call", f"{ml['log_ms']:.1f} ms"),
-                           ("train_model without logging", f"{ml['wall_s_off']:.2f} s"),
-                           ("train_model with all logging (+ summary, figure)", f"{ml['wall_s_on']:.2f} s")):
+    for variant, value in (
+        ("fit without logging", f"{ml['fit_s_off']:.2f} s"),
+        ("fit with per-epoch logging", f"{ml['fit_s_on']:.2f} s"),
+        ("one per-epoch log_metrics call", f"{ml['log_ms']:.1f} ms"),
+        ("train_model without logging", f"{ml['wall_s_off']:.2f} s"),
+        ("train_model with all logging (+ summary, figure)", f"{ml['wall_s_on']:.2f} s"),
+    ):
         print(f"| {epochs} | {variant} | {value} |")
 
     def ratio(a: Speed, b: Speed) -> tuple[float, float]:
         return a.wall / b.wall, a.cpu / b.cpu
 
-    print(f"\nnot targets: naive / compute fp32 (how well the textbook loader hides under compute), wall: LeNet "
-          f"{lenet['naive'].wall / lenet['compute_fp32'].wall:.2f}, ResNet-18 {resnet['naive'].wall / resnet['compute_fp32'].wall:.2f}; "
-          f"bias_lab / compute bound LeNet {lenet['bias_lab'].wall / lenet['compute'].wall:.2f}; MLflow A/B (two noisy timings): "
-          f"fit {ml['fit_s_on'] / ml['fit_s_off'] - 1:+.1%}, whole train_model {ml['wall_s_on'] / ml['wall_s_off'] - 1:+.1%}")
+    print(
+        f"\nnot targets: naive / compute fp32 (how well the textbook loader hides under compute), wall: LeNet "
+        f"{lenet['naive'].wall / lenet['compute_fp32'].wall:.2f}, ResNet-18 {resnet['naive'].wall / resnet['compute_fp32'].wall:.2f}; "
+        f"bias_lab / compute bound LeNet {lenet['bias_lab'].wall / lenet['compute'].wall:.2f}; MLflow A/B (two noisy timings): "
+        f"fit {ml['fit_s_on'] / ml['fit_s_off'] - 1:+.1%}, whole train_model {ml['wall_s_on'] / ml['wall_s_off'] - 1:+.1%}"
+    )
     targets = [  # (name, wall-clock value, CPU-time value or None, op, bound, unit)
         (f"bias_lab/naive LeNet@{size}", *ratio(lenet["bias_lab"], lenet["naive"]), ">=", 3.0, "x"),
         (f"bias_lab/naive ResNet-18@{size}", *ratio(resnet["bias_lab"], resnet["naive"]), ">=", 1.2, "x"),

@@ -57,7 +57,9 @@ def write_synthetic(root: Path, per_class: int = 30, seed: int = 0) -> Path:
 
 def base_env(tmp: Path, policy: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "OMP_WAIT_POLICY"}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1")
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1"
+    )
     if policy is not None:
         env["OMP_WAIT_POLICY"] = policy
     return env
@@ -67,8 +69,24 @@ def train_once(data: Path, tmp: Path, policy: str | None, epochs: int = 1) -> di
     """One `bias-lab train` subprocess; its metrics (read back from the store) + the process's wall seconds."""
     import mlflow
 
-    cmd = [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(data), "--model", "lenet", "--epochs", str(epochs),
-           "--image-size", "64", "--seed", "0", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bias_lab.cli",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        "lenet",
+        "--epochs",
+        str(epochs),
+        "--image-size",
+        "64",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=tmp, env=base_env(tmp, policy), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -93,8 +111,14 @@ class Hogs:
     def __enter__(self) -> "Hogs":
         try:
             for _ in range(self.n):
-                self.procs.append(subprocess.Popen([sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True,
-                                                   env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", HOG],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    )
+                )
             for p in self.procs:
                 p.stdout.readline()  # "ready": torch imported, looping
             time.sleep(2)
@@ -122,14 +146,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 1 repeat (smoke run)")
     ap.add_argument("--repeats", type=int, default=0, help="runs per policy and condition; default 2 (1 with --quick)")
     ap.add_argument("--tune-timeout", type=float, default=900, help="kill the tune run after this many seconds (FAIL)")
-    ap.add_argument("--tune", action="store_true", help="also time `python -m bias_lab.cli tune` (defaults) on the busy machine")
+    ap.add_argument(
+        "--tune", action="store_true", help="also time `python -m bias_lab.cli tune` (defaults) on the busy machine"
+    )
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     policies = {"ACTIVE (forced)": "ACTIVE", "unset (bias_lab default: PASSIVE)": None}
     t_start = time.perf_counter()
     user_policy = os.environ.get("OMP_WAIT_POLICY")
-    print(f"# {os.cpu_count()} CPUs; load average {load()} at start (other jobs share this machine); "
-          f"OMP_WAIT_POLICY in this shell: {user_policy or 'unset'} (overridden per run)", flush=True)
+    print(
+        f"# {os.cpu_count()} CPUs; load average {load()} at start (other jobs share this machine); "
+        f"OMP_WAIT_POLICY in this shell: {user_policy or 'unset'} (overridden per run)",
+        flush=True,
+    )
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     loads: dict[str, str] = {}
     tune_s = None
@@ -145,8 +174,11 @@ def main() -> int:
                     for label, pol in policies.items():
                         r = train_once(data, tmp, pol)
                         rows.setdefault((cond, label), []).append(r)
-                        print(f"  {cond} {label}: {r['images_per_s']:.0f} img/s, train {r['train_time_s']:.1f} s, "
-                              f"process {r['wall_s']:.1f} s ({time.perf_counter() - t_start:.0f} s)", flush=True)
+                        print(
+                            f"  {cond} {label}: {r['images_per_s']:.0f} img/s, train {r['train_time_s']:.1f} s, "
+                            f"process {r['wall_s']:.1f} s ({time.perf_counter() - t_start:.0f} s)",
+                            flush=True,
+                        )
                 if cond == "busy" and args.tune:
                     tdir = tmp / "tune"
                     tdir.mkdir()
@@ -154,8 +186,14 @@ def main() -> int:
                     loads["tune"] = load()
                     t0 = time.perf_counter()
                     try:
-                        p = subprocess.run(cmd, cwd=tdir, env=base_env(tdir, user_policy), capture_output=True, text=True,
-                                           timeout=args.tune_timeout)
+                        p = subprocess.run(
+                            cmd,
+                            cwd=tdir,
+                            env=base_env(tdir, user_policy),
+                            capture_output=True,
+                            text=True,
+                            timeout=args.tune_timeout,
+                        )
                     except subprocess.TimeoutExpired:
                         p = None
                     tune_s = time.perf_counter() - t0
@@ -169,24 +207,34 @@ def main() -> int:
     def mean(cond: str, label: str, key: str = "images_per_s") -> float:
         return statistics.mean(r[key] for r in rows[(cond, label)])
 
-    print("\n| machine | OMP_WAIT_POLICY | images_per_s per run | mean images_per_s | mean train s | mean process wall s | load avg (1/5/15 min) at start |")
+    print(
+        "\n| machine | OMP_WAIT_POLICY | images_per_s per run | mean images_per_s | mean train s | mean process wall s | load avg (1/5/15 min) at start |"
+    )
     print("|---|---|---|---:|---:|---:|---|")
     for cond in ("idle", "busy"):
         what = "idle (as it is)" if cond == "idle" else "busy (+2 matmul loops)"
         for label in policies:
             per = ", ".join(f"{r['images_per_s']:.0f}" for r in rows[(cond, label)])
-            print(f"| {what} | {label} | {per} | {mean(cond, label):.0f} | {mean(cond, label, 'train_time_s'):.1f} | "
-                  f"{mean(cond, label, 'wall_s'):.1f} | {loads[cond]} |")
+            print(
+                f"| {what} | {label} | {per} | {mean(cond, label):.0f} | {mean(cond, label, 'train_time_s'):.1f} | "
+                f"{mean(cond, label, 'wall_s'):.1f} | {loads[cond]} |"
+            )
     act, pas = policies
     busy_ratio = mean("busy", pas) / mean("busy", act)
     idle_ratio = mean("idle", pas) / mean("idle", act)
     print()
-    print(f"TARGET busy PASSIVE >= 2x busy ACTIVE (mean images_per_s): {busy_ratio:.2f}x {'PASS' if busy_ratio >= 2 else 'FAIL'}")
-    print(f"TARGET idle PASSIVE >= 0.95x idle ACTIVE (mean images_per_s): {idle_ratio:.2f}x {'PASS' if idle_ratio >= 0.95 else 'FAIL'}")
+    print(
+        f"TARGET busy PASSIVE >= 2x busy ACTIVE (mean images_per_s): {busy_ratio:.2f}x {'PASS' if busy_ratio >= 2 else 'FAIL'}"
+    )
+    print(
+        f"TARGET idle PASSIVE >= 0.95x idle ACTIVE (mean images_per_s): {idle_ratio:.2f}x {'PASS' if idle_ratio >= 0.95 else 'FAIL'}"
+    )
     if tune_s is not None:
         ok = tune_s == tune_s and tune_s <= 120
-        print(f"TARGET tune_busy_<=120s (`python -m bias_lab.cli tune`, defaults: demo data, LeNet, 20 trials; load avg "
-              f"{loads['tune']} at its start): {tune_s:.0f} s {'PASS' if ok else 'FAIL'}")
+        print(
+            f"TARGET tune_busy_<=120s (`python -m bias_lab.cli tune`, defaults: demo data, LeNet, 20 trials; load avg "
+            f"{loads['tune']} at its start): {tune_s:.0f} s {'PASS' if ok else 'FAIL'}"
+        )
     print(f"\nload average {load()} at end; (total {time.perf_counter() - t_start:.0f} s)")
     return 0
 

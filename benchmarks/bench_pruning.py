@@ -36,8 +36,13 @@ def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, flo
     """One study; returns best val accuracy, epochs trained, trial counts and wall time."""
     data = DataConfig(data=args.data, image_size=args.image_size)
     train = TrainConfig(model=args.model, epochs=args.epochs, seed=args.seed, threads=args.threads)
-    tune_cfg = TuneConfig(n_trials=args.n_trials, pruner=pruner, storage=str(workdir / "optuna.journal"),
-                      study_name=f"bench-pruning-{pruner}", final_model=False)
+    tune_cfg = TuneConfig(
+        n_trials=args.n_trials,
+        pruner=pruner,
+        storage=str(workdir / "optuna.journal"),
+        study_name=f"bench-pruning-{pruner}",
+        final_model=False,
+    )
     t0 = time.perf_counter()
     tune.run_tune(data, train, BiasConfig(), tune_cfg)
     wall = time.perf_counter() - t0
@@ -73,25 +78,38 @@ def main() -> None:
             args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
             args.epochs, args.n_trials = 2, 3
             os.environ.setdefault("BIAS_LAB_CACHE", str(workdir / "cache"))
-        mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")  # a throwaway store: benchmarks log nothing lasting
+        mlflow.set_tracking_uri(
+            f"sqlite:///{workdir / 'mlflow.db'}"
+        )  # a throwaway store: benchmarks log nothing lasting
         for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
             os.environ.pop(var, None)
-        print(f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} "
-              f"n_trials={args.n_trials} seed={args.seed} pruner={args.pruner}", file=sys.stderr)
+        print(
+            f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} "
+            f"n_trials={args.n_trials} seed={args.seed} pruner={args.pruner}",
+            file=sys.stderr,
+        )
         res = {"none": study(args, "none", workdir), args.pruner: study(args, args.pruner, workdir)}
     print("\n| pruner | best val acc | epochs trained | complete | pruned | wall s | best params |")
     print("|---|---|---|---|---|---|---|")
     for name, r in res.items():
         bp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["best_params"].items())
-        print(f"| {name} | {r['best_val_accuracy']:.4f} | {r['epochs_trained']} | {r['complete']} | {r['pruned']} | {r['wall_s']:.0f} | {bp} |")
+        print(
+            f"| {name} | {r['best_val_accuracy']:.4f} | {r['epochs_trained']} | {r['complete']} | {r['pruned']} | {r['wall_s']:.0f} | {bp} |"
+        )
     base, pr = res["none"], res[args.pruner]
     gap = 100 * (base["best_val_accuracy"] - pr["best_val_accuracy"])
     ratio = base["epochs_trained"] / max(pr["epochs_trained"], 1)
-    print(f"\nTARGET pruning keeps best val accuracy within 1 point: {pr['best_val_accuracy']:.4f} vs "
-          f"{base['best_val_accuracy']:.4f} ({-gap:+.2f} points) {'PASS' if gap <= 1.0 else 'FAIL'}")
-    print(f"TARGET pruning trains >= 2x fewer epochs: {base['epochs_trained']} / {pr['epochs_trained']} = {ratio:.2f}x "
-          f"{'PASS' if ratio >= 2 else 'FAIL'}")
-    print(f"wall time: {base['wall_s']:.0f} s without pruning, {pr['wall_s']:.0f} s with ({base['wall_s'] / max(pr['wall_s'], 1e-9):.2f}x)")
+    print(
+        f"\nTARGET pruning keeps best val accuracy within 1 point: {pr['best_val_accuracy']:.4f} vs "
+        f"{base['best_val_accuracy']:.4f} ({-gap:+.2f} points) {'PASS' if gap <= 1.0 else 'FAIL'}"
+    )
+    print(
+        f"TARGET pruning trains >= 2x fewer epochs: {base['epochs_trained']} / {pr['epochs_trained']} = {ratio:.2f}x "
+        f"{'PASS' if ratio >= 2 else 'FAIL'}"
+    )
+    print(
+        f"wall time: {base['wall_s']:.0f} s without pruning, {pr['wall_s']:.0f} s with ({base['wall_s'] / max(pr['wall_s'], 1e-9):.2f}x)"
+    )
 
 
 if __name__ == "__main__":

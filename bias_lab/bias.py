@@ -31,7 +31,10 @@ def validate(cfg: BiasConfig) -> None:
     """One-line UserError for a p0/p1 outside [0, 1] (NaN included) or a negative or non-finite sigma."""
     check(0.0 <= cfg.p0 <= 1.0, f"p0={cfg.p0} is not a probability: use a value in [0, 1]")
     check(0.0 <= cfg.p1 <= 1.0, f"p1={cfg.p1} is not a probability: use a value in [0, 1]")
-    check(math.isfinite(cfg.sigma) and cfg.sigma >= 0.0, f"sigma={cfg.sigma} is not a finite standard deviation >= 0: use e.g. sigma=1")
+    check(
+        math.isfinite(cfg.sigma) and cfg.sigma >= 0.0,
+        f"sigma={cfg.sigma} is not a finite standard deviation >= 0: use e.g. sigma=1",
+    )
 
 
 def parse_classes(ds: Dataset, classes: str) -> tuple[str, str]:
@@ -39,9 +42,15 @@ def parse_classes(ds: Dataset, classes: str) -> tuple[str, str]:
     if not classes.strip():
         return ds.classes[0], ds.classes[1]
     parts = [c.strip() for c in classes.split(",")]
-    check(len(parts) == 2 and parts[0] != parts[1], f"classes='{classes}': give two different labels, e.g. classes={ds.classes[0]},{ds.classes[1]}")
+    check(
+        len(parts) == 2 and parts[0] != parts[1],
+        f"classes='{classes}': give two different labels, e.g. classes={ds.classes[0]},{ds.classes[1]}",
+    )
     unknown = [c for c in parts if c not in ds.classes]
-    check(not unknown, f"classes: label '{unknown[0] if unknown else ''}' is not in the data (labels: {', '.join(ds.classes)}): pick two of those")
+    check(
+        not unknown,
+        f"classes: label '{unknown[0] if unknown else ''}' is not in the data (labels: {', '.join(ds.classes)}): pick two of those",
+    )
     return parts[0], parts[1]
 
 

@@ -16,17 +16,15 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import explain
+from bias_lab import explain, metrics, plots, tracking
 from bias_lab import markdown as md
-from bias_lab import metrics
-from bias_lab import plots, tracking
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
 from bias_lab.data import check_classes, load
 from bias_lab.errors import UserError, check
+from bias_lab.loop import validate as validate_train
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import log_setup, prepare, train_model
-from bias_lab.loop import validate as validate_train
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",
@@ -68,8 +66,10 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
     sigmas = parse_grid(sweep_cfg.sigmas, "sigmas", 0.0, math.inf)
     check(sweep_cfg.bootstrap >= 0, f"bootstrap={sweep_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
     validate_train(train_cfg)
-    check(data_cfg.test_fraction > 0, f"test_fraction={data_cfg.test_fraction}: bias_sweep measures on the test split; "
-                                      "use a share > 0, e.g. 0.15")
+    check(
+        data_cfg.test_fraction > 0,
+        f"test_fraction={data_cfg.test_fraction}: bias_sweep measures on the test split; use a share > 0, e.g. 0.15",
+    )
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)
@@ -88,7 +88,9 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                 with tracking.run(f"gap={gap:g} sigma={sigma:g}", nested=True, tags=tags):
                     log_setup(prep, data_cfg, train_cfg, bias, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"role": "model_2", "gap": gap})
-                    net, out = train_model(prep, train_cfg, bootstrap=sweep_cfg.bootstrap, log_model=sweep_cfg.log_models)
+                    net, out = train_model(
+                        prep, train_cfg, bootstrap=sweep_cfg.bootstrap, log_model=sweep_cfg.log_models
+                    )
                     ex, _ = explain.explain(net, prep, seed)
                     tracking.log_metrics(ex)
                 cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **out, **ex})
@@ -98,34 +100,81 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
     return summary
 
 
-def _log_sweep(cells: list[dict[str, float]], gaps: list[float], sigmas: list[float], arch: str, classes: tuple[str, str]) -> dict[str, float]:
+def _log_sweep(
+    cells: list[dict[str, float]], gaps: list[float], sigmas: list[float], arch: str, classes: tuple[str, str]
+) -> dict[str, float]:
     import pandas as pd
 
     table = pd.DataFrame(cells)
-    grid = lambda m: np.array([[table[(table.gap == g) & (table.sigma == s)][m].iloc[0] for g in gaps] for s in sigmas], dtype=float)  # noqa: E731
+    grid = lambda m: np.array(
+        [[table[(table.gap == g) & (table.sigma == s)][m].iloc[0] for g in gaps] for s in sigmas], dtype=float
+    )  # noqa: E731
     dis = grid("decorrelated_test_di")
     summary = {f"threshold_gap_sigma_{s:g}": threshold(gaps, list(dis[i])) for i, s in enumerate(sigmas)}
     found = [v for v in summary.values() if not math.isnan(v)]
     summary["threshold_gap"] = min(found) if found else math.nan  # the weakest correlation taken at any sigma
     tracking.log_metrics(summary)
-    keep = ["gap", "sigma", "p0", "p1", *SHOWN.values(), "decorrelated_test_di_ci_low", "decorrelated_test_di_ci_high",
-            "test_di", "ablation_zero_eps_test_accuracy", "ablation_shuffle_eps_test_accuracy", "train_time_s"]
+    keep = [
+        "gap",
+        "sigma",
+        "p0",
+        "p1",
+        *SHOWN.values(),
+        "decorrelated_test_di_ci_low",
+        "decorrelated_test_di_ci_high",
+        "test_di",
+        "ablation_zero_eps_test_accuracy",
+        "ablation_shuffle_eps_test_accuracy",
+        "train_time_s",
+    ]
     table = table[[c for c in keep if c in table]]
     mlflow.log_text(table.to_csv(index=False), "sweep.csv")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: model_2 over p1-p0 and sigma (p0=(1-gap)/2, p1=(1+gap)/2)"
     tracking.log_figure(plots.sweep_heatmaps(gaps, sigmas, {k: grid(m) for k, m in SHOWN.items()}, title), "sweep")
-    head = ["sigma", "gap", "p0", "p1", "decorrelated DI [95% CI]", "four-fifths", "decorrelated acc", "in-dist acc", "saliency on eps"]
-    lines = [f"# Bias sweep: {title}", "", md.table(head, ([
-        f"{r['sigma']:g}", f"{r['gap']:g}", f"{r['p0']:g}", f"{r['p1']:g}",
-        f"{fmt(r['decorrelated_test_di'])} [{fmt(r['decorrelated_test_di_ci_low'])}, {fmt(r['decorrelated_test_di_ci_high'])}]",
-        metrics.verdict(r['decorrelated_test_di'], r['decorrelated_test_di_ci_low'], r['decorrelated_test_di_ci_high']),
-        fmt(r['decorrelated_test_accuracy'], True), fmt(r['test_accuracy'], True), fmt(r['saliency_eps_share'], True),
-    ] for r in table.to_dict("records")))]
+    head = [
+        "sigma",
+        "gap",
+        "p0",
+        "p1",
+        "decorrelated DI [95% CI]",
+        "four-fifths",
+        "decorrelated acc",
+        "in-dist acc",
+        "saliency on eps",
+    ]
+    lines = [
+        f"# Bias sweep: {title}",
+        "",
+        md.table(
+            head,
+            (
+                [
+                    f"{r['sigma']:g}",
+                    f"{r['gap']:g}",
+                    f"{r['p0']:g}",
+                    f"{r['p1']:g}",
+                    f"{fmt(r['decorrelated_test_di'])} [{fmt(r['decorrelated_test_di_ci_low'])}, {fmt(r['decorrelated_test_di_ci_high'])}]",
+                    metrics.verdict(
+                        r["decorrelated_test_di"], r["decorrelated_test_di_ci_low"], r["decorrelated_test_di_ci_high"]
+                    ),
+                    fmt(r["decorrelated_test_accuracy"], True),
+                    fmt(r["test_accuracy"], True),
+                    fmt(r["saliency_eps_share"], True),
+                ]
+                for r in table.to_dict("records")
+            ),
+        ),
+    ]
     lines += ["", "## Threshold: the smallest p1-p0 from which the model takes the shortcut", ""]
     for s in sigmas:
         t = summary[f"threshold_gap_sigma_{s:g}"]
-        lines.append(f"- sigma={s:g}: " + (f"from p1-p0 = {t:g} on, the decorrelated DI leaves [0.8, 1.25]." if not math.isnan(t)
-                                            else "the decorrelated DI stays inside [0.8, 1.25] at the largest gap of the grid: the shortcut is not taken."))
+        lines.append(
+            f"- sigma={s:g}: "
+            + (
+                f"from p1-p0 = {t:g} on, the decorrelated DI leaves [0.8, 1.25]."
+                if not math.isnan(t)
+                else "the decorrelated DI stays inside [0.8, 1.25] at the largest gap of the grid: the shortcut is not taken."
+            )
+        )
     mlflow.log_text("\n".join(lines) + "\n", "sweep.md")
     return summary
-

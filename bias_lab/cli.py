@@ -47,9 +47,19 @@ def options(ep: config.EntryPoint) -> Callable:
     def deco(f: Callable) -> Callable:
         for fld in reversed(ep.fields()):
             choices = fld.metadata.get("choices")
-            kind = click.Choice(choices) if choices else {bool: click.BOOL, int: Integral(), float: float}.get(type(fld.default), str)
-            f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=ep.default(fld),
-                             show_default=True, help=fld.metadata["help"])(f)
+            kind = (
+                click.Choice(choices)
+                if choices
+                else {bool: click.BOOL, int: Integral(), float: float}.get(type(fld.default), str)
+            )
+            f = click.option(
+                f"--{fld.name.replace('_', '-')}",
+                fld.name,
+                type=kind,
+                default=ep.default(fld),
+                show_default=True,
+                help=fld.metadata["help"],
+            )(f)
         return f
 
     return deco
@@ -110,8 +120,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     _quiet_libraries()
     install_signal_handlers()
     if launched() and ctx.invoked_subcommand != "train":
-        raise UserError(f"only train runs under torchrun; start `{ctx.invoked_subcommand}` without it "
-                        "(for tune, start several workers on one --storage: README, Scaling out)")
+        raise UserError(
+            f"only train runs under torchrun; start `{ctx.invoked_subcommand}` without it "
+            "(for tune, start several workers on one --storage: README, Scaling out)"
+        )
 
 
 @main.command()
@@ -132,7 +144,12 @@ def tune(**kw: Any) -> None:
     """Optuna search of lr, momentum and batch size on the val split; registers the champion."""
     from bias_lab.tune import run_tune
 
-    run_tune(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.BiasConfig, kw), make(config.TuneConfig, kw))
+    run_tune(
+        make(config.DataConfig, kw),
+        make(config.TrainConfig, kw),
+        make(config.BiasConfig, kw),
+        make(config.TuneConfig, kw),
+    )
 
 
 @main.command("bias-eval")
@@ -141,7 +158,12 @@ def bias_eval(**kw: Any) -> None:
     """Train model_1 (clean) and model_2 (biased eps channel); compare accuracy and DI side by side."""
     from bias_lab.bias_eval import run_bias_eval
 
-    run_bias_eval(make(config.DataConfig, kw), make(config.TrainConfig, kw), make(config.BiasConfig, kw), make(config.BiasEvalConfig, kw))
+    run_bias_eval(
+        make(config.DataConfig, kw),
+        make(config.TrainConfig, kw),
+        make(config.BiasConfig, kw),
+        make(config.BiasEvalConfig, kw),
+    )
 
 
 @main.command("kaggle-submit")

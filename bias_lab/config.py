@@ -36,8 +36,11 @@ class DataConfig:
     image_size: int = knob(64, "side of the square grayscale input, px (32-224); 64 is Tiny-ImageNet's native size")
     val_fraction: float = knob(0.15, "share of each class held out for tuning / model selection")
     test_fraction: float = knob(0.15, "share of each class held out for final numbers only")
-    strict: bool = knob(False, "fail on an unreadable image instead of skipping it with a warning; bias_eval: also exit "
-                               "non-zero when a model did not learn (no verdict)")
+    strict: bool = knob(
+        False,
+        "fail on an unreadable image instead of skipping it with a warning; bias_eval: also exit "
+        "non-zero when a model did not learn (no verdict)",
+    )
     cache_dir: str = knob("", "decoded-tensor cache; default $BIAS_LAB_CACHE or ~/.cache/bias_lab")
 
 
@@ -56,12 +59,20 @@ class TrainConfig:
     seed: int = knob(0, "seed of splits, init, batches, augmentation and the bias channel")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
-    deterministic: bool = knob(True, "same seed, same numbers (deterministic kernels); false lets cuDNN pick the fastest "
-                                     "kernels (cudnn.benchmark): faster on a GPU, not bit-reproducible")
+    deterministic: bool = knob(
+        True,
+        "same seed, same numbers (deterministic kernels); false lets cuDNN pick the fastest "
+        "kernels (cudnn.benchmark): faster on a GPU, not bit-reproducible",
+    )
     resume: bool = knob(False, "continue from the last epoch checkpoint of the same configuration")
-    keep_checkpoint: bool = knob(False, "keep the checkpoint when the run finishes (default: deleted, it is only for resuming)")
-    checkpoint_every_s: float = knob(60.0, "write the resume checkpoint after the first epoch that ends this many seconds "
-                                           "after the last one (0 = every epoch); a kill loses at most about this much")
+    keep_checkpoint: bool = knob(
+        False, "keep the checkpoint when the run finishes (default: deleted, it is only for resuming)"
+    )
+    checkpoint_every_s: float = knob(
+        60.0,
+        "write the resume checkpoint after the first epoch that ends this many seconds "
+        "after the last one (0 = every epoch); a kill loses at most about this much",
+    )
 
 
 @dataclass
@@ -78,7 +89,9 @@ class TuneConfig:
     n_trials: int = knob(20, "trials the study should hold in total (resumed and parallel workers count)")
     timeout: float = knob(0.0, "stop starting new trials after this many seconds; 0 = no limit")
     pruner: str = knob("median", "early stopping of poor trials, judged on their per-epoch val_loss", PRUNERS)
-    storage: str = knob("", "Optuna storage: a journal file path or an RDB URL; default optuna.journal by the MLflow db")
+    storage: str = knob(
+        "", "Optuna storage: a journal file path or an RDB URL; default optuna.journal by the MLflow db"
+    )
     study_name: str = knob("", "default bias-lab-<model>-<data digest>")
     lr_min: float = knob(1e-4, "lower bound of the log-uniform learning-rate search")
     lr_max: float = knob(1.0, "upper bound of the log-uniform learning-rate search")
@@ -86,7 +99,9 @@ class TuneConfig:
     momentum_max: float = knob(0.99, "upper bound of the uniform momentum search")
     batch_sizes: str = knob("32,64,128,256", "comma-separated batch sizes to choose from")
     registered_model: str = knob("bias-lab", "Model Registry name the best model is registered under")
-    final_model: bool = knob(True, "retrain the best configuration, test it once and register it; false for extra parallel workers")
+    final_model: bool = knob(
+        True, "retrain the best configuration, test it once and register it; false for extra parallel workers"
+    )
 
 
 @dataclass
@@ -98,7 +113,9 @@ class BiasEvalConfig:
     registered_model: str = knob("bias-lab", "Model Registry name whose champion supplies hyperparameters")
     bootstrap: int = knob(1000, "bootstrap resamples for the DI confidence interval")
     adv_weight: float = knob(1.0, "mitigation=adversarial: gradient-reversal weight of the S adversary")
-    dropout_rate: float = knob(1.0, "mitigation=channel_dropout: share of each train batch whose eps is re-drawn independently of y")
+    dropout_rate: float = knob(
+        1.0, "mitigation=channel_dropout: share of each train batch whose eps is re-drawn independently of y"
+    )
 
 
 @dataclass
@@ -141,8 +158,11 @@ def flat(*configs: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 @dataclass
 class ReportConfig:
     output: str = knob("report.html", "HTML file to write; a markdown twin is written next to it (.md)")
-    experiment: str = knob("", "experiment to read the latest train / tune / bias_eval runs from; default 'bias-lab', "
-                               "else wherever the latest runs are")
+    experiment: str = knob(
+        "",
+        "experiment to read the latest train / tune / bias_eval runs from; default 'bias-lab', "
+        "else wherever the latest runs are",
+    )
     run_ids: str = knob("", "comma-separated run ids to report instead of the latest runs")
 
 
@@ -165,8 +185,12 @@ class EntryPoint:
 ENTRY_POINTS: dict[str, EntryPoint] = {  # MLproject's entry points, in its order
     "train": EntryPoint("train", (DataConfig, TrainConfig, BiasConfig)),
     "tune": EntryPoint("tune", (DataConfig, TrainConfig, BiasConfig, TuneConfig), skip=NOT_USED_BY["tune"]),
-    "bias_eval": EntryPoint("bias-eval", (DataConfig, TrainConfig, BiasConfig, BiasEvalConfig), skip=NOT_USED_BY["bias_eval"]),
-    "bias_sweep": EntryPoint("bias-sweep", (DataConfig, TrainConfig, SweepConfig), (("epochs", 4),), NOT_USED_BY["bias_sweep"]),
+    "bias_eval": EntryPoint(
+        "bias-eval", (DataConfig, TrainConfig, BiasConfig, BiasEvalConfig), skip=NOT_USED_BY["bias_eval"]
+    ),
+    "bias_sweep": EntryPoint(
+        "bias-sweep", (DataConfig, TrainConfig, SweepConfig), (("epochs", 4),), NOT_USED_BY["bias_sweep"]
+    ),
     "kaggle_submit": EntryPoint("kaggle-submit", (DataConfig, SubmitConfig)),
 }
 REPO = Path(__file__).resolve().parents[1]
@@ -183,11 +207,16 @@ def _yaml_value(v: Any) -> str:
 def render_mlproject() -> str:
     """MLproject: every setting of every command as a parameter (MLflow has no int or bool type: integers are
     `float`, booleans `string`), passed through to entrypoints/<name>.py."""
-    out = ["name: bias_lab", "",
-           "# GENERATED from bias_lab/config.py by `python -m bias_lab.config --write`: edit config.py, not this file.",
-           "# Runs in the current environment: `mlflow run . -e <entry> --env-manager local` after `pip install -e .`;",
-           "# without --env-manager local, MLflow builds conda.yaml. Parameters mirror `bias-lab <command> --help`.",
-           "conda_env: conda.yaml", "", "entry_points:"]
+    out = [
+        "name: bias_lab",
+        "",
+        "# GENERATED from bias_lab/config.py by `python -m bias_lab.config --write`: edit config.py, not this file.",
+        "# Runs in the current environment: `mlflow run . -e <entry> --env-manager local` after `pip install -e .`;",
+        "# without --env-manager local, MLflow builds conda.yaml. Parameters mirror `bias-lab <command> --help`.",
+        "conda_env: conda.yaml",
+        "",
+        "entry_points:",
+    ]
     for name, ep in ENTRY_POINTS.items():
         out += [f"  {name}:", "    parameters:"]
         for f in ep.fields():
@@ -201,10 +230,16 @@ def render_mlproject() -> str:
 README_BEGIN, README_END = "<!-- PARAMS:BEGIN", "<!-- PARAMS:END -->"
 _README_GROUPS = (
     (DataConfig, "Data (every entry point)"),
-    (TrainConfig, "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches lr / "
-                  "momentum / batch_size, only train has resume / keep_checkpoint / checkpoint_every_s)"),
+    (
+        TrainConfig,
+        "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches lr / "
+        "momentum / batch_size, only train has resume / keep_checkpoint / checkpoint_every_s)",
+    ),
     (BiasConfig, "Bias channel (train, tune, bias_eval; bias_eval always adds eps to model_2, so it has no `bias`)"),
-    (TuneConfig, "tune"), (BiasEvalConfig, "bias_eval"), (SweepConfig, "bias_sweep"), (SubmitConfig, "kaggle_submit"),
+    (TuneConfig, "tune"),
+    (BiasEvalConfig, "bias_eval"),
+    (SweepConfig, "bias_sweep"),
+    (SubmitConfig, "kaggle_submit"),
     (ReportConfig, "report"),
 )
 
@@ -217,14 +252,16 @@ def render_readme_tables() -> str:
             d = f.default
             d = "''" if d == "" else str(d).lower() if isinstance(d, bool) else d
             choices = f.metadata.get("choices")
-            out.append(f"| `{f.name}` | `{d}` | {f.metadata['help']}{' (' + ' / '.join(choices) + ')' if choices else ''} |")
+            out.append(
+                f"| `{f.name}` | `{d}` | {f.metadata['help']}{' (' + ' / '.join(choices) + ')' if choices else ''} |"
+            )
         out.append("")
     return "\n".join(out).strip()
 
 
 def _with_readme_tables(text: str) -> str:
     start = text.index("\n", text.index(README_BEGIN)) + 1
-    return text[:start] + "\n" + render_readme_tables() + "\n\n" + text[text.index(README_END):]
+    return text[:start] + "\n" + render_readme_tables() + "\n\n" + text[text.index(README_END) :]
 
 
 def generated() -> dict[Path, str]:

@@ -18,9 +18,9 @@ import re
 import threading
 import warnings
 from collections import Counter
-from decimal import Decimal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
@@ -169,7 +169,10 @@ def _list_kaggle(root: Path) -> _Listing:
     rows = [(cell(r, i_id), cell(r, i_label)) for r in table]
     check(len(rows) > 0, f"{root / 'train.csv'} has no rows: add one 'id,label' line per training image")
     no_id = [n + 2 for n, (i, _) in enumerate(rows) if not i]  # +2: 1-based, after the header line
-    check(not no_id, f"train.csv has rows without an id (line {', '.join(map(str, no_id[:3]))}): fill in the image id or delete the row")
+    check(
+        not no_id,
+        f"train.csv has rows without an id (line {', '.join(map(str, no_id[:3]))}): fill in the image id or delete the row",
+    )
     ids = [image_id(i) for i, _ in rows]
     seen: set[str] = set()
     dupes = [raw for (raw, _), i in zip(rows, ids) if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
@@ -216,8 +219,14 @@ def _class_dirs(root: Path) -> list[Path]:
     ones aside. The unlabelled test folder is root/test: it is left out only when the classes sit in root itself,
     where it is root's sub-folder too; under root/train a folder named test is a class like any other."""
     train_dir = _train_dir(root)
-    return sorted((d for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-                   and not (train_dir == root and d.name == "test")), key=lambda d: d.name)
+    return sorted(
+        (
+            d
+            for d in train_dir.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and not (train_dir == root and d.name == "test")
+        ),
+        key=lambda d: d.name,
+    )
 
 
 def _train_dir(root: Path) -> Path:
@@ -235,16 +244,25 @@ def _list_imagefolder(root: Path) -> _Listing:
         check(bool(imgs), f"class folder {d} has no images: add images or remove the folder")
         files += imgs
         labels += [d.name] * len(imgs)
-    test_dir = _first_dir(root / "test" / "test", root / "test") if train_dir != root or (root / "test").is_dir() else None
+    test_dir = (
+        _first_dir(root / "test" / "test", root / "test") if train_dir != root or (root / "test").is_dir() else None
+    )
     test_files = []
     if test_dir:
-        test_files = _images_in(test_dir, stats) or [p for d in sorted(test_dir.iterdir()) if d.is_dir() for p in _images_in(d, stats)]
-    return _Listing("imagefolder", files, labels, [f"{lab}/{_stem(p)}" for p, lab in zip(files, labels)], test_files, stats)
+        test_files = _images_in(test_dir, stats) or [
+            p for d in sorted(test_dir.iterdir()) if d.is_dir() for p in _images_in(d, stats)
+        ]
+    return _Listing(
+        "imagefolder", files, labels, [f"{lab}/{_stem(p)}" for p, lab in zip(files, labels)], test_files, stats
+    )
 
 
 def list_files(root: Path) -> _Listing:
     """Detect the layout of `root` and list its labelled and test images."""
-    check(root.exists(), f"data folder {root} does not exist: set data to the folder holding train.csv or train/ (or data=demo)")
+    check(
+        root.exists(),
+        f"data folder {root} does not exist: set data to the folder holding train.csv or train/ (or data=demo)",
+    )
     check(root.is_dir(), f"data path {root} is not a folder: set data to the folder that holds train.csv or train/")
     try:
         if (root / "train.csv").is_file():
@@ -278,10 +296,14 @@ def _check_label_spellings(listing: _Listing) -> _Listing:
         if len(forms) > 1:
             (a, na), (b, nb) = sorted(forms.items(), key=lambda kv: -kv[1])[:2]
             if listing.layout == "kaggle":
-                raise UserError(f"train.csv spells one label two ways ('{a}' in {na} rows, '{b}' in {nb}), which would "
-                                f"make two classes: write every such label the same way (e.g. all '{a}')")
-            raise UserError(f"class folders '{a}' and '{b}' are one label spelt two ways, which would make two classes: "
-                            "move their images into one folder")
+                raise UserError(
+                    f"train.csv spells one label two ways ('{a}' in {na} rows, '{b}' in {nb}), which would "
+                    f"make two classes: write every such label the same way (e.g. all '{a}')"
+                )
+            raise UserError(
+                f"class folders '{a}' and '{b}' are one label spelt two ways, which would make two classes: "
+                "move their images into one folder"
+            )
     return listing
 
 
@@ -316,8 +338,11 @@ def decode(path: str | Path, size: int, partial: bool = False) -> np.ndarray | N
                 img.draft("L", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, straight to luma
             pixels = img.width * img.height  # from the header: nothing is decoded yet
             if pixels > MAX_DECODE_PIXELS:
-                warnings.warn(f"{path} is {img.width}x{img.height} px, over the {MAX_DECODE_PIXELS // 10**6} MP "
-                              "decode limit: skipped; downscale it (e.g. to 4096 px a side) to use it", stacklevel=2)
+                warnings.warn(
+                    f"{path} is {img.width}x{img.height} px, over the {MAX_DECODE_PIXELS // 10**6} MP "
+                    "decode limit: skipped; downscale it (e.g. to 4096 px a side) to use it",
+                    stacklevel=2,
+                )
                 return None
             with _BIG_DECODE if pixels > _BIG_PIXELS else contextlib.nullcontext():
                 return _to_gray(img, size)
@@ -370,7 +395,9 @@ def _fingerprint(listing: _Listing, root: Path, size: int) -> str:
     files = [*listing.train_files, *listing.test_files]
     labels = [*listing.train_labels, *["?"] * len(listing.test_files)]
     stats = [listing.stats[p] for p in files]  # taken while listing: no second stat per file
-    h.update("\n".join(f"{p[skip:]}|{lab}|{size}|{mtime}" for p, lab, (size, mtime) in zip(files, labels, stats)).encode())
+    h.update(
+        "\n".join(f"{p[skip:]}|{lab}|{size}|{mtime}" for p, lab, (size, mtime) in zip(files, labels, stats)).encode()
+    )
     return h.hexdigest()[:24]
 
 
@@ -397,8 +424,11 @@ def _cached(listing: _Listing, root: Path, size: int, path: Path) -> dict:
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
     except OSError as e:
-        warnings.warn(f"cannot write the decoded-image cache {path} ({e.strerror}): set cache_dir to a writable folder "
-                      "to make later runs start faster", stacklevel=3)
+        warnings.warn(
+            f"cannot write the decoded-image cache {path} ({e.strerror}): set cache_dir to a writable folder "
+            "to make later runs start faster",
+            stacklevel=3,
+        )
     return blob
 
 
@@ -420,7 +450,9 @@ def load(cfg: DataConfig) -> Dataset:
     bad_test = blob["test_unreadable"] + blob["test_partial"]
     if cfg.strict and (skipped or bad_test):
         first = skipped[0] if skipped else f"test image {bad_test[0]}"
-        raise UserError(f"unreadable image {first} (and {len(skipped) + len(bad_test) - 1} more): fix or remove it, or set strict=false to skip it")
+        raise UserError(
+            f"unreadable image {first} (and {len(skipped) + len(bad_test) - 1} more): fix or remove it, or set strict=false to skip it"
+        )
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable images: {', '.join(skipped)}", stacklevel=2)
     return Dataset(
@@ -483,8 +515,9 @@ def _split(ids: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int,
-                     classes: list[str] | None = None) -> Split:
+def stratified_split(
+    labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int, classes: list[str] | None = None
+) -> Split:
     """Per-class seeded shuffle, then the first round(n*test) to test, next round(n*val) to val, rest to train.
 
     Every non-empty fraction gets at least one image of each class. `classes` only names labels in errors.
@@ -546,8 +579,14 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return images.float().sub_(mean * 255.0).div_(std * 255.0)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.7, 1.0), *,
-            batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.7, 1.0),
+    *,
+    batch: int | None = None,
+    rows: slice = slice(None),
+) -> torch.Tensor:
     """Random resized crop (area `scale`, aspect 3/4..4/3) + horizontal flip, the whole batch in one grid_sample.
 
     Under data parallelism `x` is `rows` of a global batch of `batch` samples: the crops are drawn for the whole

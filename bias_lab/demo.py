@@ -40,7 +40,10 @@ def _draw(label: int, rng: np.random.Generator) -> Image.Image:
     angle = rng.uniform(0, 2 * math.pi)
 
     def poly(k: int, radius: float, phase: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(phase + 2 * math.pi * i / k), cy + radius * math.sin(phase + 2 * math.pi * i / k)) for i in range(k)]
+        return [
+            (cx + radius * math.cos(phase + 2 * math.pi * i / k), cy + radius * math.sin(phase + 2 * math.pi * i / k))
+            for i in range(k)
+        ]
 
     shape = CLASSES[label]
     if shape == "disc":
@@ -54,8 +57,12 @@ def _draw(label: int, rng: np.random.Generator) -> Image.Image:
         for a in (angle, angle + math.pi / 2):
             dx, dy = math.cos(a), math.sin(a)
             d.polygon(
-                [(cx + dx * r * 1.2 - dy * w, cy + dy * r * 1.2 + dx * w), (cx + dx * r * 1.2 + dy * w, cy + dy * r * 1.2 - dx * w),
-                 (cx - dx * r * 1.2 + dy * w, cy - dy * r * 1.2 - dx * w), (cx - dx * r * 1.2 - dy * w, cy - dy * r * 1.2 + dx * w)],
+                [
+                    (cx + dx * r * 1.2 - dy * w, cy + dy * r * 1.2 + dx * w),
+                    (cx + dx * r * 1.2 + dy * w, cy + dy * r * 1.2 - dx * w),
+                    (cx - dx * r * 1.2 + dy * w, cy - dy * r * 1.2 - dx * w),
+                    (cx - dx * r * 1.2 - dy * w, cy - dy * r * 1.2 + dx * w),
+                ],
                 fill=fg,
             )
     return img

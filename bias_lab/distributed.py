@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,19 +47,28 @@ def session(device: torch.device) -> Iterator[None]:
     if not launched() or dist.is_initialized():
         yield
         return
-    check("RANK" in os.environ and "MASTER_ADDR" in os.environ,
-          "WORLD_SIZE > 1 but no RANK/MASTER_ADDR: start distributed training with torchrun --nproc_per_node=K")
+    check(
+        "RANK" in os.environ and "MASTER_ADDR" in os.environ,
+        "WORLD_SIZE > 1 but no RANK/MASTER_ADDR: start distributed training with torchrun --nproc_per_node=K",
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield
     except RuntimeError as e:  # a peer died (its own error is printed already): say so in one line, not gloo's
-        if not isinstance(e, dist.DistError) and not any(w in str(e) for w in ("closed by peer", "reset by peer", "timed out")):
+        if not isinstance(e, dist.DistError) and not any(
+            w in str(e) for w in ("closed by peer", "reset by peer", "timed out")
+        ):
             raise
-        raise UserError(f"process {rank()} of {world()}: another process of this torchrun stopped, see its error "
-                        f"above ({first_line(e, 120)})") from e
+        raise UserError(
+            f"process {rank()} of {world()}: another process of this torchrun stopped, see its error "
+            f"above ({first_line(e, 120)})"
+        ) from e
     finally:
         dist.destroy_process_group()
 
@@ -69,12 +78,18 @@ def local_device(device: torch.device) -> torch.device:
     if device.type != "cuda" or not launched():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    check(device.index in (None, local), f"device={device} under torchrun: each process uses its own GPU "
-          "(cuda:LOCAL_RANK); pass device=cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    check(
+        device.index in (None, local),
+        f"device={device} under torchrun: each process uses its own GPU "
+        "(cuda:LOCAL_RANK); pass device=cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs",
+    )
     gpus = torch.cuda.device_count()
-    check(local < gpus, f"torchrun process {local} needs its own GPU (cuda:{local}) but {gpus} GPU(s) are visible: "
-          f"use --nproc_per_node={max(gpus, 1)} or less (NCCL cannot put two processes on one GPU); to fill one GPU, "
-          "run several tune workers on it instead")
+    check(
+        local < gpus,
+        f"torchrun process {local} needs its own GPU (cuda:{local}) but {gpus} GPU(s) are visible: "
+        f"use --nproc_per_node={max(gpus, 1)} or less (NCCL cannot put two processes on one GPU); to fill one GPU, "
+        "run several tune workers on it instead",
+    )
     return torch.device("cuda", local)
 
 
@@ -129,8 +144,11 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     import inspect
 
     ddp = torch.nn.parallel.DistributedDataParallel
-    no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else {"broadcast_buffers": False})  # older torch: broadcast_buffers
+    no_forward_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )  # older torch: broadcast_buffers
     return ddp(model, **no_forward_sync)
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from bias_lab import plots, tracking
-from bias_lab.pipeline import Prepared
 from bias_lab.loop import Norm, Part, batch_inputs, predict
+from bias_lab.pipeline import Prepared
 
 N_FIGURE = 4  # test images shown in the saliency figure: 2 per class
 SALIENCY_BATCH = 128
@@ -88,10 +88,14 @@ def explain(model: nn.Module, prep: Prepared, seed: int) -> tuple[dict[str, floa
     with torch.no_grad():
         pred = predict(model, test, prep.norm).argmax(1) if pick else torch.zeros(0, dtype=torch.long)
     classes = prep.dataset.classes
-    samples = [{
-        "input": x[i].numpy(), "saliency": g[i].numpy(),
-        "title": f"y={classes[int(test.labels[i])]}, pred={classes[int(pred[i])]}, S={int(test.s[i]) if test.s is not None else '-'}",
-    } for i in pick]
+    samples = [
+        {
+            "input": x[i].numpy(),
+            "saliency": g[i].numpy(),
+            "title": f"y={classes[int(test.labels[i])]}, pred={classes[int(pred[i])]}, S={int(test.s[i]) if test.s is not None else '-'}",
+        }
+        for i in pick
+    ]
     return metrics, plots.saliency_maps(samples, share)
 
 

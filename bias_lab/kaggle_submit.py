@@ -32,9 +32,9 @@ from bias_lab import registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check, first_line
+from bias_lab.loop import Norm, Part, predict, resolve_device
 from bias_lab.models import finite_weights
 from bias_lab.registry import ModelMeta
-from bias_lab.loop import Norm, Part, predict, resolve_device
 
 SAMPLE_FILE = "sample_submission.csv"
 
@@ -44,16 +44,24 @@ SAMPLE_FILE = "sample_submission.csv"
 
 def check_model(meta: ModelMeta, uri: str) -> None:
     """A model can label the competition's test set only if it takes plain images and knows every class."""
-    check(not meta.eps_channel, f"model '{uri}' was trained with the eps noise channel, an input the competition "
-                                       "test images do not have: submit a model trained with bias=false")
-    check(meta.task != "binary", f"model '{uri}' is a binary model of labels {', '.join(meta.classes)} only: "
-                                        "submit a model trained on all classes (train/tune without classes=)")
+    check(
+        not meta.eps_channel,
+        f"model '{uri}' was trained with the eps noise channel, an input the competition "
+        "test images do not have: submit a model trained with bias=false",
+    )
+    check(
+        meta.task != "binary",
+        f"model '{uri}' is a binary model of labels {', '.join(meta.classes)} only: "
+        "submit a model trained on all classes (train/tune without classes=)",
+    )
 
 
 def diverged(uri: str) -> str:
     """The message for a model whose outputs are not numbers: its own fault, not the data's."""
-    return (f"model '{uri}' outputs NaN/inf (its training diverged, e.g. a too high learning rate): pick another model "
-            "or version, or train again with a lower lr")
+    return (
+        f"model '{uri}' outputs NaN/inf (its training diverged, e.g. a too high learning rate): pick another model "
+        "or version, or train again with a lower lr"
+    )
 
 
 def check_finite(model: nn.Module, uri: str) -> None:
@@ -65,15 +73,22 @@ def check_finite(model: nn.Module, uri: str) -> None:
 def check_labels(meta: ModelMeta, ds: Dataset, uri: str) -> None:
     """The model's labels must be train.csv's (and, ideally, its training data this data)."""
     unknown = sorted(set(meta.classes) - set(ds.classes), key=natural_key)
-    check(not unknown, f"model '{uri}' predicts labels {', '.join(unknown)} that {ds.source}/train.csv does not have: "
-                       "submit a model trained on this data")
+    check(
+        not unknown,
+        f"model '{uri}' predicts labels {', '.join(unknown)} that {ds.source}/train.csv does not have: "
+        "submit a model trained on this data",
+    )
     if meta.dataset_digest and meta.dataset_digest != ds.digest:
-        warnings.warn(f"model '{uri}' was trained on other data (digest {meta.dataset_digest}, this data {ds.digest})",
-                      stacklevel=2)
+        warnings.warn(
+            f"model '{uri}' was trained on other data (digest {meta.dataset_digest}, this data {ds.digest})",
+            stacklevel=2,
+        )
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, meta: ModelMeta, images: torch.Tensor, batch_size: int, uri: str = "") -> list[str]:
+def predict_labels(
+    model: nn.Module, meta: ModelMeta, images: torch.Tensor, batch_size: int, uri: str = ""
+) -> list[str]:
     """loop.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
     Finite weights can still overflow to inf (or NaN) outputs: those have no meaningful argmax, so they stop it."""
     from tqdm.auto import tqdm
@@ -98,8 +113,11 @@ def check_unique_ids(names: list[str], where: str) -> None:
         files.setdefault(image_id(name), []).append(os.path.basename(name))
     dupes = sorted((i for i, fs in files.items() if len(fs) > 1), key=natural_key)
     examples = "; ".join(" and ".join(files[i]) if files[i][0] != i else i for i in dupes[:3])
-    check(not dupes, f"{where} has more than one image for {len(dupes)} test ids ({examples}{'; ...' if len(dupes) > 3 else ''}): "
-                     "each id gets one row, so keep one image per id (delete or rename the others)")
+    check(
+        not dupes,
+        f"{where} has more than one image for {len(dupes)} test ids ({examples}{'; ...' if len(dupes) > 3 else ''}): "
+        "each id gets one row, so keep one image per id (delete or rename the others)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -118,33 +136,59 @@ def arrange(test_ids: list[str], labels: list[str], sample: Path | None) -> Subm
     if sample is None or not sample.is_file():
         return Submission("id", "label", [(i, pred[i]) for i in sorted(pred, key=natural_key)])
     header, table = read_csv(sample)
-    check(len(header) >= 1 and header[0] != "", f"{sample} has no header line: restore it from the competition's data page")
+    check(
+        len(header) >= 1 and header[0] != "",
+        f"{sample} has no header line: restore it from the competition's data page",
+    )
     ids = [row[0] for row in table if row]
     dupes = sorted({i for i, n in Counter(map(image_id, ids)).items() if n > 1})
-    check(not dupes, f"{sample} lists id {dupes[0] if dupes else ''} more than once: restore it from the competition's data page")
+    check(
+        not dupes,
+        f"{sample} lists id {dupes[0] if dupes else ''} more than once: restore it from the competition's data page",
+    )
     no_image = [i for i in ids if image_id(i) not in pred]
-    check(not no_image, f"{len(no_image)} ids of {sample.name} have no image in the test folder (e.g. {', '.join(no_image[:3])}): "
-                        "use the test folder and sample_submission.csv of the same competition")
+    check(
+        not no_image,
+        f"{len(no_image)} ids of {sample.name} have no image in the test folder (e.g. {', '.join(no_image[:3])}): "
+        "use the test folder and sample_submission.csv of the same competition",
+    )
     listed = set(map(image_id, ids))
     extra = sorted((i for i in pred if i not in listed), key=natural_key)
-    check(not extra, f"{len(extra)} test images are not in {sample.name} (e.g. {', '.join(extra[:3])}): Kaggle rejects rows it "
-                     "does not expect; remove those images or use the matching sample_submission.csv")
-    return Submission(header[0], header[1] if len(header) > 1 and header[1] else "label", [(i, pred[image_id(i)]) for i in ids])
+    check(
+        not extra,
+        f"{len(extra)} test images are not in {sample.name} (e.g. {', '.join(extra[:3])}): Kaggle rejects rows it "
+        "does not expect; remove those images or use the matching sample_submission.csv",
+    )
+    return Submission(
+        header[0], header[1] if len(header) > 1 and header[1] else "label", [(i, pred[image_id(i)]) for i in ids]
+    )
 
 
 def validate(sub: Submission, test_ids: list[str], allowed: list[str]) -> None:
     """What Kaggle checks, before anything is written: one row per test image, no duplicates, known labels."""
-    check(sub.id_column != sub.label_column, f"id and label columns are both named '{sub.id_column}': fix sample_submission.csv's header")
+    check(
+        sub.id_column != sub.label_column,
+        f"id and label columns are both named '{sub.id_column}': fix sample_submission.csv's header",
+    )
     ids = [image_id(i) for i, _ in sub.rows]
     dupes = sorted((i for i, n in Counter(ids).items() if n > 1), key=natural_key)
-    check(not dupes, f"the submission would list id {dupes[0] if dupes else ''} twice (two test files share that name): "
-                     "keep one image per id in the test folder")
+    check(
+        not dupes,
+        f"the submission would list id {dupes[0] if dupes else ''} twice (two test files share that name): "
+        "keep one image per id in the test folder",
+    )
     missing = sorted(set(test_ids) - set(ids), key=natural_key)
-    check(not missing and len(ids) == len(set(test_ids)), f"the submission would miss test ids {', '.join(missing[:3])}: this is a bug, "
-                                                          "re-run with --debug and report it")
+    check(
+        not missing and len(ids) == len(set(test_ids)),
+        f"the submission would miss test ids {', '.join(missing[:3])}: this is a bug, "
+        "re-run with --debug and report it",
+    )
     bad = sorted({lab for _, lab in sub.rows if lab not in allowed}, key=natural_key)
-    check(not bad, f"the submission would contain labels {', '.join(bad)} not in train.csv ({', '.join(allowed)}): "
-                   "submit a model trained on this data")
+    check(
+        not bad,
+        f"the submission would contain labels {', '.join(bad)} not in train.csv ({', '.join(allowed)}): "
+        "submit a model trained on this data",
+    )
 
 
 def check_writable(folder: Path) -> None:
@@ -153,8 +197,10 @@ def check_writable(folder: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".bias_lab-write-test-")
     except OSError as e:
-        raise UserError(f"cannot write to output folder {folder} ({e.strerror or first_line(e)}): make it writable "
-                        "or pass an output path in a folder you can write to") from e
+        raise UserError(
+            f"cannot write to output folder {folder} ({e.strerror or first_line(e)}): make it writable "
+            "or pass an output path in a folder you can write to"
+        ) from e
     os.close(fd)
     os.unlink(probe)
 
@@ -177,7 +223,9 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
     check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
     check_writable(out.parent)
-    if data_cfg.data.strip() and data_cfg.data != "demo":  # local mistakes first, before the registry and a model download
+    if (
+        data_cfg.data.strip() and data_cfg.data != "demo"
+    ):  # local mistakes first, before the registry and a model download
         listing = list_files(Path(data_cfg.data).expanduser().resolve())
         if listing.test_files:
             check_unique_ids(listing.test_files, os.path.commonpath([os.path.dirname(f) for f in listing.test_files]))
@@ -187,20 +235,40 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     model, meta = tracking.load_model(ref.resolved, device)
     check_model(meta, cfg.model_uri)
     check_finite(model, cfg.model_uri)
-    ds = load(dataclasses.replace(data_cfg, image_size=int(meta.image_size)))  # the model's preprocessing, not the CLI's
-    check(len(ds.test_ids) > 0, f"{ds.source} has no test images (test/test/*.jpg or test/*.jpg): add the competition's test folder")
+    ds = load(
+        dataclasses.replace(data_cfg, image_size=int(meta.image_size))
+    )  # the model's preprocessing, not the CLI's
+    check(
+        len(ds.test_ids) > 0,
+        f"{ds.source} has no test images (test/test/*.jpg or test/*.jpg): add the competition's test folder",
+    )
     check_unique_ids(ds.test_ids, f"the test folder of {ds.source}")  # the demo data is not listed above
     check_labels(meta, ds, cfg.model_uri)
-    print(f"model {ref.resolved} ({meta.arch}, {meta.image_size} px) on {len(ds.test_ids)} test images, device {device}",
-          file=sys.stderr)
+    print(
+        f"model {ref.resolved} ({meta.arch}, {meta.image_size} px) on {len(ds.test_ids)} test images, device {device}",
+        file=sys.stderr,
+    )
 
     with tracking.run("kaggle-submit", tags={"entry_point": "kaggle_submit"}) as active:
         run_id = active.info.run_id
-        tracking.log_params({"model_uri": cfg.model_uri, "model_uri_resolved": ref.resolved, "model_name": ref.name,
-                             "model_version": ref.version, "model_run_id": ref.run_id, "arch": meta.arch,
-                             "image_size": meta.image_size, "data": data_cfg.data, "data_source": ds.source,
-                             "data_digest": ds.digest, "competition": cfg.competition, "output": str(out),
-                             "batch_size": cfg.batch_size, "device_resolved": str(device)})
+        tracking.log_params(
+            {
+                "model_uri": cfg.model_uri,
+                "model_uri_resolved": ref.resolved,
+                "model_name": ref.name,
+                "model_version": ref.version,
+                "model_run_id": ref.run_id,
+                "arch": meta.arch,
+                "image_size": meta.image_size,
+                "data": data_cfg.data,
+                "data_source": ds.source,
+                "data_digest": ds.digest,
+                "competition": cfg.competition,
+                "output": str(out),
+                "batch_size": cfg.batch_size,
+                "device_resolved": str(device),
+            }
+        )
         labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
         fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
         unreadable = set(ds.test_unreadable)
@@ -210,12 +278,27 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
         validate(sub, ds.test_ids, ds.classes)
 
         counts = Counter(lab for _, lab in sub.rows)
-        tracking.log_metrics({"n_rows": len(sub.rows), "n_unreadable_test": len(ds.test_unreadable),
-                              "n_partial_test": len(ds.test_partial),
-                              **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes}})
+        tracking.log_metrics(
+            {
+                "n_rows": len(sub.rows),
+                "n_unreadable_test": len(ds.test_unreadable),
+                "n_partial_test": len(ds.test_partial),
+                **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes},
+            }
+        )
         mlflow.log_dict({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
-        mlflow.set_tags({k: v for k, v in {"model_uri": cfg.model_uri, "model_name": ref.name, "model_version": ref.version,
-                                           "model_run_id": ref.run_id}.items() if v})
+        mlflow.set_tags(
+            {
+                k: v
+                for k, v in {
+                    "model_uri": cfg.model_uri,
+                    "model_name": ref.name,
+                    "model_version": ref.version,
+                    "model_run_id": ref.run_id,
+                }.items()
+                if v
+            }
+        )
         _publish(sub, out, run_id)  # the file appears only once it is also in the run
         if ref.name and ref.version:
             mlflow.MlflowClient().set_model_version_tag(ref.name, ref.version, "kaggle_submit_run_id", run_id)
@@ -231,12 +314,18 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
 def _report_unreadable(ds: Dataset, fallback: str) -> None:
     """Warn about, and log to the active run, test images predicted from a part or not at all."""
     if ds.test_unreadable:
-        warnings.warn(f"{len(ds.test_unreadable)} test images could not be read; their rows get the most frequent "
-                      f"training label {fallback}: {', '.join(ds.test_unreadable)}", stacklevel=2)
+        warnings.warn(
+            f"{len(ds.test_unreadable)} test images could not be read; their rows get the most frequent "
+            f"training label {fallback}: {', '.join(ds.test_unreadable)}",
+            stacklevel=2,
+        )
         mlflow.log_text("\n".join(ds.test_unreadable) + "\n", "unreadable_test_images.txt")
     if ds.test_partial:
-        warnings.warn(f"{len(ds.test_partial)} test images are truncated and were predicted from their readable part: "
-                      f"{', '.join(ds.test_partial)}", stacklevel=2)
+        warnings.warn(
+            f"{len(ds.test_partial)} test images are truncated and were predicted from their readable part: "
+            f"{', '.join(ds.test_partial)}",
+            stacklevel=2,
+        )
         mlflow.log_text("\n".join(ds.test_partial) + "\n", "partial_test_images.txt")
 
 
@@ -263,6 +352,7 @@ def _publish(sub: Submission, out: Path, run_id: str) -> None:
 def score(submission_csv: str | Path, solution_csv: str | Path) -> float:
     """Accuracy of a submission against a solution file (first column id, second label; ids with or without
     extension). Every solution id must have exactly one row, as on Kaggle."""
+
     def table(path: Path) -> dict[str, str]:
         check(path.is_file(), f"{path} does not exist: pass an existing CSV")
         header, rows = read_csv(path)
@@ -274,8 +364,11 @@ def score(submission_csv: str | Path, solution_csv: str | Path) -> float:
 
     sub, sol = table(Path(submission_csv)), table(Path(solution_csv))
     missing = [i for i in sol if i not in sub]
-    check(not missing, f"{submission_csv} has no row for {len(missing)} solution ids (e.g. {', '.join(missing[:3])}): "
-                       "predict every test image")
+    check(
+        not missing,
+        f"{submission_csv} has no row for {len(missing)} solution ids (e.g. {', '.join(missing[:3])}): "
+        "predict every test image",
+    )
     check(len(sol) > 0, f"{solution_csv} has no rows: pass the competition's solution.csv")
     return sum(sub[i] == lab for i, lab in sol.items()) / len(sol)
 

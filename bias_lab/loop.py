@@ -56,8 +56,16 @@ class Part:
         return 1 + (self.eps is not None)
 
     def to(self, device: torch.device) -> "Part":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Part(move(self.images), move(self.labels), move(self.eps), move(self.s), move(self.weights))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Part(
+            self.images.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            move(self.eps),
+            move(self.s),
+            move(self.weights),
+        )
 
 
 @dataclass
@@ -92,13 +100,17 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
     check(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr={cfg.lr}: use a finite positive learning rate (e.g. 0.05)")
     check(0 <= cfg.momentum < 1, f"momentum={cfg.momentum}: use a value in [0, 1)")
-    check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-          f"weight_decay={cfg.weight_decay}: use a finite value >= 0 (5e-4 is usual, 0 turns it off)")
+    check(
+        math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+        f"weight_decay={cfg.weight_decay}: use a finite value >= 0 (5e-4 is usual, 0 turns it off)",
+    )
     check(not cfg.nesterov or cfg.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false")
     check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
     check(0 <= cfg.seed < SEED_LIMIT, f"seed={cfg.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
     check(cfg.threads >= 0, f"threads={cfg.threads}: use 0 (torch's default) or a positive thread count")
-    check(cfg.checkpoint_every_s >= 0, f"checkpoint_every_s={cfg.checkpoint_every_s}: use seconds >= 0 (0 = every epoch)")
+    check(
+        cfg.checkpoint_every_s >= 0, f"checkpoint_every_s={cfg.checkpoint_every_s}: use seconds >= 0 (0 = every epoch)"
+    )
 
 
 def cuda_problem() -> str | None:
@@ -109,13 +121,15 @@ def cuda_problem() -> str | None:
         ok = torch.cuda.is_available()
     if ok:
         return None
-    said = [first_line(w.message, 160) for w in caught if "cuda" in str(w.message).lower()]
+    said = [str(w.message).strip().splitlines()[0][:160] for w in caught if "cuda" in str(w.message).lower()]
     if said:
         return said[0]
     if torch.version.cuda is None:
         return f"this torch build ({torch.__version__}) has no CUDA support"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return "no GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else " (no driver or no device)")
+    return "no GPU is visible" + (
+        f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else " (no driver or no device)"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,8 +140,9 @@ def resolve_device(name: str) -> torch.device:
     problem = cuda_problem()
     if name == "auto":
         if problem is not None and _gpu_present():  # e.g. a torch build newer than the driver: say so, not silently
-            warnings.warn(f"device=auto: this machine has an NVIDIA GPU but CUDA is not usable ({problem}): "
-                          "training on the CPU")
+            warnings.warn(
+                f"device=auto: this machine has an NVIDIA GPU but CUDA is not usable ({problem}): training on the CPU"
+            )
         return D.local_device(torch.device("cpu" if problem else "cuda"))
     check(problem is None, f"device={name} but CUDA is not usable ({problem}): use device=cpu or auto")
     try:
@@ -135,8 +150,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise UserError(f"device={name}: {first_line(e, 120)}; use cpu, auto or cuda[:N]") from None
     check(device.type in ("cpu", "cuda"), f"device={name}: use cpu, auto or cuda[:N]")
-    check(device.index is None or device.index < torch.cuda.device_count(),
-          f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}")
+    check(
+        device.index is None or device.index < torch.cuda.device_count(),
+        f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}",
+    )
     return D.local_device(device)
 
 
@@ -148,13 +165,22 @@ def _gpu_present() -> bool:
 def device_info(device: torch.device) -> dict[str, str]:
     """What a run actually trains on, as strings for MLflow params: the resolved device, the GPU (or CPU) name,
     CUDA runtime / driver / cuDNN versions on CUDA, torch's version and thread count."""
-    info = {"device_resolved": str(device), "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads())}
+    info = {
+        "device_resolved": str(device),
+        "torch_version": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+    }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        info.update(device_name=props.name, cuda_version=str(torch.version.cuda), cuda_driver=_driver_version(index),
-                    cudnn_version=str(torch.backends.cudnn.version()), gpu_capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gb=f"{props.total_memory / 2**30:.1f}")
+        info.update(
+            device_name=props.name,
+            cuda_version=str(torch.version.cuda),
+            cuda_driver=_driver_version(index),
+            cudnn_version=str(torch.backends.cudnn.version()),
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gb=f"{props.total_memory / 2**30:.1f}",
+        )
     else:
         info["device_name"] = _cpu_name()
     return info
@@ -165,8 +191,12 @@ def _driver_version(index: int) -> str:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError):
@@ -216,12 +246,13 @@ def set_determinism(deterministic: bool) -> None:
     False: any kernel, and cuDNN benchmarks its algorithms per shape (cudnn.benchmark): faster on a GPU, not
     bit-reproducible. fit applies cfg.deterministic itself, so every entry point gets it."""
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # a module property
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def batch_inputs(part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None,
-                 batch: int | None = None) -> torch.Tensor:
+def batch_inputs(
+    part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None, batch: int | None = None
+) -> torch.Tensor:
     """The model input for samples `idx`: normalised image (augmented when train_gen is given) [+ eps].
 
     `batch`: under torchrun, `idx` is this rank's shard of a global batch of that many samples (see augment)."""
@@ -248,7 +279,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (t - warm) / (1 - warm)))
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, smoothing: float, total: float) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, smoothing: float, total: float | torch.Tensor
+) -> torch.Tensor:
     """Mean loss over the global batch, whose size (or weight sum) is `total`. Times the number of ranks, because
     DistributedDataParallel averages the ranks' gradients: the sum over shards / total, as one process computes."""
     per = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
@@ -256,7 +289,9 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, smoothi
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, rows: torch.Tensor | None = None) -> torch.Tensor:
+def predict(
+    model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits (float32, on the CPU) for the samples `rows` of `part` (default all), in order."""
     model.eval()
     device = next(model.parameters()).device
@@ -270,18 +305,27 @@ def predict(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, row
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sharded: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sharded: bool = False
+) -> dict[str, float]:
     """loss and accuracy of `model` on `part`. `sharded`: under torchrun each rank scores its share and the sums
     are all-reduced, so every rank returns the numbers of the whole split."""
     rows = torch.arange(len(part))
     rows = D.shard(rows) if sharded else rows
     y = part.labels.cpu()[rows]
     logits = predict(model, part, norm, batch_size, rows) if len(rows) else torch.zeros(0, 1)
-    sums = (F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()), (logits.argmax(1) == y).sum(),
-            torch.tensor(len(rows)))
-    loss_sum, correct, count = D.all_sum(*sums) if sharded else sums  # unsharded: no collective (rank 0 alone may call it)
+    sums = (
+        F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()),
+        (logits.argmax(1) == y).sum(),
+        torch.tensor(len(rows)),
+    )
+    loss_sum, correct, count = (
+        D.all_sum(*sums) if sharded else sums
+    )  # unsharded: no collective (rank 0 alone may call it)
     n = float(count)
-    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n} if n else {"loss": math.nan, "accuracy": math.nan}
+    return (
+        {"loss": float(loss_sum) / n, "accuracy": float(correct) / n} if n else {"loss": math.nan, "accuracy": math.nan}
+    )
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -331,9 +375,15 @@ def fit(
     set, training continues from it, reaching the same weights as an uninterrupted run.
     """
     validate(cfg)  # again: tune and bias_eval reach fit without the train command
-    check(D.world() == 1 or input_hook is None, "a train-batch hook (channel dropout) does not run under torchrun: start without it")
-    check(cfg.batch_size >= D.world(), f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
-          "use batch_size >= nproc_per_node")
+    check(
+        D.world() == 1 or input_hook is None,
+        "a train-batch hook (channel dropout) does not run under torchrun: start without it",
+    )
+    check(
+        cfg.batch_size >= D.world(),
+        f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
+        "use batch_size >= nproc_per_node",
+    )
     device = next(model.parameters()).device
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
@@ -342,6 +392,7 @@ def fit(
     optim = _optim(model, cfg, device, total_steps=len(batches) * cfg.epochs)
     state = FitState()
     if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
+        assert checkpoint is not None  # agreed on True only with one
         state = _restore(checkpoint, device, model, optim)
 
     from tqdm.auto import tqdm
@@ -349,13 +400,37 @@ def fit(
     t_start = time.perf_counter() - state.wall_s
     diverged = False
     epoch_train_s: list[float] = []  # this process's epochs: the first one pays the warm-up (cuDNN, allocator)
-    saver = _Saver(checkpoint if D.is_main() else None, cfg.checkpoint_every_s, device)  # the ranks hold the same state: one writer
-    bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.model}", unit="epoch", leave=False, initial=state.epoch,
-               total=cfg.epochs, **({} if D.is_main() else {"disable": True}))  # one bar, rank 0's; TQDM_DISABLE still works
+    saver = _Saver(
+        checkpoint if D.is_main() else None, cfg.checkpoint_every_s, device
+    )  # the ranks hold the same state: one writer
+    bar = tqdm(
+        range(state.epoch, cfg.epochs),
+        desc=f"{cfg.model}",
+        unit="epoch",
+        leave=False,
+        initial=state.epoch,
+        total=cfg.epochs,
+        **({} if D.is_main() else {"disable": True}),
+    )  # one bar, rank 0's; TQDM_DISABLE still works
     try:
         for epoch in bar:
-            if _one_epoch(model, optim, train, val, batches, cfg, norm, epoch, input_hook, on_epoch, state, epoch_train_s,
-                          t_start, bar, saver):
+            if _one_epoch(
+                model,
+                optim,
+                train,
+                val,
+                batches,
+                cfg,
+                norm,
+                epoch,
+                input_hook,
+                on_epoch,
+                state,
+                epoch_train_s,
+                t_start,
+                bar,
+                saver,
+            ):
                 diverged = True
                 break
     except BaseException:  # a hook's exception (pruning, a failed log), Ctrl-C, SIGTERM: keep the last whole epoch
@@ -376,9 +451,23 @@ def fit(
     )
 
 
-def _one_epoch(model: nn.Module, optim: _Optim, train: Part, val: Part, batches: list[tuple[int, int]], cfg: TrainConfig,
-               norm: Norm, epoch: int, input_hook: InputHook | None, on_epoch: EpochHook | None, state: FitState,
-               epoch_train_s: list[float], t_start: float, bar, saver: _Saver) -> bool:
+def _one_epoch(
+    model: nn.Module,
+    optim: _Optim,
+    train: Part,
+    val: Part,
+    batches: list[tuple[int, int]],
+    cfg: TrainConfig,
+    norm: Norm,
+    epoch: int,
+    input_hook: InputHook | None,
+    on_epoch: EpochHook | None,
+    state: FitState,
+    epoch_train_s: list[float],
+    t_start: float,
+    bar,
+    saver: _Saver,
+) -> bool:
     """Train, evaluate, report and (maybe) checkpoint epoch `epoch`; True when the loss diverged."""
     t0 = time.perf_counter()
     train_loss, train_accuracy = _train_epoch(model, optim, train, batches, cfg, norm, epoch, input_hook)
@@ -442,6 +531,8 @@ class _Saver:
                 warnings.warn(f"cannot write the checkpoint {self.path} ({first_line(e, 120)})")
 
     def _write(self, blob: dict) -> None:
+        if self.path is None:
+            return
         if not _save_checkpoint(self.path, blob):
             self.path = None  # warned once: an unwritable cache costs the resume, never the run
         self.last_write = self.clock()
@@ -463,8 +554,16 @@ def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps
     )
 
 
-def _train_epoch(model: nn.Module, optim: _Optim, train: Part, batches: list[tuple[int, int]], cfg: TrainConfig,
-                 norm: Norm, epoch: int, input_hook: InputHook | None) -> tuple[float, float]:
+def _train_epoch(
+    model: nn.Module,
+    optim: _Optim,
+    train: Part,
+    batches: list[tuple[int, int]],
+    cfg: TrainConfig,
+    norm: Norm,
+    epoch: int,
+    input_hook: InputHook | None,
+) -> tuple[float, float]:
     """One pass of SGD steps over `train` in a fresh random order; returns (mean train loss, train accuracy)."""
     model.train()
     device = train.images.device
@@ -507,9 +606,11 @@ def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) 
     ck = _load_checkpoint(path)
     saved_on = str(ck.get("device_type", "cpu"))  # checkpoints from before the key were written on a CPU
     if saved_on != device.type or ck["aug_gen"].numel() != optim.aug_gen.get_state().numel():
-        warnings.warn(f"resume=true but the checkpoint {path} was written on {saved_on}, and this run trains on "
-                      f"{device.type}: its random streams cannot continue here, so training starts fresh (the "
-                      "checkpoint is overwritten); resume on the device type it was written on to continue it")
+        warnings.warn(
+            f"resume=true but the checkpoint {path} was written on {saved_on}, and this run trains on "
+            f"{device.type}: its random streams cannot continue here, so training starts fresh (the "
+            "checkpoint is overwritten); resume on the device type it was written on to continue it"
+        )
         return FitState()
     model.load_state_dict(ck["model"])  # copies the CPU tensors onto the model's device
     optim.opt.load_state_dict(ck["optimizer"])  # moves the state to the parameters' device
@@ -520,7 +621,7 @@ def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) 
     if device.type == "cuda" and "cuda_rng" in ck:  # dropout masks (AlexNet) on the GPU
         torch.cuda.set_rng_state(ck["cuda_rng"], device)
     state = FitState(**{k: ck[k] for k in _fields(FitState())})
-    state.best = tuple(state.best)  # a tuple in FitState, whatever the file gives back
+    state.best = (float(state.best[0]), int(state.best[1]))  # a tuple in FitState, whatever the file gives back
     if state.best_state is not None:
         state.best_state = {k: t.to(device) for k, t in state.best_state.items()}
     return state
@@ -533,15 +634,22 @@ def _load_checkpoint(path: Path, device: torch.device | None = None) -> dict:
     traceback, nor torch's advice to unpickle it. `device` is accepted for callers of the older signature."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", *_fields(FitState())} - set(ck)
+        missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", *_fields(FitState())} - set(
+            ck
+        )
         check(not missing, f"it lacks {sorted(missing)}")
         return ck
     except Exception as e:
         # torch's weights_only refusal is paragraphs advising to unpickle untrusted code: name the problem instead
-        why = "damaged, or not a bias_lab checkpoint" if isinstance(e, pickle.UnpicklingError) or "eights only" in str(e) \
+        why = (
+            "damaged, or not a bias_lab checkpoint"
+            if isinstance(e, pickle.UnpicklingError) or "eights only" in str(e)
             else first_line(e, 120)
-        raise UserError(f"resume=true but the checkpoint {path} cannot be read ({why}): delete it, "
-                        "or run with resume=false to start over") from None
+        )
+        raise UserError(
+            f"resume=true but the checkpoint {path} cannot be read ({why}): delete it, "
+            "or run with resume=false to start over"
+        ) from None
 
 
 def _checkpoint_blob(model: nn.Module, optim: _Optim, state: FitState, device: torch.device, copy: bool) -> dict:
@@ -581,7 +689,9 @@ def _save_checkpoint(path: Path, blob: dict) -> bool:
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        warnings.warn(f"cannot write the checkpoint {path} ({first_line(e, 120)}): training goes on without "
-                      "checkpoints, so it cannot be resumed; free space or point cache_dir at a writable folder")
+        warnings.warn(
+            f"cannot write the checkpoint {path} ({first_line(e, 120)}): training goes on without "
+            "checkpoints, so it cannot be resumed; free space or point cache_dir at a writable folder"
+        )
         return False
     return True

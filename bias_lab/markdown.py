@@ -38,8 +38,10 @@ def cell(value: Any) -> str:
 def table(head: Sequence[Any], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured markdown table; every row has exactly len(head) cells. `align`: '', 'l', 'r' per column."""
     marks = {"": "---", "l": ":---", "r": "---:"}
-    lines = ["| " + " | ".join(cell(h) for h in head) + " |",
-             "|" + "|".join(marks[a] for a in (align or [""] * len(head))) + "|"]
+    lines = [
+        "| " + " | ".join(cell(h) for h in head) + " |",
+        "|" + "|".join(marks[a] for a in (align or [""] * len(head))) + "|",
+    ]
     for r in rows:
         r = list(r)
         if len(r) != len(head):

@@ -56,7 +56,9 @@ def disparate_impact(y_pred: np.ndarray, s: np.ndarray) -> float:
     return ratio(r0, r1)
 
 
-def bootstrap_di(y_pred: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_di(
+    y_pred: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI of DI, resampling test samples with replacement.
 
     DI only depends on the four (S, y_hat) cell counts, so resampling N samples with replacement is the same
@@ -80,7 +82,9 @@ def bootstrap_di(y_pred: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0
     return float(np.quantile(di, a, method="lower")), float(np.quantile(di, 1 - a, method="higher"))
 
 
-def fairness(y_true: np.ndarray, y_pred: np.ndarray, s: np.ndarray, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+def fairness(
+    y_true: np.ndarray, y_pred: np.ndarray, s: np.ndarray, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """The bias measures logged by every binary run (names as they appear in MLflow, without split prefix)."""
     y_true, y_pred, s = np.asarray(y_true), np.asarray(y_pred), np.asarray(s).astype(int)
     r0, r1 = selection_rates(y_pred, s)

@@ -27,8 +27,8 @@ from torch import nn
 from bias_lab import bias as biasmod
 from bias_lab.config import BiasConfig, BiasEvalConfig
 from bias_lab.errors import check
-from bias_lab.pipeline import Prepared
 from bias_lab.loop import InputHook
+from bias_lab.pipeline import Prepared
 
 HEAD_WIDTH = 64  # hidden units of the adversary: small, it only has to read one bit (eps present) off the features
 VAL_SEED_OFFSET = 20_011  # model_3's decorrelated validation draw: a stream of its own (not the test's, not training's)
@@ -63,16 +63,23 @@ def reweigh_weights(s: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, str
                 empty.append(f"(S={a}, y={b})")
                 continue
             w[cell] = float((s == a).sum()) * float((y == b).sum()) / (n * k)
-    note = "" if not empty else (
-        f"reweighing cannot decorrelate S and y here: no training sample has {' or '.join(empty)}, so there is "
-        "nothing to up-weight (use mitigation=channel_dropout or adversarial)")
+    note = (
+        ""
+        if not empty
+        else (
+            f"reweighing cannot decorrelate S and y here: no training sample has {' or '.join(empty)}, so there is "
+            "nothing to up-weight (use mitigation=channel_dropout or adversarial)"
+        )
+    )
     return w, note
 
 
 # ------------------------------------------------------------------------------------------- channel dropout
 
 
-def redraw_eps(n: int, size: int, sigma: float, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def redraw_eps(
+    n: int, size: int, sigma: float, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """S' ~ Bernoulli(0.5) independent of everything, and eps' = N(0, sigma^2) where S'=1, 0 elsewhere."""
     s = torch.rand(n, generator=gen, device=gen.device) < 0.5
     eps = torch.randn(n, 1, size, size, generator=gen, device=gen.device) * sigma * s.view(-1, 1, 1, 1)
@@ -132,7 +139,9 @@ class Adversarial(nn.Module):
         # BatchNorm (no affine) first: the reversed gradient cannot defeat the adversary by inflating every feature
         # (the usual GRL blow-up: without it training diverged on tiny4 at weight >= 1), while per-sample
         # differences, where eps shows, stay visible (a LayerNorm would hide eps's extra energy from the head)
-        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, HEAD_WIDTH), nn.ReLU(), nn.Linear(HEAD_WIDTH, 2))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(d, affine=False), nn.Linear(d, HEAD_WIDTH), nn.ReLU(), nn.Linear(HEAD_WIDTH, 2)
+        )
         self.aux_loss: torch.Tensor | float = 0.0
         self._gen: torch.Generator | None = None
 
@@ -168,23 +177,34 @@ def decorrelated_val(prep: Prepared, sigma: float, seed: int) -> Prepared:
     return dataclasses.replace(prep, val=dataclasses.replace(prep.val, eps=ch.eps, s=ch.s))
 
 
-
 def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig, seed: int) -> Mitigation:
     """model_3's training setup for `method`, on model_2's data `prep` (which is not modified)."""
     check(prep.eps, "a mitigation needs the eps channel in the input: pass model_2's prepared data")
     if method == "reweigh":
         assert prep.train.s is not None  # binary task: every split carries S
         w, note = reweigh_weights(prep.train.s, prep.train.labels)
-        return Mitigation("model_2's data, Kamiran-Calders reweighing", dataclasses.replace(prep, train=dataclasses.replace(prep.train, weights=w)), note=note)
+        return Mitigation(
+            "model_2's data, Kamiran-Calders reweighing",
+            dataclasses.replace(prep, train=dataclasses.replace(prep.train, weights=w)),
+            note=note,
+        )
     if method == "adversarial":
-        check(eval_cfg.adv_weight > 0, f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1")
+        check(
+            eval_cfg.adv_weight > 0,
+            f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1",
+        )
         note = "" if bias_cfg.sigma > 0 else "sigma=0: eps is always zero, there is nothing for the adversary to remove"
-        return Mitigation(f"model_2's data, adversary on S (gradient reversal, weight {eval_cfg.adv_weight:g})",
-                          decorrelated_val(prep, bias_cfg.sigma, seed),
-                          wrap=lambda net: Adversarial(net, bias_cfg.sigma, eval_cfg.adv_weight, seed), note=note)
+        return Mitigation(
+            f"model_2's data, adversary on S (gradient reversal, weight {eval_cfg.adv_weight:g})",
+            decorrelated_val(prep, bias_cfg.sigma, seed),
+            wrap=lambda net: Adversarial(net, bias_cfg.sigma, eval_cfg.adv_weight, seed),
+            note=note,
+        )
     if method == "channel_dropout":
         check(0 < eval_cfg.dropout_rate <= 1, f"dropout_rate={eval_cfg.dropout_rate}: use a share in (0, 1]")
-        return Mitigation(f"model_2's data, eps re-drawn for {eval_cfg.dropout_rate:.0%} of each batch",
-                          decorrelated_val(prep, bias_cfg.sigma, seed),
-                          input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate))
+        return Mitigation(
+            f"model_2's data, eps re-drawn for {eval_cfg.dropout_rate:.0%} of each batch",
+            decorrelated_val(prep, bias_cfg.sigma, seed),
+            input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate),
+        )
     raise ValueError(f"unknown mitigation {method}")  # validated by bias_eval.validate before any work

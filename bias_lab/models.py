@@ -29,13 +29,21 @@ class LeNet(nn.Module):
         super().__init__()
         # pool before ReLU: the same function and gradients (max and ReLU commute), ReLU on 4x fewer values
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-            nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 6, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(6, 16, 5),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(5),  # 5x5 at the classic 32 px input; averages larger maps down to it
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
-            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +58,13 @@ def _alexnet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     m.features[0] = nn.Conv2d(in_channels, 64, kernel_size=5, stride=2, padding=2)
     m.avgpool = nn.AdaptiveAvgPool2d(3)
     m.classifier = nn.Sequential(  # 1024 wide: the 4096-wide original would be 90% of the weights at 64 px
-        nn.Dropout(0.5), nn.Linear(256 * 3 * 3, 1024), nn.ReLU(inplace=True),
-        nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True), nn.Linear(1024, num_classes),
+        nn.Dropout(0.5),
+        nn.Linear(256 * 3 * 3, 1024),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(1024, 1024),
+        nn.ReLU(inplace=True),
+        nn.Linear(1024, num_classes),
     )
     return m
 
@@ -71,7 +84,10 @@ def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int) -> 
 def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised model (seed torch first for identical weights)."""
     check(name in MODELS, f"unknown model '{name}': choose one of {', '.join(MODELS)}")
-    check(in_channels >= 1 and num_classes >= 2, f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+    check(
+        in_channels >= 1 and num_classes >= 2,
+        f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}",
+    )
     check(32 <= image_size <= 224, f"image_size={image_size} is out of range: use a value in 32..224")
     if name == "lenet":
         return LeNet(in_channels, num_classes)
@@ -95,11 +111,21 @@ class Summary:
     macs: int  # multiply-accumulates per image (conv + linear), the usual "FLOPs/2"
 
     def markdown(self) -> str:
-        rows = [(l.name, l.type, l.output_shape, f"{l.params:,}") for l in self.layers] + [("**total**", "", "", f"**{self.total_params:,}**")]
-        return md.table(["layer", "type", "output shape", "parameters"], rows, align=["", "", "", "r"]) + f"\n\nMACs per image: {self.macs:,}"
+        rows = [(l.name, l.type, l.output_shape, f"{l.params:,}") for l in self.layers] + [
+            ("**total**", "", "", f"**{self.total_params:,}**")
+        ]
+        return (
+            md.table(["layer", "type", "output shape", "parameters"], rows, align=["", "", "", "r"])
+            + f"\n\nMACs per image: {self.macs:,}"
+        )
 
     def csv(self) -> str:
-        return "\n".join(["layer,type,output_shape,params", *(f"{l.name},{l.type},\"{l.output_shape}\",{l.params}" for l in self.layers)])
+        return "\n".join(
+            [
+                "layer,type,output_shape,params",
+                *(f'{l.name},{l.type},"{l.output_shape}",{l.params}' for l in self.layers),
+            ]
+        )
 
 
 def summarize(model: nn.Module, in_channels: int, image_size: int) -> Summary:

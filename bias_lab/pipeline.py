@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from bias_lab import bias as biasmod
-from bias_lab import metrics
-from bias_lab import plots, tracking
+from bias_lab import metrics, plots, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
+from bias_lab.loop import EpochHook, InputHook, Norm, Part, device_info, fit, predict, resolve_device, seed_everything
 from bias_lab.models import build, finite_weights, summarize
 from bias_lab.registry import ModelMeta
-from bias_lab.loop import EpochHook, InputHook, Norm, Part, device_info, fit, predict, resolve_device, seed_everything
 
 
 @dataclass
@@ -73,8 +72,16 @@ def _part(ds: Dataset, idx: np.ndarray, ch: biasmod.Channel | None, eps: bool) -
     )
 
 
-def prepare(data_cfg: DataConfig, bias_cfg: BiasConfig, seed: int, *, binary: bool | None = None,
-            eps: bool | None = None, train_p: tuple[float, float] | None = None, ds: Dataset | None = None) -> Prepared:
+def prepare(
+    data_cfg: DataConfig,
+    bias_cfg: BiasConfig,
+    seed: int,
+    *,
+    binary: bool | None = None,
+    eps: bool | None = None,
+    train_p: tuple[float, float] | None = None,
+    ds: Dataset | None = None,
+) -> Prepared:
     """Load (cached), split, and attach S / eps.
 
     binary: restrict to `bias_cfg.classes` (default: when bias is on or classes are given).
@@ -110,7 +117,9 @@ def prepare(data_cfg: DataConfig, bias_cfg: BiasConfig, seed: int, *, binary: bo
     )
 
 
-def measure(model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int = 0) -> tuple[dict[str, float], np.ndarray]:
+def measure(
+    model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int = 0
+) -> tuple[dict[str, float], np.ndarray]:
     """Final numbers on the held-out test split (the only place test data is read). Returns (metrics, confusion)."""
     logits = predict(model, prep.test, prep.norm)
     y = prep.test.labels.numpy()
@@ -121,15 +130,33 @@ def measure(model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int =
     }
     dec = prep.test_decorrelated
     if prep.binary and prep.test.s is not None and dec is not None and dec.s is not None:  # binary: all three are set
-        out.update({f"test_{k}": v for k, v in metrics.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items() if k != "accuracy"})
+        out.update(
+            {
+                f"test_{k}": v
+                for k, v in metrics.fairness(y, pred, prep.test.s.numpy(), bootstrap, seed).items()
+                if k != "accuracy"
+            }
+        )
         dpred = predict(model, dec, prep.norm).argmax(1).numpy()
-        out.update({f"decorrelated_test_{k}": v for k, v in metrics.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()})
+        out.update(
+            {f"decorrelated_test_{k}": v for k, v in metrics.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()}
+        )
     return out, metrics.confusion(y, pred, len(prep.dataset.classes))
 
 
-def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch: EpochHook | None = None,
-                input_hook: InputHook | None = None, checkpoint: Path | None = None, log_model: bool = True,
-                bootstrap: int = 1000, test: bool = True, wrap: Any = None) -> tuple[nn.Module, dict[str, float]]:
+def train_model(
+    prep: Prepared,
+    cfg: TrainConfig,
+    *,
+    log: bool = True,
+    on_epoch: EpochHook | None = None,
+    input_hook: InputHook | None = None,
+    checkpoint: Path | None = None,
+    log_model: bool = True,
+    bootstrap: int = 1000,
+    test: bool = True,
+    wrap: Any = None,
+) -> tuple[nn.Module, dict[str, float]]:
     """Train one model on `prep` inside the active MLflow run; return (model with best-val weights, metrics).
 
     `test=False` skips the test split entirely (tune's trials). `wrap(model) -> model` lets a caller add
@@ -173,17 +200,26 @@ def train_model(prep: Prepared, cfg: TrainConfig, *, log: bool = True, on_epoch:
         if cm is not None:
             tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix")
         if no_test:
-            mlflow.set_tag("no_test_split", "the test split is empty (test_fraction=0): no test metrics were logged; "
-                                            "set test_fraction > 0 for them")
+            mlflow.set_tag(
+                "no_test_split",
+                "the test split is empty (test_fraction=0): no test metrics were logged; "
+                "set test_fraction > 0 for them",
+            )
         for k in ("test_di", "decorrelated_test_di"):
             if k in out and not math.isfinite(out[k]):
-                mlflow.set_tag(f"{k}_note", metrics.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}))
+                mlflow.set_tag(
+                    f"{k}_note",
+                    metrics.explain({kk.removeprefix(k[:-2]): v for kk, v in out.items() if kk.startswith(k[:-2])}),
+                )
         if res.diverged:
             mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: {divergence_cause(cfg)}")
         finite = finite_weights(net)
         if log_model and not finite:  # a NaN model would predict one class for every image, yet be registrable
-            mlflow.set_tag("model_not_logged", "the weights are not finite (training diverged before any good epoch): "
-                                               "no model was logged; " + divergence_cause(cfg))
+            mlflow.set_tag(
+                "model_not_logged",
+                "the weights are not finite (training diverged before any good epoch): "
+                "no model was logged; " + divergence_cause(cfg),
+            )
         if log_model and finite:
             tracking.log_model(net, prep.meta(cfg))
     return net, out
@@ -202,16 +238,41 @@ def divergence_cause(cfg: TrainConfig) -> str:
 def log_setup(prep: Prepared, data_cfg: DataConfig, *configs: Any, skip: tuple[str, ...] = ()) -> None:
     """Params (every knob the run uses, verbatim; not `skip`), dataset inputs, split sizes and data tags of the active run."""
     ds = prep.dataset
-    tracking.log_params({**flat(data_cfg, *configs, skip=skip), "data_digest": ds.digest, "data_source": ds.source,
-                         "in_channels": prep.channels, "num_classes": len(ds.classes)})
+    tracking.log_params(
+        {
+            **flat(data_cfg, *configs, skip=skip),
+            "data_digest": ds.digest,
+            "data_source": ds.source,
+            "in_channels": prep.channels,
+            "num_classes": len(ds.classes),
+        }
+    )
     n = len(ds.labels)
     splits = np.empty(n, dtype=object)
     for name in ("train", "val", "test"):
         splits[getattr(prep.split, name)] = name
-    tracking.log_dataset(ds.ids, [ds.classes[i] for i in ds.labels.tolist()], list(splits), ds.source, ds.digest,
-                         Path(ds.source).name if ds.layout != "demo" else "demo")
-    tracking.log_metrics({"n_train": len(prep.split.train), "n_val": len(prep.split.val), "n_test": len(prep.split.test),
-                          "n_skipped_files": len(ds.skipped)})
-    mlflow.set_tags({"data_layout": ds.layout, "synthetic_data": str(ds.layout == "demo").lower(), "task": "binary" if prep.binary else "multiclass"})
+    tracking.log_dataset(
+        ds.ids,
+        [ds.classes[i] for i in ds.labels.tolist()],
+        list(splits),
+        ds.source,
+        ds.digest,
+        Path(ds.source).name if ds.layout != "demo" else "demo",
+    )
+    tracking.log_metrics(
+        {
+            "n_train": len(prep.split.train),
+            "n_val": len(prep.split.val),
+            "n_test": len(prep.split.test),
+            "n_skipped_files": len(ds.skipped),
+        }
+    )
+    mlflow.set_tags(
+        {
+            "data_layout": ds.layout,
+            "synthetic_data": str(ds.layout == "demo").lower(),
+            "task": "binary" if prep.binary else "multiclass",
+        }
+    )
     if ds.skipped:
         mlflow.log_text("\n".join(ds.skipped), "skipped_files.txt")

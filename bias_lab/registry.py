@@ -53,7 +53,14 @@ class ModelMeta:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-META_REQUIRED = ("arch", "in_channels", "classes", "image_size", "mean", "std")  # what rebuilding and preprocessing read
+META_REQUIRED = (
+    "arch",
+    "in_channels",
+    "classes",
+    "image_size",
+    "mean",
+    "std",
+)  # what rebuilding and preprocessing read
 
 
 @dataclass
@@ -91,12 +98,16 @@ def resolve(model_uri: str) -> ModelRef:
             return ModelRef(model_uri, model_uri, versions[0].name, str(versions[0].version), run_id)
     except Exception as e:  # RESOURCE_DOES_NOT_EXIST, a malformed URI, a registry without that alias...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot find model '{model_uri}' ({first}): pass models:/<name>@<alias>, models:/<name>/<version> "
-                        "or runs:/<run_id>/model as listed in the MLflow UI, or run tune to register one") from e
+        raise UserError(
+            f"cannot find model '{model_uri}' ({first}): pass models:/<name>@<alias>, models:/<name>/<version> "
+            "or runs:/<run_id>/model as listed in the MLflow UI, or run tune to register one"
+        ) from e
     return ModelRef(model_uri, model_uri)  # a path or other artifact URI: loaded as is
 
 
-def register_champion(model_uri: str, name: str, digest: str, val_accuracy: float, tags: dict[str, Any]) -> dict[str, Any]:
+def register_champion(
+    model_uri: str, name: str, digest: str, val_accuracy: float, tags: dict[str, Any]
+) -> dict[str, Any]:
     """Register `model_uri` under `name`; move the `champion` alias to it only if its val_accuracy beats the
     baseline: the current champion when it was trained on the same data (digest), else the best earlier
     version on that data. Returns the decision (version, moved, baseline, reason)."""
@@ -105,15 +116,21 @@ def register_champion(model_uri: str, name: str, digest: str, val_accuracy: floa
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    same = [v for v in client.search_model_versions(f"name='{name}'")
-            if v.tags.get(DIGEST_TAG) == digest and VAL_TAG in v.tags]
+    same = [
+        v
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.tags.get(DIGEST_TAG) == digest and VAL_TAG in v.tags
+    ]
     baseline: ModelVersion | None
     if champion is not None and champion.tags.get(DIGEST_TAG) == digest and VAL_TAG in champion.tags:
         baseline = champion
     else:
         baseline = max(same, key=lambda v: float(v.tags[VAL_TAG]), default=None)
-    mv = mlflow.register_model(model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, DIGEST_TAG: digest,
-                                                      VAL_TAG: repr(float(val_accuracy))})
+    mv = mlflow.register_model(
+        model_uri,
+        name,
+        tags={**{k: str(v) for k, v in tags.items()}, DIGEST_TAG: digest, VAL_TAG: repr(float(val_accuracy))},
+    )
     base_acc = float(baseline.tags[VAL_TAG]) if baseline is not None else None
     if baseline is None:
         moved = True
@@ -129,8 +146,14 @@ def register_champion(model_uri: str, name: str, digest: str, val_accuracy: floa
         client.set_registered_model_alias(name, CHAMPION, mv.version)
     client.set_model_version_tag(name, mv.version, "champion_decision", reason)
     current = mv.version if moved else (champion.version if champion else None)
-    return {"version": mv.version, "moved": moved, "baseline_version": baseline.version if baseline else None,
-            "baseline_val_accuracy": base_acc, "champion_version": current, "reason": reason}
+    return {
+        "version": mv.version,
+        "moved": moved,
+        "baseline_version": baseline.version if baseline else None,
+        "baseline_val_accuracy": base_acc,
+        "champion_version": current,
+        "reason": reason,
+    }
 
 
 def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[dict[str, Any], str] | None:
@@ -167,4 +190,8 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
     if best is None:
         return None
     params, version = best
-    return {"lr": float(params["lr"]), "momentum": float(params["momentum"]), "batch_size": int(float(params["batch_size"]))}, f"models:/{name}/{version}"
+    return {
+        "lr": float(params["lr"]),
+        "momentum": float(params["momentum"]),
+        "batch_size": int(float(params["batch_size"])),
+    }, f"models:/{name}/{version}"

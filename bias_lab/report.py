@@ -28,9 +28,30 @@ from bias_lab.data import atomic_write
 from bias_lab.errors import UserError, check
 
 ENTRY_POINTS = ("train", "tune", "bias_eval", "bias_sweep")
-KEY_PARAMS = ("data_source", "data_digest", "model", "image_size", "epochs", "batch_size", "lr", "momentum", "seed",
-              "best_lr", "best_momentum", "best_batch_size", "hparams", "hparams_source",
-              "classes", "p0", "p1", "sigma", "mitigation", "seeds", "n_trials", "pruner")
+KEY_PARAMS = (
+    "data_source",
+    "data_digest",
+    "model",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "seed",
+    "best_lr",
+    "best_momentum",
+    "best_batch_size",
+    "hparams",
+    "hparams_source",
+    "classes",
+    "p0",
+    "p1",
+    "sigma",
+    "mitigation",
+    "seeds",
+    "n_trials",
+    "pruner",
+)
 TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "sweep.md", "model_summary.md")
 MAX_TABLE_ROWS = 40  # the trials table of a long study is cut here; the CSV artifact has it all
 STEP_ONLY = ("scheduled_lr", "best_val_accuracy_so_far")  # curves: their last value alone means little
@@ -51,11 +72,19 @@ def trials_table(df: pd.DataFrame) -> str:
     rows = []
     for _, t in df.head(MAX_TABLE_ROWS).iterrows():
         seconds = pd.to_timedelta(t["duration"]).total_seconds() if pd.notna(t.get("duration")) else math.nan
-        rows.append([int(t["number"]), str(t["state"]).lower(),
-                     md.fmt(float(t[acc]), pct=True) if pd.notna(t.get(acc)) else "n/a",
-                     int(t[ep]) if pd.notna(t.get(ep)) else "n/a",
-                     f"{seconds:.1f}" if math.isfinite(seconds) else "n/a", *(t[c] for c in params)])
-    return md.table(["trial", "state", "best val accuracy", "epochs", "seconds", *(c.removeprefix("params_") for c in params)], rows)
+        rows.append(
+            [
+                int(t["number"]),
+                str(t["state"]).lower(),
+                md.fmt(float(t[acc]), pct=True) if pd.notna(t.get(acc)) else "n/a",
+                int(t[ep]) if pd.notna(t.get(ep)) else "n/a",
+                f"{seconds:.1f}" if math.isfinite(seconds) else "n/a",
+                *(t[c] for c in params),
+            ]
+        )
+    return md.table(
+        ["trial", "state", "best val accuracy", "epochs", "seconds", *(c.removeprefix("params_") for c in params)], rows
+    )
 
 
 def select_runs(client: MlflowClient, cfg: ReportConfig) -> list[Run]:
@@ -67,21 +96,31 @@ def select_runs(client: MlflowClient, cfg: ReportConfig) -> list[Run]:
             try:
                 runs.append(client.get_run(rid))
             except Exception as e:
-                raise UserError(f"run '{rid}' is not in the tracking store {mlflow.get_tracking_uri()}: check the id in the MLflow UI") from e
+                raise UserError(
+                    f"run '{rid}' is not in the tracking store {mlflow.get_tracking_uri()}: check the id in the MLflow UI"
+                ) from e
         return runs
     named = cfg.experiment.strip()
     name = named or tracking.DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
-    check(exp is not None or not named,
-          f"experiment '{name}' is not in {mlflow.get_tracking_uri()}: run train/tune/bias_eval first, or pass --experiment")
+    check(
+        exp is not None or not named,
+        f"experiment '{name}' is not in {mlflow.get_tracking_uri()}: run train/tune/bias_eval first, or pass --experiment",
+    )
     runs = _latest(client, [exp.experiment_id] if exp else [])
     if not runs and not named:  # the default: look wherever the runs are
         runs = _latest(client, [e.experiment_id for e in client.search_experiments()])
         if runs:
             where = sorted({client.get_experiment(r.info.experiment_id).name for r in runs})
-            print(f"report: no runs in experiment '{name}'; reading the latest runs of {', '.join(map(repr, where))}", file=sys.stderr)
-    check(bool(runs), f"no finished train/tune/bias_eval run in {'experiment ' + repr(name) if named else mlflow.get_tracking_uri()}: "
-                      "run one first")
+            print(
+                f"report: no runs in experiment '{name}'; reading the latest runs of {', '.join(map(repr, where))}",
+                file=sys.stderr,
+            )
+    check(
+        bool(runs),
+        f"no finished train/tune/bias_eval run in {'experiment ' + repr(name) if named else mlflow.get_tracking_uri()}: "
+        "run one first",
+    )
     return runs
 
 
@@ -89,8 +128,12 @@ def _latest(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
     """The latest finished top-level run of each entry point in these experiments."""
     runs = []
     for ep in ENTRY_POINTS if experiment_ids else ():
-        found = client.search_runs(experiment_ids, f"tags.entry_point = '{ep}' and attributes.status = 'FINISHED'",
-                                   order_by=["attributes.start_time DESC"], max_results=50)
+        found = client.search_runs(
+            experiment_ids,
+            f"tags.entry_point = '{ep}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
         runs += [r for r in found if "mlflow.parentRunId" not in r.data.tags][:1]
     return runs
 
@@ -132,7 +175,9 @@ def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section
     for f in sorted(p for p in files if p.startswith("figures/") and p.endswith(".json")):
         sec.figures.append((Path(f).stem.replace("_", " "), _load_text(rid, f)))
     sections = [sec]
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'", order_by=["attributes.start_time ASC"])
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'", order_by=["attributes.start_time ASC"]
+    )
     trials = [c for c in children if c.data.tags.get("role") == "trial"]
     for child in children:
         if child.data.tags.get("role") != "trial" and depth < 2:
@@ -158,9 +203,13 @@ def _md_block(text: str) -> str:
     if len(lines) >= 2 and lines[0].startswith("|") and set(lines[1].replace("|", "").strip()) <= set("-: "):
         row = lambda l: [html.escape(c).replace("**", "") for c in md.split_row(l)]  # noqa: E731
         head = "".join(f"<th>{c}</th>" for c in row(lines[0]))
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row(l)) + "</tr>" for l in lines[2:] if l.startswith("|"))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in row(l)) + "</tr>" for l in lines[2:] if l.startswith("|")
+        )
         rest = [l for l in lines[2:] if not l.startswith("|")]
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" + (_md_block("\n".join(rest)) if rest else "")
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" + (
+            _md_block("\n".join(rest)) if rest else ""
+        )
     out = []
     for para in text.strip().split("\n\n"):
         p = para.strip()
@@ -171,18 +220,25 @@ def _md_block(text: str) -> str:
         elif p:
             items = p.splitlines()
             if all(i.lstrip().startswith(("- ", "* ")) for i in items):
-                out.append("<ul>" + "".join(f"<li>{html.escape(i.lstrip()[2:]).replace('**', '')}</li>" for i in items) + "</ul>")
+                out.append(
+                    "<ul>"
+                    + "".join(f"<li>{html.escape(i.lstrip()[2:]).replace('**', '')}</li>" for i in items)
+                    + "</ul>"
+                )
             else:
                 out.append(f"<p>{html.escape(p).replace('**', '')}</p>")
     return "\n".join(out)
 
 
 def render_html(sections: list[Section]) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>bias_lab report</title><style>",
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}",
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}",
-             "h2{border-bottom:2px solid #333;margin-top:2em}</style></head><body>",
-             "<h1>bias_lab report</h1>", f"<p>Generated from <code>{html.escape(mlflow.get_tracking_uri())}</code>.</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>bias_lab report</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}",
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}",
+        "h2{border-bottom:2px solid #333;margin-top:2em}</style></head><body>",
+        "<h1>bias_lab report</h1>",
+        f"<p>Generated from <code>{html.escape(mlflow.get_tracking_uri())}</code>.</p>",
+    ]
     first = True
     for s in sections:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")

@@ -35,7 +35,7 @@ def default_storage_path() -> Path:
     """optuna.journal next to the MLflow sqlite db / file store; the cwd when tracking is remote."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / JOURNAL_FILE
+        return Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / JOURNAL_FILE
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path or uri).expanduser().resolve().parent / JOURNAL_FILE
@@ -61,21 +61,36 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
     """(storage, description). A URL with '://' is an RDB (heartbeat on), anything else a journal file path."""
     if "://" in spec:
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        key = "heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
+        retry = (
+            getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            or optuna.storages.RetryFailedTrialCallback
+        )
+        key = (
+            "heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
+        )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 on_stale = _StaleTrialCallback(retry(max_retry=1))
                 callback: dict[str, Any] = {key: on_stale}  # the keyword's name depends on the Optuna version
-                rdb = optuna.storages.RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                                 engine_kwargs=_engine_kwargs(spec), **callback)
+                rdb = optuna.storages.RDBStorage(
+                    spec,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    engine_kwargs=_engine_kwargs(spec),
+                    **callback,
+                )
         except Exception as e:  # no driver, refused connection, bad URL, unwritable sqlite file
-            raise UserError(f"cannot open the Optuna storage {_redact(spec)} ({first_line(e)}): start the database, "
-                            "install its driver (pip install -e '.[postgres]'), or fix --storage") from e
+            raise UserError(
+                f"cannot open the Optuna storage {_redact(spec)} ({first_line(e)}): start the database, "
+                "install its driver (pip install -e '.[postgres]'), or fix --storage"
+            ) from e
         return rdb, _redact(spec)
     path = Path(spec).expanduser() if spec else default_storage_path()
-    check(path.parent.is_dir(), f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage")
+    check(
+        path.parent.is_dir(),
+        f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage",
+    )
     try:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -84,10 +99,14 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
         journal.get_all_studies()  # replays the file now: a bad journal fails here, not in the middle of the command
         return journal, str(path.resolve())
     except OSError as e:
-        raise UserError(f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path") from e
+        raise UserError(
+            f"cannot open the Optuna journal {path} ({first_line(e)}): pass a writable --storage path"
+        ) from e
     except Exception as e:  # replaying a file that is no Optuna journal: JSON, Unicode, key, type, assertion errors
-        raise UserError(f"{path} is not an Optuna journal ({type(e).__name__}: {first_line(e)}): pass another --storage "
-                        "path, or move the file away to start a new study") from e
+        raise UserError(
+            f"{path} is not an Optuna journal ({type(e).__name__}: {first_line(e)}): pass another --storage "
+            "path, or move the file away to start a new study"
+        ) from e
 
 
 def _check_journal(path: Path) -> None:
@@ -139,7 +158,10 @@ def recover(study: optuna.Study, study_name: str) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # RDB heartbeat (any machine); a no-op for the journal
-        retry = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
+        retry = (
+            getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            or optuna.storages.RetryFailedTrialCallback
+        )(max_retry=1)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not worker_dead(t.user_attrs.get("worker", "")):
@@ -156,7 +178,9 @@ def recover(study: optuna.Study, study_name: str) -> list[int]:
     client = MlflowClient()
     with contextlib.suppress(MlflowException):
         exps = [e.experiment_id for e in client.search_experiments()]
-        running = client.search_runs(exps, f"tags.optuna_study = '{study_name}' and attributes.status = 'RUNNING'", max_results=1000)
+        running = client.search_runs(
+            exps, f"tags.optuna_study = '{study_name}' and attributes.status = 'RUNNING'", max_results=1000
+        )
         dead = [r.info.run_id for r in running if worker_dead(r.data.tags.get("worker", ""))]
         _end_runs_of(client, dead, "its tune worker died (killed) before ending it; found by the next tune")
     for n in failed:

@@ -49,13 +49,17 @@ def install_signal_handlers() -> None:
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at its store (MLFLOW_TRACKING_URI, else ./mlflow.db) and check it answers; returns the URI."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):  # a refused server fails in seconds, not after MLflow's ~4 min of retries
+    if uri.startswith(
+        ("http://", "https://")
+    ):  # a refused server fails in seconds, not after MLflow's ~4 min of retries
         import requests
 
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=5)
         except requests.RequestException as e:
-            raise UserError(f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI") from e
+            raise UserError(
+                f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI"
+            ) from e
     for attempt in range(3):
         try:
             with _first_use_lock(uri):
@@ -65,7 +69,9 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
             if attempt < 2 and _creation_race(e):
                 time.sleep(1.0 + attempt)  # another process was creating the tables: the next try finds them made
                 continue
-            raise UserError(f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI") from e
+            raise UserError(
+                f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI"
+            ) from e
     raise AssertionError("unreachable")
 
 
@@ -77,7 +83,10 @@ def set_description(markdown: str, full: str) -> None:
     limit = MAX_TAG_VAL_LENGTH - 120
     if len(markdown) > limit:
         cut = markdown.rfind("\n", 0, limit)
-        markdown = markdown[:cut if cut > 0 else limit] + f"\n\n(cut here: a run description holds 8,000 characters; all of it is in `{full}`)"
+        markdown = (
+            markdown[: cut if cut > 0 else limit]
+            + f"\n\n(cut here: a run description holds 8,000 characters; all of it is in `{full}`)"
+        )
     mlflow.set_tag("mlflow.note.content", markdown)
 
 
@@ -89,7 +98,11 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 def _open(experiment: str) -> None:
     client = MlflowClient()
     client.search_experiments(max_results=1)  # creates and migrates the tables of a new database store
-    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+    if not (
+        os.environ.get("MLFLOW_EXPERIMENT_ID")
+        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        or os.environ.get("MLFLOW_RUN_ID")
+    ):
         # create first: when K workers start together, mlflow.set_experiment's loser of the create race returns
         # without activating the experiment and its runs land in Default (mlflow/tracking/fluent.py)
         if client.get_experiment_by_name(experiment) is None:
@@ -129,8 +142,15 @@ def active_run_id() -> str:
 
 
 @contextlib.contextmanager
-def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None, run_id: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+def run(
+    name: str | None = None,
+    *,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
     """mlflow.start_run that always ends the run: FINISHED, FAILED (error logged) or KILLED.
 
     `run_id` re-opens an existing run (resuming an interrupted `train`); MLFLOW_RUN_ID (set by `mlflow run`)
@@ -140,8 +160,9 @@ def run(name: str | None = None, *, nested: bool = False, tags: dict[str, str] |
     if run_id and not nested and not os.environ.get("MLFLOW_RUN_ID"):
         active = mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system_metrics)
     else:
-        active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id,
-                                  log_system_metrics=system_metrics)
+        active = mlflow.start_run(
+            run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id, log_system_metrics=system_metrics
+        )
     try:
         yield active
         _write_figures(active.info.run_id)  # in the try: a failure to write them ends the run FAILED, not RUNNING
@@ -197,13 +218,17 @@ def log_dataset(ids: list[str], labels: list[str], splits: list[str], source: st
     df = pd.DataFrame({"id": ids, "label": labels, "split": splits})
     for context in ("train", "val", "test"):
         part = df[df.split == context].reset_index(drop=True)
-        ds = from_pandas(part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36])
+        ds = from_pandas(
+            part, source=source, targets="label", name=f"{name}-{context}", digest=f"{digest}-{context}"[:36]
+        )
         for attempt in range(3):
             try:
                 mlflow.log_input(ds, context=context)
                 break
             except MlflowException as e:  # a parallel worker inserted the same dataset row a moment ago (sqlite
-                if "unique constraint" not in str(e).lower() or attempt == 2:  # says UNIQUE constraint): the retry finds it
+                if (
+                    "unique constraint" not in str(e).lower() or attempt == 2
+                ):  # says UNIQUE constraint): the retry finds it
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
@@ -230,11 +255,17 @@ def _write_figures(run_id: str) -> None:
     figs = _figures.pop(run_id, {})
     if not figs:
         return
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>figures</title>",
-             "<style>body{font-family:system-ui,sans-serif;margin:0 12px}h2{font-size:15px;margin:18px 0 0}</style></head><body>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>figures</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:0 12px}h2{font-size:15px;margin:18px 0 0}</style></head><body>",
+    ]
     for i, (n, f) in enumerate(figs.items()):
-        parts += [f"<h2>{n.replace('_', ' ')}</h2>",
-                  pio.to_html(f, include_plotlyjs=i == 0, full_html=False, default_width="100%", config={"displaylogo": False})]
+        parts += [
+            f"<h2>{n.replace('_', ' ')}</h2>",
+            pio.to_html(
+                f, include_plotlyjs=i == 0, full_html=False, default_width="100%", config={"displaylogo": False}
+            ),
+        ]
     MlflowClient().log_text(run_id, "\n".join([*parts, "</body></html>"]), FIGURES_FILE)
 
 
@@ -251,7 +282,9 @@ def ui_hint(run: Any) -> str:
     if uri.startswith(("http://", "https://")):
         where = f"{uri.rstrip('/')}/{page}"
     else:
-        here = uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # `mlflow ui`'s own default
+        here = (
+            uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        )  # `mlflow ui`'s own default
         store = "" if here else f" --backend-store-uri {uri}"
         where = f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
     hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {where}"
@@ -279,7 +312,11 @@ def log_model(model: nn.Module, meta: ModelMeta, name: str = "model") -> Any:
             input_example=example,
             metadata={"bias_lab": meta.to_dict()},
             extra_files=[str(weights), str(meta_path)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                "torchvision",
+                f"mlflow=={mlflow.__version__}",
+            ],
         )
 
 
@@ -288,28 +325,38 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except (MlflowException, OSError) as e:
-        raise UserError(f"cannot load model '{model_uri}' ({first_line(e)}): check the name/alias/version in the MLflow UI, or run tune first") from e
+        raise UserError(
+            f"cannot load model '{model_uri}' ({first_line(e)}): check the name/alias/version in the MLflow UI, or run tune first"
+        ) from e
     metas = list(local.rglob(META_FILE))
     weights = list(local.rglob(WEIGHTS_FILE))
     if not metas or not weights:
-        raise UserError(f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune")
+        raise UserError(
+            f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune"
+        )
     redo = "pass another model/version, or train/tune again to log a fresh one"
     try:  # a truncated upload or a hand-edited file: name it instead of a JSONDecodeError/KeyError traceback
         try:
             meta = ModelMeta.from_dict(json.loads(metas[0].read_text(encoding="utf-8")))
         except KeyError as e:
-            raise UserError(f"the {META_FILE} of '{model_uri}' lacks {e.args[0]}: it is not a bias_lab model "
-                            f"this version can read; {redo}") from None
+            raise UserError(
+                f"the {META_FILE} of '{model_uri}' lacks {e.args[0]}: it is not a bias_lab model "
+                f"this version can read; {redo}"
+            ) from None
         model = build(meta.arch, meta.in_channels, len(meta.classes), meta.image_size)
     except (OSError, ValueError, TypeError) as e:  # broken JSON, not UTF-8, a value of the wrong type
-        raise UserError(f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "
-                        f"model; {redo}") from e
+        raise UserError(
+            f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "
+            f"model; {redo}"
+        ) from e
     try:
         state = torch.load(weights[0], map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         # Never show torch's own message: for a file weights_only refuses it advises loading it with
         # weights_only=False, which would run whatever code the file holds. Our words, and no chained traceback.
-        raise UserError(f"the weights of '{model_uri}' ({WEIGHTS_FILE}, {type(e).__name__}) are corrupt or not a "
-                        f"bias_lab {meta.arch} state_dict: {redo}") from None
+        raise UserError(
+            f"the weights of '{model_uri}' ({WEIGHTS_FILE}, {type(e).__name__}) are corrupt or not a "
+            f"bias_lab {meta.arch} state_dict: {redo}"
+        ) from None
     return model.to(device).eval(), meta

@@ -25,15 +25,19 @@ from bias_lab.loop import device_info, resolve_device, seed_everything, validate
 from bias_lab.workers import WORKER, worker_dead
 
 
-def checkpoint_path(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str,
-                    device_type: str | None = None) -> Path:
+def checkpoint_path(
+    data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, digest: str, device_type: str | None = None
+) -> Path:
     """Where `train` checkpoints: one file per configuration and kind of device (`device_type`, default: what
     train_cfg.device resolves to), so `resume=true` with the same command finds it. device=auto and device=cuda on
     a GPU share one, as do runs differing only in threads; a CPU and a GPU run do not: a checkpoint's random
     streams (and bf16 vs fp32 numbers) belong to one kind of device. CPU keys are those of older versions."""
     device_type = device_type or resolve_device(train_cfg.device).type
-    key = {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items()
-           if k not in (*TRAIN_ONLY, "device", "threads", "cache_dir")}
+    key = {
+        k: v
+        for k, v in flat(data_cfg, train_cfg, bias_cfg).items()
+        if k not in (*TRAIN_ONLY, "device", "threads", "cache_dir")
+    }
     if device_type != "cpu":
         key["device_type"] = device_type
     h = hashlib.sha256(json.dumps({**key, "digest": digest}, sort_keys=True).encode()).hexdigest()[:16]
@@ -58,7 +62,9 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
         return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
 
 
-def _train_tracked(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path) -> dict[str, float]:
+def _train_tracked(
+    prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path
+) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
     owner = _read_owner(run_file)
     status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
@@ -66,8 +72,10 @@ def _train_tracked(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: Tra
     previous = owner.get("run_id") if status is not None else None
     if previous and train_cfg.resume and status == "FINISHED":
         # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
-        warnings.warn(f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
-                      "(the finished run is left as it is)")
+        warnings.warn(
+            f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
+            "(the finished run is left as it is)"
+        )
         previous = None
         train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
     if previous and not (train_cfg.resume and ck.exists()):
@@ -75,8 +83,10 @@ def _train_tracked(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: Tra
             _end_orphan(previous)
         previous = None
     if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
-        warnings.warn("resume=true but there is no unfinished run of this configuration to continue (a finished run "
-                      "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run")
+        warnings.warn(
+            "resume=true but there is no unfinished run of this configuration to continue (a finished run "
+            "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run"
+        )
     with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
         # an unwritable folder (warned once): the checkpoint would fail too, so train without one
         checkpoint = ck if _write_owner(run_file, active.info.run_id) else None
@@ -117,8 +127,10 @@ def _write_owner(run_file: Path, run_id: str) -> bool:
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(owner))
     except OSError as e:
-        warnings.warn(f"cannot write the checkpoint files in {run_file.parent} ({e.strerror or e}): training goes on "
-                      "without checkpoints, so it cannot be resumed; point cache_dir at a writable folder")
+        warnings.warn(
+            f"cannot write the checkpoint files in {run_file.parent} ({e.strerror or e}): training goes on "
+            "without checkpoints, so it cannot be resumed; point cache_dir at a writable folder"
+        )
         return False
     return True
 
@@ -137,9 +149,11 @@ def _refuse_live_owner(owner: dict[str, Any], status: str | None, run_file: Path
     separate checkpoint could not be found by `resume=true`, and the two runs would train the same thing."""
     if status == "RUNNING" and _alive(owner):
         host, pid = owner["worker"].rsplit(":", 2)[:2]
-        raise UserError(f"another train of this configuration is running (pid {pid} on {host}, "
-                        f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
-                        f"a bias-lab train, delete {run_file}")
+        raise UserError(
+            f"another train of this configuration is running (pid {pid} on {host}, "
+            f"run {owner['run_id']}): wait for it, or change a setting (e.g. seed); if that process is not "
+            f"a bias-lab train, delete {run_file}"
+        )
 
 
 def _status(run_id: str | None) -> str | None:
@@ -170,8 +184,10 @@ def _finished(ck: Path, run_file: Path, run_id: str, keep: bool) -> None:
                 if f.exists():
                     f.unlink()
     except OSError as e:
-        warnings.warn(f"cannot {'update' if keep else 'delete'} the checkpoint files {ck.with_suffix('.*')} "
-                      f"({e.strerror or e}): delete them by hand")
+        warnings.warn(
+            f"cannot {'update' if keep else 'delete'} the checkpoint files {ck.with_suffix('.*')} "
+            f"({e.strerror or e}): delete them by hand"
+        )
 
 
 _SHOWN = ("best_val_accuracy", "test_accuracy", "test_di", "decorrelated_test_di", "train_time_s", "images_per_s")

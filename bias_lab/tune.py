@@ -36,9 +36,9 @@ from bias_lab import markdown as md
 from bias_lab import pipeline, registry, studies, tracking
 from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import check, first_line
+from bias_lab.loop import validate as validate_train
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
-from bias_lab.loop import validate as validate_train
 from bias_lab.workers import WORKER
 
 SEARCHED = ("lr", "momentum", "batch_size")
@@ -55,8 +55,10 @@ def batch_sizes(tune_cfg: TuneConfig) -> list[int]:
         sizes = [int(s) for s in str(tune_cfg.batch_sizes).split(",") if s.strip()]
     except ValueError:
         sizes = []
-    check(bool(sizes) and all(s > 0 for s in sizes),
-          f"batch_sizes='{tune_cfg.batch_sizes}': give positive integers separated by commas, e.g. 32,64,128")
+    check(
+        bool(sizes) and all(s > 0 for s in sizes),
+        f"batch_sizes='{tune_cfg.batch_sizes}': give positive integers separated by commas, e.g. 32,64,128",
+    )
     return sorted(set(sizes))
 
 
@@ -65,9 +67,14 @@ def validate(tune_cfg: TuneConfig) -> None:
     check(t.n_trials >= 1, f"n_trials={t.n_trials}: use at least 1")
     check(t.timeout >= 0, f"timeout={t.timeout}: use seconds >= 0 (0 = no limit)")  # NaN fails this too
     check(t.pruner in PRUNERS, f"pruner={t.pruner}: choose one of {', '.join(PRUNERS)}")
-    check(0 < t.lr_min <= t.lr_max < math.inf, f"lr range [{t.lr_min}, {t.lr_max}]: use finite 0 < lr_min <= lr_max, e.g. 1e-4 and 1")
-    check(0 <= t.momentum_min <= t.momentum_max < 1,
-          f"momentum range [{t.momentum_min}, {t.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1")
+    check(
+        0 < t.lr_min <= t.lr_max < math.inf,
+        f"lr range [{t.lr_min}, {t.lr_max}]: use finite 0 < lr_min <= lr_max, e.g. 1e-4 and 1",
+    )
+    check(
+        0 <= t.momentum_min <= t.momentum_max < 1,
+        f"momentum range [{t.momentum_min}, {t.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1",
+    )
     check(bool(t.registered_model.strip()), "registered_model is empty: give a Model Registry name, e.g. bias-lab")
     batch_sizes(t)
 
@@ -161,7 +168,11 @@ class Search:
     full: bool = False  # set when another worker filled the study first
 
     def __call__(self, trial: optuna.Trial) -> float:
-        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)) if t.number < trial.number]
+        earlier = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            if t.number < trial.number
+        ]
         if len(earlier) >= self.tune_cfg.n_trials:
             trial.set_user_attr("surplus", True)
             self.full = True
@@ -169,8 +180,14 @@ class Search:
         cfg = suggest(trial, self.train_cfg, self.tune_cfg)
         trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
-        tags = {"entry_point": "tune", "role": "trial", "optuna_study": self.study_name, "optuna_trial": str(trial.number),
-                "worker": WORKER, "state": "running"}
+        tags = {
+            "entry_point": "tune",
+            "role": "trial",
+            "optuna_study": self.study_name,
+            "optuna_trial": str(trial.number),
+            "worker": WORKER,
+            "state": "running",
+        }
         best, lowest_loss, epochs = -math.inf, math.inf, 0
 
         def report(epoch: int, m: dict[str, float]) -> None:
@@ -183,12 +200,16 @@ class Search:
                 lowest_loss = min(lowest_loss, m["val_loss"])
                 trial.report(-lowest_loss, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: lowest val_loss {lowest_loss:.4f} is worse than the pruner's bar")
+                raise optuna.TrialPruned(
+                    f"epoch {epoch}: lowest val_loss {lowest_loss:.4f} is worse than the pruner's bar"
+                )
 
         t0 = time.perf_counter()
         with tracking.run(f"trial-{trial.number}", nested=True, tags=tags) as child:
             trial.set_user_attr("mlflow_run_id", child.info.run_id)
-            tracking.log_params({**flat(cfg, skip=TRAIN_ONLY), "trial_number": trial.number, "data_digest": self.prep.dataset.digest})
+            tracking.log_params(
+                {**flat(cfg, skip=TRAIN_ONLY), "trial_number": trial.number, "data_digest": self.prep.dataset.digest}
+            )
             state, why = "complete", ""
             try:
                 _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
@@ -197,12 +218,20 @@ class Search:
                     state, why = "pruned", f"loss became non-finite at epoch {epochs}: {pipeline.divergence_cause(cfg)}"
             except optuna.TrialPruned as e:
                 state, why = "pruned", str(e)
-                tracking.log_metrics({"train_time_s": time.perf_counter() - t0, "epochs_run": epochs,
-                                      "best_val_accuracy": max(best, 0.0)})
+                tracking.log_metrics(
+                    {
+                        "train_time_s": time.perf_counter() - t0,
+                        "epochs_run": epochs,
+                        "best_val_accuracy": max(best, 0.0),
+                    }
+                )
             except BaseException as e:
                 mlflow.set_tag("state", "failed")
                 trial.set_user_attr("epochs_run", epochs)
-                print(f"trial {trial.number} failed after {epochs} epochs: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+                print(
+                    f"trial {trial.number} failed after {epochs} epochs: {type(e).__name__}: {first_line(e)}",
+                    file=sys.stderr,
+                )
                 raise
             mlflow.set_tag("state", state)
             if why:
@@ -211,14 +240,20 @@ class Search:
             trial.set_user_attr("best_val_accuracy", value)  # a pruned trial's Optuna value is its last report (-loss)
             trial.set_user_attr("epochs_run", epochs)
             trial.set_user_attr("train_time_s", round(time.perf_counter() - t0, 3))
-        done = [float(t.value) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.number != trial.number and t.value is not None]
+        done = [
+            float(t.value)
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.number != trial.number and t.value is not None
+        ]
         so_far = max([*done, *([value] if state == "complete" else [])], default=None)
         if so_far is not None:
             with contextlib.suppress(MlflowException):  # the parent's live view of the search (step = trial number)
                 MlflowClient().log_metric(self.parent_run_id, "best_val_accuracy_so_far", so_far, step=trial.number)
-        print(f"trial {trial.number} {state}: best val_accuracy {value:.4f} after {epochs} epochs, lr={cfg.lr:.3g} "
-              f"momentum={cfg.momentum:.3f} batch_size={cfg.batch_size} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        print(
+            f"trial {trial.number} {state}: best val_accuracy {value:.4f} after {epochs} epochs, lr={cfg.lr:.3g} "
+            f"momentum={cfg.momentum:.3f} batch_size={cfg.batch_size} ({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+        )
         if state == "pruned":
             raise optuna.TrialPruned(why)
         return value
@@ -244,19 +279,30 @@ def fixed_settings(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasC
     return {k: v for k, v in flat(data_cfg, train_cfg, bias_cfg).items() if k not in _NOT_FIXED}
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, tune_cfg: TuneConfig, fixed: dict[str, Any], seed: int) -> optuna.Study:
+def open_study(
+    storage: optuna.storages.BaseStorage, name: str, tune_cfg: TuneConfig, fixed: dict[str, Any], seed: int
+) -> optuna.Study:
     """Create or resume the study; refuse to resume one run with other fixed settings (its values would not compare)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                                    sampler=make_sampler(seed, tune_cfg.n_trials), pruner=make_pruner(tune_cfg.pruner, int(fixed["epochs"])))
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=make_sampler(seed, tune_cfg.n_trials),
+            pruner=make_pruner(tune_cfg.pruner, int(fixed["epochs"])),
+        )
     before = study.user_attrs.get("fixed_settings")
     if before is None:
         study.set_user_attr("fixed_settings", fixed)
     else:
         diff = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in fixed.items() if before.get(k) != v]
-        check(not diff, f"study '{name}' was run with {', '.join(diff[:4])}: use the same settings to resume it, "
-                        "or pass a new --study-name")
+        check(
+            not diff,
+            f"study '{name}' was run with {', '.join(diff[:4])}: use the same settings to resume it, "
+            "or pass a new --study-name",
+        )
     return study
 
 
@@ -319,42 +365,98 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
     return out
 
 
-def final_model(prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
-                tune_cfg: TuneConfig, best: FrozenTrial, study_name: str) -> dict[str, float]:
+def final_model(
+    prep: pipeline.Prepared,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    bias_cfg: BiasConfig,
+    tune_cfg: TuneConfig,
+    best: FrozenTrial,
+    study_name: str,
+) -> dict[str, float]:
     """Retrain the best configuration (train split, best-val epoch kept), test it once, log and register it in a
     child run tagged role=final; record test measures and the champion decision on the parent."""
     cfg = dataclasses.replace(train_cfg, **best.params)
     parent = tracking.active_run_id()
     digest = prep.dataset.digest
-    tags = {"entry_point": "tune", "role": "final", "optuna_study": study_name, "optuna_trial": str(best.number), "worker": WORKER}
+    tags = {
+        "entry_point": "tune",
+        "role": "final",
+        "optuna_study": study_name,
+        "optuna_trial": str(best.number),
+        "worker": WORKER,
+    }
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags, system_metrics=True) as child:
         pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
         net, out = pipeline.train_model(prep, cfg, log_model=False)
-    check(finite_weights(net), f"the retrained best configuration (trial {best.number}) diverged: nothing was "
-                                        f"registered; {pipeline.divergence_cause(cfg)}, or narrow the lr range (lr_max)")
+    check(
+        finite_weights(net),
+        f"the retrained best configuration (trial {best.number}) diverged: nothing was "
+        f"registered; {pipeline.divergence_cause(cfg)}, or narrow the lr range (lr_max)",
+    )
     # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
     info = tracking.log_model(net, prep.meta(cfg))
-    decision = registry.register_champion(info.model_uri, tune_cfg.registered_model, digest, out["best_val_accuracy"], {
-        "model": cfg.model, "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size,
-        "image_size": data_cfg.image_size, "seed": cfg.seed, "optuna_study": study_name,
-        "optuna_trial": best.number, "tune_run_id": parent, "final_run_id": child.info.run_id,
-        "test_accuracy": out.get("test_accuracy", math.nan)})
-    MlflowClient().set_tag(child.info.run_id, "registered_version", f"{tune_cfg.registered_model} v{decision['version']} (model logged on the tune run)")
+    decision = registry.register_champion(
+        info.model_uri,
+        tune_cfg.registered_model,
+        digest,
+        out["best_val_accuracy"],
+        {
+            "model": cfg.model,
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "batch_size": cfg.batch_size,
+            "image_size": data_cfg.image_size,
+            "seed": cfg.seed,
+            "optuna_study": study_name,
+            "optuna_trial": best.number,
+            "tune_run_id": parent,
+            "final_run_id": child.info.run_id,
+            "test_accuracy": out.get("test_accuracy", math.nan),
+        },
+    )
+    MlflowClient().set_tag(
+        child.info.run_id,
+        "registered_version",
+        f"{tune_cfg.registered_model} v{decision['version']} (model logged on the tune run)",
+    )
     tested = {k: v for k, v in out.items() if k.startswith(("test_", "decorrelated_test_"))}
-    tracking.log_metrics({**tested, "final_val_accuracy": out["best_val_accuracy"], "champion_moved": float(decision["moved"]),
-                          **({"champion_previous_val_accuracy": decision["baseline_val_accuracy"]} if decision["baseline_val_accuracy"] is not None else {})})
-    mlflow.set_tags({"final_run_id": child.info.run_id, "registered_model": tune_cfg.registered_model,
-                     "registered_version": decision["version"], "champion_version": str(decision["champion_version"]),
-                     "champion_moved": str(decision["moved"]).lower(), "champion_decision": decision["reason"]})
-    print(f"final model: test_accuracy {out.get('test_accuracy', math.nan):.4f}; registered {tune_cfg.registered_model} "
-          f"v{decision['version']}; champion {'moved' if decision['moved'] else 'kept'}: {decision['reason']}", file=sys.stderr)
+    tracking.log_metrics(
+        {
+            **tested,
+            "final_val_accuracy": out["best_val_accuracy"],
+            "champion_moved": float(decision["moved"]),
+            **(
+                {"champion_previous_val_accuracy": decision["baseline_val_accuracy"]}
+                if decision["baseline_val_accuracy"] is not None
+                else {}
+            ),
+        }
+    )
+    mlflow.set_tags(
+        {
+            "final_run_id": child.info.run_id,
+            "registered_model": tune_cfg.registered_model,
+            "registered_version": decision["version"],
+            "champion_version": str(decision["champion_version"]),
+            "champion_moved": str(decision["moved"]).lower(),
+            "champion_decision": decision["reason"],
+        }
+    )
+    print(
+        f"final model: test_accuracy {out.get('test_accuracy', math.nan):.4f}; registered {tune_cfg.registered_model} "
+        f"v{decision['version']}; champion {'moved' if decision['moved'] else 'kept'}: {decision['reason']}",
+        file=sys.stderr,
+    )
     return {**tested, "final_val_accuracy": out["best_val_accuracy"], "champion_moved": float(decision["moved"])}
 
 
 # ----------------------------------------------------------------------------------------------- the command
 
 
-def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, tune_cfg: TuneConfig) -> dict[str, float]:
+def run_tune(
+    data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, tune_cfg: TuneConfig
+) -> dict[str, float]:
     """The `tune` command; returns the parent run's metrics (best_val_accuracy, counts, test_accuracy...)."""
     t_start = time.perf_counter()
     _quiet_optuna()
@@ -369,11 +471,19 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags, system_metrics=True) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
-        pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg, dataclasses.replace(tune_cfg, storage=storage_desc),
-                           skip=NOT_USED_BY["tune"])
+        pipeline.log_setup(
+            prep,
+            data_cfg,
+            train_cfg,
+            bias_cfg,
+            dataclasses.replace(tune_cfg, storage=storage_desc),
+            skip=NOT_USED_BY["tune"],
+        )
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
-        print(f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
-              file=sys.stderr)
+        print(
+            f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
+            file=sys.stderr,
+        )
         search = Search(prep, train_cfg, tune_cfg, name, parent.info.run_id)
         t_search = time.perf_counter()
         try:
@@ -388,14 +498,21 @@ def run_tune(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig,
         if complete and tune_cfg.final_model:
             out.update(final_model(prep, data_cfg, train_cfg, bias_cfg, tune_cfg, study.best_trial, name))
         elif not complete:
-            print("no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr)
+            print(
+                "no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr
+            )
         out["total_tuning_time_s"] = time.perf_counter() - t_start
         tracking.log_metrics({"total_tuning_time_s": out["total_tuning_time_s"]})
-        tracking.set_description(describe(study, name, out, MlflowClient().get_run(parent.info.run_id).data.tags), "trials.csv")
+        tracking.set_description(
+            describe(study, name, out, MlflowClient().get_run(parent.info.run_id).data.tags), "trials.csv"
+        )
         if complete:
-            print(f"best val_accuracy {out['best_val_accuracy']:.4f} (trial {int(out['best_trial_number'])}: "
-                  f"{_hparams(study.best_params)}), {int(out['n_trials_complete'])} complete, "
-                  f"{int(out['n_trials_pruned'])} pruned, {out['total_tuning_time_s']:.0f} s", file=sys.stderr)
+            print(
+                f"best val_accuracy {out['best_val_accuracy']:.4f} (trial {int(out['best_trial_number'])}: "
+                f"{_hparams(study.best_params)}), {int(out['n_trials_complete'])} complete, "
+                f"{int(out['n_trials_pruned'])} pruned, {out['total_tuning_time_s']:.0f} s",
+                file=sys.stderr,
+            )
         print(tracking.ui_hint(parent), file=sys.stderr)
     return out
 
@@ -407,17 +524,35 @@ def _hparams(params: dict[str, Any]) -> str:
 def describe(study: optuna.Study, name: str, out: dict[str, float], tags: dict[str, str]) -> str:
     """The tune run's Description in the MLflow UI (markdown): the best configuration, the registered model,
     the trial counts and where the figures are."""
-    lines = [f"**Optuna study** `{name}`: {int(out['n_trials_complete'])} complete, {int(out['n_trials_pruned'])} pruned, "
-             f"{int(out['n_trials_failed'])} failed trials (nested runs below), objective: best val accuracy.", ""]
+    lines = [
+        f"**Optuna study** `{name}`: {int(out['n_trials_complete'])} complete, {int(out['n_trials_pruned'])} pruned, "
+        f"{int(out['n_trials_failed'])} failed trials (nested runs below), objective: best val accuracy.",
+        "",
+    ]
     if "best_trial_number" not in out:
         return "\n".join([*lines, "No trial completed: nothing was registered. Re-run the same command to add trials."])
     best = study.best_trial
-    lines += [md.table(["", "lr", "momentum", "batch size", "val accuracy", "test accuracy"], [
-        [f"best trial {best.number}", best.params["lr"], best.params["momentum"], best.params["batch_size"],
-         fmt(out["best_val_accuracy"], True), fmt(out.get("test_accuracy", math.nan), True)]]), ""]
+    lines += [
+        md.table(
+            ["", "lr", "momentum", "batch size", "val accuracy", "test accuracy"],
+            [
+                [
+                    f"best trial {best.number}",
+                    best.params["lr"],
+                    best.params["momentum"],
+                    best.params["batch_size"],
+                    fmt(out["best_val_accuracy"], True),
+                    fmt(out.get("test_accuracy", math.nan), True),
+                ]
+            ],
+        ),
+        "",
+    ]
     if "registered_version" in tags:
-        lines.append(f"Retrained once and tested: registered as **{tags['registered_model']} v{tags['registered_version']}** "
-                     f"(logged on this run); champion {'moved to it' if tags.get('champion_moved') == 'true' else 'kept'}: "
-                     f"{tags.get('champion_decision', '')}.")
+        lines.append(
+            f"Retrained once and tested: registered as **{tags['registered_model']} v{tags['registered_version']}** "
+            f"(logged on this run); champion {'moved to it' if tags.get('champion_moved') == 'true' else 'kept'}: "
+            f"{tags.get('champion_decision', '')}."
+        )
     lines.append("Figures (optimisation history, parallel coordinates, importances...): Artifacts → `figures.html`.")
     return "\n".join(lines)

@@ -35,8 +35,8 @@ def kaggle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def easy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Kaggle-layout set any CNN learns in an epoch or two (so a wrong metric shows): four brightness levels of
     noisy squares, labels 1..4, 60 images each."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("easy")
     rng = np.random.default_rng(0)
@@ -77,7 +77,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # else it leaks from the last test's store
+    monkeypatch.setattr(
+        mlflow.tracking.fluent, "_active_experiment_id", None
+    )  # else it leaks from the last test's store
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
@@ -96,8 +98,13 @@ def invoke(*args: str) -> tuple[int, str]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `bias-lab ARGS` in a subprocess (exit codes, signals, tracebacks as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "bias_lab.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bias_lab.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def all_runs(client: mlflow.MlflowClient) -> list:

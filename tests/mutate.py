@@ -46,97 +46,184 @@ class Mutant:
 
 
 MUTANTS: tuple[Mutant, ...] = (
-    Mutant("report_plotly_cdn", "bias_lab/report.py",
-           "include_plotlyjs=first", 'include_plotlyjs="cdn" if first else False',
-           ("tests/test_report.py::test_report_from_tracked_runs", "tests/test_bias_e2e.py::test_report_embeds_plotly_once_and_loads_nothing"),
-           "the report loads plotly.js from a CDN: blank offline"),
-    Mutant("figures_plotly_cdn", "bias_lab/tracking.py",
-           "include_plotlyjs=i == 0", 'include_plotlyjs="cdn" if i == 0 else False',
-           ("tests/test_core.py::test_train_run_logs_everything",),
-           "a run's figures.html loads plotly.js from a CDN"),
-    Mutant("decorrelated_test_not_half", "bias_lab/pipeline.py",
-           "biasmod.draw(ds.labels, 0.5, 0.5,", "biasmod.draw(ds.labels, 0.25, 0.75,",
-           ("tests/test_claims.py::test_the_decorrelated_test_draws_s_at_one_half_in_each_class",),
-           "the decorrelated test drawn at p0=0.25, p1=0.75 (S still depends on y)"),
-    Mutant("bootstrap_90_as_95", "bias_lab/metrics.py",
-           "a = (1 - level) / 2", "a = (1 - 0.90) / 2",
-           ("tests/test_claims.py::test_the_di_bootstrap_interval_covers_the_truth_95_percent_of_the_time",),
-           "a 90% bootstrap interval reported as 95%"),
-    Mutant("submission_unsorted", "bias_lab/kaggle_submit.py",
-           "[(i, pred[i]) for i in sorted(pred, key=natural_key)]", "[(i, pred[i]) for i in pred]",
-           ("tests/test_submit.py::test_without_sample_submission_rows_are_sorted_by_id_naturally",),
-           "the CSV without sample_submission.csv in file order, not sorted by id"),
-    Mutant("median_pruner_prunes_nothing", "bias_lab/tune.py",
-           "return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)", "return optuna.pruners.NopPruner()",
-           ("tests/test_tune.py::test_the_default_pruner_prunes_a_clearly_worse_trial",),
-           "pruner=median builds a pruner that prunes nothing"),
-    Mutant("test_predictions_argmin", "bias_lab/pipeline.py",
-           "pred = logits.argmax(1).numpy()", "pred = logits.argmin(1).numpy()",
-           ("tests/test_claims.py::test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split",),
-           "test predictions from argmin instead of argmax"),
-    Mutant("di_inverted", "bias_lab/metrics.py",
-           '"di": ratio(r0, r1),', '"di": ratio(r1, r0),',
-           ("tests/test_bias.py::test_di_matches_aif360_and_fairlearn",),
-           "the logged DI is P(y^=1|S=1)/P(y^=1|S=0), the inverse of AIF360's"),
-    Mutant("wilson_90", "bias_lab/metrics.py",
-           "def wilson(k: int, n: int, z: float = Z95)", "def wilson(k: int, n: int, z: float = 1.644854)",
-           ("tests/test_claims.py::test_wilson_interval_covers_95_percent",),
-           "the accuracy CI is a 90% Wilson interval labelled 95%"),
-    Mutant("champion_on_worse", "bias_lab/registry.py",
-           "val_accuracy > base_acc:", "val_accuracy < base_acc:",
-           ("tests/test_tune.py::test_champion_moves_only_on_improvement",),
-           "the champion alias moves to a worse model and stays on a better one"),
-    Mutant("val_leaks_into_train", "bias_lab/pipeline.py",
-           "train=_part(ds, split.train, ch_train, eps),",
-           "train=_part(ds, np.concatenate([split.train, split.val]), ch_train, eps),",
-           ("tests/test_bias_e2e.py::test_prepared_train_val_and_test_share_no_image",),
-           "the val split is also trained on: best-epoch selection and tuning read training data"),
-    Mutant("split_val_leaks_into_train", "bias_lab/data.py",
-           'parts["train"].append(idx[n_test + n_val :])', 'parts["train"].append(idx[n_test:])',
-           ("tests/test_data.py::test_split_is_stratified_disjoint_covering_and_seeded",),
-           "stratified_split puts the val images in train too"),
-    Mutant("eps_p0_p1_swapped", "bias_lab/bias.py",
-           "p = torch.where(labels.cpu() == 1, p1, p0).double()", "p = torch.where(labels.cpu() == 1, p0, p1).double()",
-           ("tests/test_claims.py::test_the_decorrelated_test_draws_s_at_one_half_in_each_class",),
-           "S ~ Bernoulli(p_y) with p0 and p1 swapped"),
-    Mutant("label_smoothing_ignored", "bias_lab/loop.py",
-           "label_smoothing=smoothing)", "label_smoothing=0.0)",
-           ("tests/test_bias_e2e.py::test_label_smoothing_changes_the_training_loss",),
-           "--label-smoothing is accepted and logged but not used"),
-    Mutant("model_1_decorrelated_sees_the_bias", "bias_lab/bias_eval.py",
-           "train_p=(p, p), ds=ds)", "train_p=(p0, p1), ds=ds)",
-           ("tests/test_bias_e2e.py::test_model_1_decorrelated_ignores_eps_and_model_2_takes_the_shortcut",),
-           "model_1_mode=decorrelated trains model_1 on the biased eps channel"),
-    Mutant("seeds_summary_first_seed_only", "bias_lab/bias_eval.py",
-           'out[f"{role}_{key}"] = _mean(v)', 'out[f"{role}_{key}"] = float(v[0])',
-           ("tests/test_bias_e2e.py::test_two_seeds_end_to_end_mean_and_std",),
-           "seeds>1: the parent reports the first seed, not the mean"),
-    Mutant("channel_dropout_not_applied", "bias_lab/mitigation.py",
-           "input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate))", "input_hook=None)",
-           ("tests/test_bias_e2e.py::test_mitigations_end_to_end[channel_dropout]",),
-           "mitigation=channel_dropout trains model_3 exactly as model_2"),
-    Mutant("reweigh_weights_dropped", "bias_lab/mitigation.py",
-           "dataclasses.replace(prep, train=dataclasses.replace(prep.train, weights=w))", "prep",
-           ("tests/test_bias_e2e.py::test_mitigations_end_to_end[reweigh]",),
-           "mitigation=reweigh computes the weights but trains without them"),
-    Mutant("experiment_race_lands_in_default", "bias_lab/tracking.py",
-           "if client.get_experiment_by_name(experiment) is None:", "if False:",
-           ("tests/test_scaleout.py::test_workers_racing_to_create_the_experiment_share_it",),
-           "workers racing to create the experiment: the losers' runs land in Default"),
-    Mutant("stale_trial_runs_left_running", "bias_lab/studies.py",
-           '_end_runs_of(MlflowClient(), ids, f"trial {trial.number}: its worker stopped beating (killed?)")', "pass",
-           ("tests/test_scaleout.py::test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered",),
-           "heartbeat recovery fails the trial but leaves its MLflow runs RUNNING"),
-    Mutant("stale_trial_not_requeued", "bias_lab/studies.py",
-           "        self.retry(study, trial)", "        pass",
-           ("tests/test_scaleout.py::test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered",),
-           "heartbeat recovery does not re-queue the stale trial's params"),
+    Mutant(
+        "report_plotly_cdn",
+        "bias_lab/report.py",
+        "include_plotlyjs=first",
+        'include_plotlyjs="cdn" if first else False',
+        (
+            "tests/test_report.py::test_report_from_tracked_runs",
+            "tests/test_bias_e2e.py::test_report_embeds_plotly_once_and_loads_nothing",
+        ),
+        "the report loads plotly.js from a CDN: blank offline",
+    ),
+    Mutant(
+        "figures_plotly_cdn",
+        "bias_lab/tracking.py",
+        "include_plotlyjs=i == 0",
+        'include_plotlyjs="cdn" if i == 0 else False',
+        ("tests/test_core.py::test_train_run_logs_everything",),
+        "a run's figures.html loads plotly.js from a CDN",
+    ),
+    Mutant(
+        "decorrelated_test_not_half",
+        "bias_lab/pipeline.py",
+        "biasmod.draw(ds.labels, 0.5, 0.5,",
+        "biasmod.draw(ds.labels, 0.25, 0.75,",
+        ("tests/test_claims.py::test_the_decorrelated_test_draws_s_at_one_half_in_each_class",),
+        "the decorrelated test drawn at p0=0.25, p1=0.75 (S still depends on y)",
+    ),
+    Mutant(
+        "bootstrap_90_as_95",
+        "bias_lab/metrics.py",
+        "a = (1 - level) / 2",
+        "a = (1 - 0.90) / 2",
+        ("tests/test_claims.py::test_the_di_bootstrap_interval_covers_the_truth_95_percent_of_the_time",),
+        "a 90% bootstrap interval reported as 95%",
+    ),
+    Mutant(
+        "submission_unsorted",
+        "bias_lab/kaggle_submit.py",
+        "[(i, pred[i]) for i in sorted(pred, key=natural_key)]",
+        "[(i, pred[i]) for i in pred]",
+        ("tests/test_submit.py::test_without_sample_submission_rows_are_sorted_by_id_naturally",),
+        "the CSV without sample_submission.csv in file order, not sorted by id",
+    ),
+    Mutant(
+        "median_pruner_prunes_nothing",
+        "bias_lab/tune.py",
+        "return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)",
+        "return optuna.pruners.NopPruner()",
+        ("tests/test_tune.py::test_the_default_pruner_prunes_a_clearly_worse_trial",),
+        "pruner=median builds a pruner that prunes nothing",
+    ),
+    Mutant(
+        "test_predictions_argmin",
+        "bias_lab/pipeline.py",
+        "pred = logits.argmax(1).numpy()",
+        "pred = logits.argmin(1).numpy()",
+        ("tests/test_claims.py::test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split",),
+        "test predictions from argmin instead of argmax",
+    ),
+    Mutant(
+        "di_inverted",
+        "bias_lab/metrics.py",
+        '"di": ratio(r0, r1),',
+        '"di": ratio(r1, r0),',
+        ("tests/test_bias.py::test_di_matches_aif360_and_fairlearn",),
+        "the logged DI is P(y^=1|S=1)/P(y^=1|S=0), the inverse of AIF360's",
+    ),
+    Mutant(
+        "wilson_90",
+        "bias_lab/metrics.py",
+        "def wilson(k: int, n: int, z: float = Z95)",
+        "def wilson(k: int, n: int, z: float = 1.644854)",
+        ("tests/test_claims.py::test_wilson_interval_covers_95_percent",),
+        "the accuracy CI is a 90% Wilson interval labelled 95%",
+    ),
+    Mutant(
+        "champion_on_worse",
+        "bias_lab/registry.py",
+        "val_accuracy > base_acc:",
+        "val_accuracy < base_acc:",
+        ("tests/test_tune.py::test_champion_moves_only_on_improvement",),
+        "the champion alias moves to a worse model and stays on a better one",
+    ),
+    Mutant(
+        "val_leaks_into_train",
+        "bias_lab/pipeline.py",
+        "train=_part(ds, split.train, ch_train, eps),",
+        "train=_part(ds, np.concatenate([split.train, split.val]), ch_train, eps),",
+        ("tests/test_bias_e2e.py::test_prepared_train_val_and_test_share_no_image",),
+        "the val split is also trained on: best-epoch selection and tuning read training data",
+    ),
+    Mutant(
+        "split_val_leaks_into_train",
+        "bias_lab/data.py",
+        'parts["train"].append(idx[n_test + n_val :])',
+        'parts["train"].append(idx[n_test:])',
+        ("tests/test_data.py::test_split_is_stratified_disjoint_covering_and_seeded",),
+        "stratified_split puts the val images in train too",
+    ),
+    Mutant(
+        "eps_p0_p1_swapped",
+        "bias_lab/bias.py",
+        "p = torch.where(labels.cpu() == 1, p1, p0).double()",
+        "p = torch.where(labels.cpu() == 1, p0, p1).double()",
+        ("tests/test_claims.py::test_the_decorrelated_test_draws_s_at_one_half_in_each_class",),
+        "S ~ Bernoulli(p_y) with p0 and p1 swapped",
+    ),
+    Mutant(
+        "label_smoothing_ignored",
+        "bias_lab/loop.py",
+        "label_smoothing=smoothing)",
+        "label_smoothing=0.0)",
+        ("tests/test_bias_e2e.py::test_label_smoothing_changes_the_training_loss",),
+        "--label-smoothing is accepted and logged but not used",
+    ),
+    Mutant(
+        "model_1_decorrelated_sees_the_bias",
+        "bias_lab/bias_eval.py",
+        "train_p=(p, p), ds=ds)",
+        "train_p=(p0, p1), ds=ds)",
+        ("tests/test_bias_e2e.py::test_model_1_decorrelated_ignores_eps_and_model_2_takes_the_shortcut",),
+        "model_1_mode=decorrelated trains model_1 on the biased eps channel",
+    ),
+    Mutant(
+        "seeds_summary_first_seed_only",
+        "bias_lab/bias_eval.py",
+        'out[f"{role}_{key}"] = _mean(v)',
+        'out[f"{role}_{key}"] = float(v[0])',
+        ("tests/test_bias_e2e.py::test_two_seeds_end_to_end_mean_and_std",),
+        "seeds>1: the parent reports the first seed, not the mean",
+    ),
+    Mutant(
+        "channel_dropout_not_applied",
+        "bias_lab/mitigation.py",
+        "input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate),",
+        "input_hook=None,",
+        ("tests/test_bias_e2e.py::test_mitigations_end_to_end[channel_dropout]",),
+        "mitigation=channel_dropout trains model_3 exactly as model_2",
+    ),
+    Mutant(
+        "reweigh_weights_dropped",
+        "bias_lab/mitigation.py",
+        "dataclasses.replace(prep, train=dataclasses.replace(prep.train, weights=w))",
+        "prep",
+        ("tests/test_bias_e2e.py::test_mitigations_end_to_end[reweigh]",),
+        "mitigation=reweigh computes the weights but trains without them",
+    ),
+    Mutant(
+        "experiment_race_lands_in_default",
+        "bias_lab/tracking.py",
+        "if client.get_experiment_by_name(experiment) is None:",
+        "if False:",
+        ("tests/test_scaleout.py::test_workers_racing_to_create_the_experiment_share_it",),
+        "workers racing to create the experiment: the losers' runs land in Default",
+    ),
+    Mutant(
+        "stale_trial_runs_left_running",
+        "bias_lab/studies.py",
+        '_end_runs_of(MlflowClient(), ids, f"trial {trial.number}: its worker stopped beating (killed?)")',
+        "pass",
+        ("tests/test_scaleout.py::test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered",),
+        "heartbeat recovery fails the trial but leaves its MLflow runs RUNNING",
+    ),
+    Mutant(
+        "stale_trial_not_requeued",
+        "bias_lab/studies.py",
+        "        self.retry(study, trial)",
+        "        pass",
+        ("tests/test_scaleout.py::test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered",),
+        "heartbeat recovery does not re-queue the stale trial's params",
+    ),
 )
 
 
 def source_files(repo: Path = REPO) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True,
-                         capture_output=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True, capture_output=True
+    ).stdout.decode()
     return sorted({p for p in out.split("\0") if p and (repo / p).is_file() and not (repo / p).is_symlink()})
 
 
@@ -160,28 +247,42 @@ def make_copy(dest: Path) -> Path:
 def env_for(copy: Path, scratch: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
     scratch.mkdir(parents=True, exist_ok=True)
-    env.update(PYTHONPATH=os.pathsep.join([str(copy), *filter(None, [os.environ.get("PYTHONPATH", "")])]),
-               MLFLOW_TRACKING_URI=f"sqlite:///{scratch / 'mlflow.db'}", BIAS_LAB_CACHE=str(scratch / "cache"),
-               TQDM_DISABLE="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(copy), *filter(None, [os.environ.get("PYTHONPATH", "")])]),
+        MLFLOW_TRACKING_URI=f"sqlite:///{scratch / 'mlflow.db'}",
+        BIAS_LAB_CACHE=str(scratch / "cache"),
+        TQDM_DISABLE="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     return env
 
 
 def verify_import(copy: Path) -> None:
     """Fail loudly unless `import bias_lab` in the copy's environment loads the copy's code."""
     with tempfile.TemporaryDirectory() as scratch:
-        out = subprocess.run([sys.executable, "-c", "import bias_lab; print(bias_lab.__file__)"], cwd=copy, check=False,
-                             env=env_for(copy, Path(scratch)), capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", "import bias_lab; print(bias_lab.__file__)"],
+            cwd=copy,
+            check=False,
+            env=env_for(copy, Path(scratch)),
+            capture_output=True,
+            text=True,
+        )
     where = Path(out.stdout.strip() or "?").resolve()
     if out.returncode != 0 or not where.is_relative_to(copy.resolve()):
-        sys.exit(f"mutate: bias_lab is imported from {where}, not from the copy {copy} "
-                 f"(exit {out.returncode}: {out.stderr.strip()[-500:]}): a mutant planted there would never run")
+        sys.exit(
+            f"mutate: bias_lab is imported from {where}, not from the copy {copy} "
+            f"(exit {out.returncode}: {out.stderr.strip()[-500:]}): a mutant planted there would never run"
+        )
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], scratch: Path) -> tuple[int, str, float]:
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
     try:
-        proc = subprocess.run(cmd, check=False, cwd=copy, env=env_for(copy, scratch), capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, check=False, cwd=copy, env=env_for(copy, scratch), capture_output=True, text=True, timeout=TIMEOUT_S
+        )
         return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {TIMEOUT_S} s", time.monotonic() - t0
@@ -202,7 +303,11 @@ def mutate_one(m: Mutant, copy: Path, scratch: Path) -> tuple[str, float, str]:
     if code == -1:
         return "TIMEOUT", secs, out
     if code in (2, 3, 4, 5):  # interrupted by a collection error, internal/usage error, nothing collected
-        return "ERROR", secs, "pytest could not run the tests (unknown test id, or an import error in the copy): " + out[-1500:]
+        return (
+            "ERROR",
+            secs,
+            "pytest could not run the tests (unknown test id, or an import error in the copy): " + out[-1500:],
+        )
     return ("CAUGHT" if code != 0 else "MISSED"), secs, out[-3000:]
 
 
@@ -217,8 +322,13 @@ def table(rows: list[tuple[Mutant, str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.mutate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
-    ap.add_argument("-k", dest="substring", action="append", default=[],
-                    help="only the mutants whose name contains this (repeat: any of them)")
+    ap.add_argument(
+        "-k",
+        dest="substring",
+        action="append",
+        default=[],
+        help="only the mutants whose name contains this (repeat: any of them)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (each in its own copy)")
     ap.add_argument("--baseline", action="store_true", help="first run the selected tests unmutated: they must pass")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the test output of every mutant")
@@ -227,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in chosen:
             stale = check_mutant(m)
-            print(f"{m.name}{'  [STALE: ' + stale + ']' if stale else ''}\n  {m.file}: {m.old!r} -> {m.new!r}\n"
-                  f"  bug: {m.bug}\n  tests: {' '.join(m.tests)}")
+            print(
+                f"{m.name}{'  [STALE: ' + stale + ']' if stale else ''}\n  {m.file}: {m.old!r} -> {m.new!r}\n"
+                f"  bug: {m.bug}\n  tests: {' '.join(m.tests)}"
+            )
         return 0
     if not chosen:
         print(f"no mutant name contains any of {args.substring}", file=sys.stderr)
@@ -241,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             copy = make_copy(Path(tmp) / f"copy{j}" / "repo")
             verify_import(copy)
             copies.put(copy)
-        print(f"{len(chosen)} mutant(s), {jobs} job(s), copies of {len(source_files())} files under {tmp}", file=sys.stderr)
+        print(
+            f"{len(chosen)} mutant(s), {jobs} job(s), copies of {len(source_files())} files under {tmp}",
+            file=sys.stderr,
+        )
         if args.baseline:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
             code, out, secs = run_tests(copies.queue[0], tests, Path(tmp) / "baseline")
@@ -267,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = list(pool.map(job, chosen))
     print(table(rows))
     bad = [m.name for m, r, _ in rows if r != "CAUGHT"]
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} caught in {time.monotonic() - t_start:.0f} s"
-          + (f"; not caught: {', '.join(bad)}" if bad else ""))
+    print(
+        f"\n{len(rows) - len(bad)}/{len(rows)} caught in {time.monotonic() - t_start:.0f} s"
+        + (f"; not caught: {', '.join(bad)}" if bad else "")
+    )
     return 1 if bad else 0
 
 

@@ -74,10 +74,13 @@ def make_corpus(base: Path) -> dict[str, Path]:
     c["empty_class_folder"] = write_imagefolder(base / "empty_class_folder", {"cat": 4, "dog": 4})
     (c["empty_class_folder"] / "train" / "emu").mkdir()
     c["one_image_class"] = _kaggle(base / "one_image_class", labels={"1": 6, "2": 6, "3": 1})
-    c["no_readable_class"] = _kaggle(base / "no_readable_class", labels={"1": 6, "2": 6, "3": 2},
-                                     kinds={"1013": "zero", "1014": "text"})
+    c["no_readable_class"] = _kaggle(
+        base / "no_readable_class", labels={"1": 6, "2": 6, "3": 2}, kinds={"1013": "zero", "1014": "text"}
+    )
     c["single_class"] = _kaggle(base / "single_class", labels={"1": 6})
-    c["bad_files"] = _kaggle(base / "bad_files", kinds={"1002": "zero", "1003": "text", "1008": "truncated", "1009": "corrupt"})
+    c["bad_files"] = _kaggle(
+        base / "bad_files", kinds={"1002": "zero", "1003": "text", "1008": "truncated", "1009": "corrupt"}
+    )
     c["odd_modes"] = _kaggle(base / "odd_modes", kinds=ODD)
     c["ok"] = _kaggle(base / "ok")
     return c
@@ -186,7 +189,14 @@ CLI_CASES = [
     Case("csv_image_without_id", [], 2, "have no row in train.csv", "label them", folder="image_without_id"),
     Case("class_with_one_image", [], 2, "has only 1 image(s)", "add images to it", folder="one_image_class"),
     Case("class_with_no_images", [], 2, "class folder", "add images or remove the folder", folder="empty_class_folder"),
-    Case("class_with_no_readable_images", [], 2, "class 3 has no readable images", "add images", folder="no_readable_class"),
+    Case(
+        "class_with_no_readable_images",
+        [],
+        2,
+        "class 3 has no readable images",
+        "add images",
+        folder="no_readable_class",
+    ),
     Case("bad_files_strict", ["--strict", "true"], 2, "unreadable image", "strict=false", folder="bad_files"),
     Case("bad_files_skipped", [], 0, folder="bad_files"),
     Case("odd_modes_train", [], 0, folder="odd_modes"),
@@ -195,18 +205,45 @@ CLI_CASES = [
     Case("sigma_negative", ["--bias", "true", "--sigma", "-1"], 2, "sigma=-1.0", "use"),
     Case("batch_size_zero", ["--batch-size", "0"], 2, "batch_size=0", "use a positive batch size"),
     Case("batch_size_negative", ["--batch-size", "-4"], 2, "batch_size=-4", "use a positive batch size"),
-    Case("no_train_split", ["--val-fraction", "0.6", "--test-fraction", "0.5"], 2, "leave no train split", "sum to less than 1"),
+    Case(
+        "no_train_split",
+        ["--val-fraction", "0.6", "--test-fraction", "0.5"],
+        2,
+        "leave no train split",
+        "sum to less than 1",
+    ),
     Case("negative_fraction", ["--val-fraction", "-0.1"], 2, "leave no train split", "use fractions in [0, 1)"),
     Case("image_size_small", ["--image-size", "16"], 2, "image_size=16 is out of range", "use a value in 32..224"),
     Case("image_size_large", ["--image-size", "512"], 2, "image_size=512 is out of range", "use a value in 32..224"),
     Case("unknown_classes", ["--classes", "1,9"], 2, "label '9' is not in the data", "pick two of those"),
-    Case("submit_unknown_model", ["--model-uri", "models:/nope@champion"], 2, "cannot find model 'models:/nope@champion'",
-         "run tune to register one", command="kaggle-submit"),
-    Case("submit_unknown_run", ["--model-uri", "runs:/0123456789abcdef0123456789abcdef/model"], 2, "cannot find model",
-         "runs:/<run_id>/model", command="kaggle-submit"),
-    Case("submit_empty_uri", ["--model-uri", ""], 2, "model_uri is empty", "pass e.g. models:/", command="kaggle-submit"),
-    Case("submit_missing_data", ["--model-uri", "models:/nope@champion"], 2, "does not exist", "set data to",
-         command="kaggle-submit", folder="missing"),
+    Case(
+        "submit_unknown_model",
+        ["--model-uri", "models:/nope@champion"],
+        2,
+        "cannot find model 'models:/nope@champion'",
+        "run tune to register one",
+        command="kaggle-submit",
+    ),
+    Case(
+        "submit_unknown_run",
+        ["--model-uri", "runs:/0123456789abcdef0123456789abcdef/model"],
+        2,
+        "cannot find model",
+        "runs:/<run_id>/model",
+        command="kaggle-submit",
+    ),
+    Case(
+        "submit_empty_uri", ["--model-uri", ""], 2, "model_uri is empty", "pass e.g. models:/", command="kaggle-submit"
+    ),
+    Case(
+        "submit_missing_data",
+        ["--model-uri", "models:/nope@champion"],
+        2,
+        "does not exist",
+        "set data to",
+        command="kaggle-submit",
+        folder="missing",
+    ),
 ]
 # click's own usage errors (an unknown choice, a non-number) print its usage block: 4 lines, not one yet
 USAGE_CASES = [
@@ -224,8 +261,12 @@ def _argv(case: Case, corpus: dict[str, Path]) -> list[str]:
 
 def _env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "BIAS_LAB_CACHE": str(workdir / "cache"),
-            "TQDM_DISABLE": "1"}
+    return {
+        **env,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "BIAS_LAB_CACHE": str(workdir / "cache"),
+        "TQDM_DISABLE": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +276,24 @@ def cli_results(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     env = _env(work)
     (work / "cases.json").write_text(json.dumps([_argv(c, corpus) for c in CLI_CASES + USAGE_CASES]))
     (work / "driver.py").write_text(DRIVER)
-    batch = subprocess.Popen([sys.executable, str(work / "driver.py"), str(work / "cases.json"), str(work / "results.json")],
-                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    batch = subprocess.Popen(
+        [sys.executable, str(work / "driver.py"), str(work / "cases.json"), str(work / "results.json")],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     singles = {
         # the MLproject entry-point script, as `mlflow run -e kaggle_submit` starts it
-        "entrypoint": [sys.executable, str(REPO / "entrypoints" / "kaggle_submit.py"), "--data", str(corpus["ok"]),
-                       "--model-uri", "models:/bias-lab@champion"],
+        "entrypoint": [
+            sys.executable,
+            str(REPO / "entrypoints" / "kaggle_submit.py"),
+            "--data",
+            str(corpus["ok"]),
+            "--model-uri",
+            "models:/bias-lab@champion",
+        ],
         "module": [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(corpus["neither"])],
         "unreachable_tracking": [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(corpus["ok"]), *FAST],
     }
@@ -252,8 +305,10 @@ def cli_results(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         e = {**env, "MLFLOW_TRACKING_URI": uri}
         cwd = work / name
         cwd.mkdir()
-        procs[name] = (subprocess.Popen(argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                       time.perf_counter())
+        procs[name] = (
+            subprocess.Popen(argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            time.perf_counter(),
+        )
     out = {}
     for name, (p, t0) in procs.items():
         try:
@@ -293,7 +348,9 @@ def test_cli_leaves_no_partial_output(cli_results: dict) -> None:
     assert not [p for p in work.rglob("*") if p.name.endswith(".tmp")]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-    assert runs and all(r.info.status in ("FINISHED", "FAILED") for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert runs and all(r.info.status in ("FINISHED", "FAILED") for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
 
 
 def test_cli_skips_unreadable_files_with_a_warning(cli_results: dict) -> None:
@@ -302,9 +359,15 @@ def test_cli_skips_unreadable_files_with_a_warning(cli_results: dict) -> None:
     warning = [line for line in r["err"].splitlines() if line.startswith("warning: skipped 4 unreadable images")]
     assert warning and all(f"{i}.jpg" in warning[0] for i in ("1002", "1003", "1008", "1009"))
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cli_results['work'] / 'mlflow.db'}")
-    [run] = [x for x in client.search_runs([e.experiment_id for e in client.search_experiments()])
-             if x.data.params.get("data", "").endswith("bad_files") and x.info.status == "FINISHED"]
-    assert run.data.metrics["n_skipped_files"] == 4 and run.data.metrics["n_train"] + run.data.metrics["n_val"] + run.data.metrics["n_test"] == 8
+    [run] = [
+        x
+        for x in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if x.data.params.get("data", "").endswith("bad_files") and x.info.status == "FINISHED"
+    ]
+    assert (
+        run.data.metrics["n_skipped_files"] == 4
+        and run.data.metrics["n_train"] + run.data.metrics["n_val"] + run.data.metrics["n_test"] == 8
+    )
 
 
 def test_cli_trains_on_odd_image_modes(cli_results: dict) -> None:
@@ -312,17 +375,23 @@ def test_cli_trains_on_odd_image_modes(cli_results: dict) -> None:
     r = cli_results["cases"]["odd_modes_train"]
     assert r["code"] == 0 and "skipped" not in r["err"], r["err"][-2000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cli_results['work'] / 'mlflow.db'}")
-    [run] = [x for x in client.search_runs([e.experiment_id for e in client.search_experiments()])
-             if x.data.params.get("data", "").endswith("odd_modes")]
+    [run] = [
+        x
+        for x in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if x.data.params.get("data", "").endswith("odd_modes")
+    ]
     assert run.info.status == "FINISHED" and run.data.metrics["n_skipped_files"] == 0
     assert run.data.metrics["n_train"] + run.data.metrics["n_val"] + run.data.metrics["n_test"] == 12
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("name,problem,fix", [
-    ("entrypoint", "cannot find model 'models:/bias-lab@champion'", "run tune to register one"),
-    ("module", "neither the Kaggle layout", "arrange the files"),
-])
+@pytest.mark.parametrize(
+    "name,problem,fix",
+    [
+        ("entrypoint", "cannot find model 'models:/bias-lab@champion'", "run tune to register one"),
+        ("module", "neither the Kaggle layout", "arrange the files"),
+    ],
+)
 def test_cli_single_process(cli_results: dict, name: str, problem: str, fix: str) -> None:
     """A fresh process: exit status 2 from the OS's point of view, one line on stderr, nothing on stdout."""
     r = cli_results["singles"][name]
@@ -336,7 +405,11 @@ def test_cli_unreachable_tracking_fails_fast(cli_results: dict) -> None:
     # "(ConnectionError)" is the up-front /health probe answering; MLflow's own client would first retry for
     # ~4 min and then fail with a different message (no timing here: this box may be loaded)
     assert r["code"] == 2, r
-    check_message(only_error_line(r["err"]), "cannot use the MLflow tracking store http://127.0.0.1:9 (ConnectionError)", "start the server")
+    check_message(
+        only_error_line(r["err"]),
+        "cannot use the MLflow tracking store http://127.0.0.1:9 (ConnectionError)",
+        "start the server",
+    )
 
 
 def test_images_checked_in_the_corpus_are_what_they_claim(corpus: dict[str, Path]) -> None:

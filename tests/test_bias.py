@@ -14,10 +14,7 @@ import pytest
 import torch
 
 from bias_lab import bias as biasmod
-from bias_lab import bias_eval
-from bias_lab import config
-from bias_lab import metrics
-from bias_lab import plots
+from bias_lab import bias_eval, config, metrics, plots
 from bias_lab.data import load
 
 from .conftest import all_runs, figures_page, invoke
@@ -62,7 +59,13 @@ def test_prepared_splits_carry_the_channel_and_a_decorrelated_test(kaggle_data: 
     # model_1 and model_2 are measured on the same test images and the same S draws
     assert torch.equal(m1.prep.test.images, m2.prep.test.images) and torch.equal(m1.prep.test.s, m2.prep.test.s)
     # the decorrelated variant of model_1 trains with eps equally often in both classes, measured on (p0, p1)
-    d1, _ = bias_eval.arms(ds, data, config.BiasConfig(classes="2,4", p0=0.0, p1=1.0), config.BiasEvalConfig(model_1_mode="decorrelated"), seed=3)
+    d1, _ = bias_eval.arms(
+        ds,
+        data,
+        config.BiasConfig(classes="2,4", p0=0.0, p1=1.0),
+        config.BiasEvalConfig(model_1_mode="decorrelated"),
+        seed=3,
+    )
     assert d1.prep.channels == 2 and torch.equal(d1.prep.test.s, m2.prep.test.s)
     s, y = d1.prep.train.s, d1.prep.train.labels
     assert 0 < s[y == 0].float().mean() < 1 and 0 < s[y == 1].float().mean() < 1
@@ -125,33 +128,53 @@ def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
     results = {
         "model_1": [{"test_accuracy": 0.8, "test_di": 1.0, "decorrelated_test_di": math.nan}] * 1
         + [{"test_accuracy": 0.7, "test_di": 0.9, "decorrelated_test_di": math.nan}],
-        "model_2": [{"test_accuracy": 1.0, "test_di": 0.0, "decorrelated_test_di": math.inf},
-                    {"test_accuracy": 1.0, "test_di": 0.1, "decorrelated_test_di": 0.5}],
+        "model_2": [
+            {"test_accuracy": 1.0, "test_di": 0.0, "decorrelated_test_di": math.inf},
+            {"test_accuracy": 1.0, "test_di": 0.1, "decorrelated_test_di": 0.5},
+        ],
     }
     summary = bias_eval.summarize(results)
     assert summary["model_1_test_accuracy"] == pytest.approx(0.75)
     assert summary["model_1_test_accuracy_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
     assert math.isnan(summary["model_1_decorrelated_test_di"]) and math.isinf(summary["model_2_decorrelated_test_di"])
     rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
-    assert [(r["model"], r["test"]) for r in rows] == [("model_1", "in distribution"), ("model_1", "decorrelated"),
-                                                       ("model_2", "in distribution"), ("model_2", "decorrelated")]
+    assert [(r["model"], r["test"]) for r in rows] == [
+        ("model_1", "in distribution"),
+        ("model_1", "decorrelated"),
+        ("model_2", "in distribution"),
+        ("model_2", "decorrelated"),
+    ]
     assert "±" in bias_eval.markdown_table(rows) and "inf" in bias_eval.markdown_table(rows)
-    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2)
+    text = bias_eval.conclusion(
+        summary, rows, config.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2
+    )
     assert all(q in text for q in ("Q2", "Q3", "Q4")) and "n/a" in text
     fig = plots.bias_comparison(rows)
     assert len(fig.data) == 4 and list(fig.data[3].text) == ["undefined", "inf"]
 
 
 def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
-    summary = {"model_1_test_accuracy": 0.8, "model_2_test_accuracy": 1.0, "model_1_decorrelated_test_accuracy": 0.8,
-               "model_2_decorrelated_test_accuracy": 0.5}
+    summary = {
+        "model_1_test_accuracy": 0.8,
+        "model_2_test_accuracy": 1.0,
+        "model_1_decorrelated_test_accuracy": 0.8,
+        "model_2_decorrelated_test_accuracy": 0.5,
+    }
     for role, di, lo, hi in (("model_1", 1.0, 0.9, 1.1), ("model_2", 0.0, 0.0, 0.0)):
         for prefix in ("test_", "decorrelated_test_"):
-            summary.update({f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi})
+            summary.update(
+                {f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi}
+            )
     rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
-    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    text = bias_eval.conclusion(
+        summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
+    )
     assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
-    assert "buys 20.0 points of accuracy for model_2" in text and "-30.0 points vs model_1" in text and "down to chance" in text
+    assert (
+        "buys 20.0 points of accuracy for model_2" in text
+        and "-30.0 points vs model_1" in text
+        and "down to chance" in text
+    )
     assert "costs 30.0 points" in text and "Caution" not in text
 
 
@@ -169,11 +192,22 @@ def test_only_model_3_at_chance_still_concludes_on_the_shortcut() -> None:
     summary = {}
     for role, acc, lo, di in (("model_1", 0.9, 0.82, 1.0), ("model_2", 0.99, 0.95, 0.0), ("model_3", 0.5, 0.4, 1.0)):
         for prefix in ("test_", "decorrelated_test_"):
-            summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": di,
-                            f"{role}_{prefix}di_ci_low": di, f"{role}_{prefix}di_ci_high": di})
+            summary.update(
+                {
+                    f"{role}_{prefix}accuracy": acc,
+                    f"{role}_{prefix}accuracy_ci_low": lo,
+                    f"{role}_{prefix}di": di,
+                    f"{role}_{prefix}di_ci_low": di,
+                    f"{role}_{prefix}di_ci_high": di,
+                }
+            )
     summary["model_2_decorrelated_test_accuracy"] = 0.5
-    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5)
-    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    rows = bias_eval.table_rows(
+        summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5
+    )
+    text = bias_eval.conclusion(
+        summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
+    )
     assert "Caution: model_3 did not learn the task" in text and "model_2 took the shortcut" in text
     assert "In short: the shortcut buys" in text and "no conclusion on the shortcut" not in text
 
@@ -192,38 +226,54 @@ def test_a_model_at_chance_gets_no_verdict() -> None:
     summary = {}
     for role, acc, lo in (("model_1", 0.9, 0.82), ("model_2", 0.5, 0.4)):
         for prefix in ("test_", "decorrelated_test_"):
-            summary.update({f"{role}_{prefix}accuracy": acc, f"{role}_{prefix}accuracy_ci_low": lo, f"{role}_{prefix}di": 1.0,
-                            f"{role}_{prefix}di_ci_low": 1.0, f"{role}_{prefix}di_ci_high": 1.0})
+            summary.update(
+                {
+                    f"{role}_{prefix}accuracy": acc,
+                    f"{role}_{prefix}accuracy_ci_low": lo,
+                    f"{role}_{prefix}di": 1.0,
+                    f"{role}_{prefix}di_ci_low": 1.0,
+                    f"{role}_{prefix}di_ci_high": 1.0,
+                }
+            )
     rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
     verdicts = {(r["model"], r["test"]): r["four_fifths"] for r in rows}
     assert verdicts[("model_1", "decorrelated")] == "not biased"
     assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in bias_eval.TESTS)
-    text = bias_eval.conclusion(summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1)
+    text = bias_eval.conclusion(
+        summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
+    )
     assert "Caution: model_2 did not learn the task" in text and "model_2 did not learn the task: no verdict" in text
-    assert "no measurable reliance" not in text and "not biased" not in bias_eval.verdicts(text).replace("model_1 is not biased", "")
+    assert "no measurable reliance" not in text and "not biased" not in bias_eval.verdicts(text).replace(
+        "model_1 is not biased", ""
+    )
 
 
 # ------------------------------------------------------------------------------------------- the command
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--p0", "1.5"], "p0=1.5 is not a probability"),
-    (["--p1", "-0.1"], "p1=-0.1 is not a probability"),
-    (["--sigma", "-1"], "sigma=-1.0 is not a finite standard deviation"),
-    (["--sigma", "inf"], "sigma=inf is not a finite standard deviation"),
-    (["--seeds", "0"], "seeds=0"),
-    (["--lr", "inf"], "lr=inf"),
-    (["--test-fraction", "0"], "test_fraction=0.0: bias_eval measures on the test split"),
-    (["--seed", "4294967295", "--seeds", "2"], "seed=4294967295 with seeds=2"),
-    (["--weight-decay", "-1"], "weight_decay=-1.0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--p0", "1.5"], "p0=1.5 is not a probability"),
+        (["--p1", "-0.1"], "p1=-0.1 is not a probability"),
+        (["--sigma", "-1"], "sigma=-1.0 is not a finite standard deviation"),
+        (["--sigma", "inf"], "sigma=inf is not a finite standard deviation"),
+        (["--seeds", "0"], "seeds=0"),
+        (["--lr", "inf"], "lr=inf"),
+        (["--test-fraction", "0"], "test_fraction=0.0: bias_eval measures on the test split"),
+        (["--seed", "4294967295", "--seeds", "2"], "seed=4294967295 with seeds=2"),
+        (["--weight-decay", "-1"], "weight_decay=-1.0"),
+    ],
+)
 def test_invalid_bias_settings_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     db = tmp_path / "mlflow.db"
     before = db.read_bytes() if db.exists() else None
     code, out = invoke("bias-eval", "--data", "demo", *args)
     assert code == 2, out
     assert out.count("\n") == 1 and out.startswith("error: ") and message in out and "Traceback" not in out
-    assert (db.read_bytes() if db.exists() else None) == before  # rejected before the store, data or any run was touched
+    assert (
+        db.read_bytes() if db.exists() else None
+    ) == before  # rejected before the store, data or any run was touched
 
 
 def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
@@ -234,8 +284,19 @@ def _register_versions(client: mlflow.MlflowClient, digest: str) -> None:
     for lr, data in ((0.02, f"{digest}-2v4"), (0.3, digest)):
         with mlflow.start_run() as run:
             mlflow.log_params({"model": "lenet", "lr": lr})
-        v = client.create_model_version("bias-lab", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags={
-            "model": "lenet", "lr": str(lr), "momentum": "0.5", "batch_size": "24", "data_digest": data, "val_accuracy": "0.9"})
+        v = client.create_model_version(
+            "bias-lab",
+            f"runs:/{run.info.run_id}/model",
+            run_id=run.info.run_id,
+            tags={
+                "model": "lenet",
+                "lr": str(lr),
+                "momentum": "0.5",
+                "batch_size": "24",
+                "data_digest": data,
+                "val_accuracy": "0.9",
+            },
+        )
     client.set_registered_model_alias("bias-lab", "champion", v.version)
 
 
@@ -251,17 +312,40 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     c1, c2 = children["model_1"].data, children["model_2"].data
     assert set(c1.metrics) == set(c2.metrics)  # identical names: the Compare view lines them up
     for prefix in ("test_", "decorrelated_test_"):
-        for m in ("accuracy", "di", "di_ci_low", "di_ci_high", "dp_ratio", "selection_rate_s0", "selection_rate_s1",
-                  "accuracy_s0", "accuracy_s1", "n_s0", "n_s1"):
+        for m in (
+            "accuracy",
+            "di",
+            "di_ci_low",
+            "di_ci_high",
+            "dp_ratio",
+            "selection_rate_s0",
+            "selection_rate_s1",
+            "accuracy_s0",
+            "accuracy_s1",
+            "n_s0",
+            "n_s1",
+        ):
             assert f"{prefix}{m}" in c1.metrics, f"{prefix}{m}"
     assert "train_time_s" in c1.metrics and "val_accuracy" in c1.metrics
     # same hyperparameters on both, from the version tuned on this pair (not the 4-class champion)
     for c in (c1, c2):
-        assert (c.params["lr"], c.params["momentum"], c.params["batch_size"], c.params["seed"]) == ("0.02", "0.5", "24", "0")
+        assert (c.params["lr"], c.params["momentum"], c.params["batch_size"], c.params["seed"]) == (
+            "0.02",
+            "0.5",
+            "24",
+            "0",
+        )
     assert (c1.params["in_channels"], c2.params["in_channels"]) == ("1", "2")
     assert parent.data.params["hparams_source"] == "models:/bias-lab/1"
     p = parent.data.params
-    assert (p["p0"], p["p1"], p["sigma"], p["classes"], p["label_y0"], p["label_y1"]) == ("0.0", "1.0", "1.0", "2,4", "2", "4")
+    assert (p["p0"], p["p1"], p["sigma"], p["classes"], p["label_y0"], p["label_y1"]) == (
+        "0.0",
+        "1.0",
+        "1.0",
+        "2,4",
+        "2",
+        "4",
+    )
     pm = parent.data.metrics
     for role, c in (("model_1", c1), ("model_2", c2)):
         for key in ("test_accuracy", "decorrelated_test_accuracy", "test_di", "decorrelated_test_di_ci_high"):
@@ -288,10 +372,23 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     assert logged["columns"][:3] == ["model", "trained_on", "test"] and len(logged["data"]) == 4
 
 
-def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
     """lr=1e-6 for one epoch: both models stay at chance. No 'not biased' anywhere; strict=true exits non-zero
     with the run FINISHED (its numbers are right, they settle nothing)."""
-    args = ["bias-eval", "--data", str(kaggle_data), *TINY, "--lr", "1e-6", "--classes", "2,4", "--use-champion", "false"]
+    args = [
+        "bias-eval",
+        "--data",
+        str(kaggle_data),
+        *TINY,
+        "--lr",
+        "1e-6",
+        "--classes",
+        "2,4",
+        "--use-champion",
+        "false",
+    ]
     code, out = invoke(*args)
     assert code == 0, out
     assert "Caution: model_1 and model_2 did not learn the task" in out and "experiment 'bias-lab', run " in out
@@ -300,7 +397,9 @@ def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(ka
     assert parent.data.tags["model_2_verdict"].startswith("inconclusive: did not learn")
     assert "not biased" not in parent.data.tags["mlflow.note.content"]
     code, out = invoke(*args, "--strict", "true")
-    assert code == 2 and out.strip().splitlines()[-1].startswith("error: model_1 and model_2 did not learn the task"), out
+    assert code == 2 and out.strip().splitlines()[-1].startswith("error: model_1 and model_2 did not learn the task"), (
+        out
+    )
     assert all(r.info.status == "FINISHED" for r in all_runs(client))
 
 
@@ -324,8 +423,12 @@ def test_control_p0_equal_p1_does_not_cry_wolf(tmp_path: Path, client: mlflow.Ml
     """eps present equally often in both classes (p0 = p1 = 0.5) carries no label. model_2 learns the images; its
     decorrelated DI is the labels' own DI there (it does not use S), and it is not called biased."""
     data = _brightness_pair(tmp_path / "pair")
-    out = bias_eval.run_bias_eval(config.DataConfig(data=str(data), image_size=32), config.TrainConfig(model="lenet", epochs=3, batch_size=16, lr=0.05),
-                           config.BiasConfig(classes="1,2", p0=0.5, p1=0.5), config.BiasEvalConfig(bootstrap=300, use_champion=False))
+    out = bias_eval.run_bias_eval(
+        config.DataConfig(data=str(data), image_size=32),
+        config.TrainConfig(model="lenet", epochs=3, batch_size=16, lr=0.05),
+        config.BiasConfig(classes="1,2", p0=0.5, p1=0.5),
+        config.BiasEvalConfig(bootstrap=300, use_champion=False),
+    )
     [parent] = [r for r in all_runs(client) if "mlflow.parentRunId" not in r.data.tags]
     assert out["model_2_test_accuracy_ci_low"] > 0.5, out["model_2_test_accuracy"]  # it learned: a verdict is due
     assert out["model_2_decorrelated_test_di"] == pytest.approx(out["decorrelated_test_base_rate_di"], abs=0.1)
@@ -336,7 +439,9 @@ def test_control_p0_equal_p1_does_not_cry_wolf(tmp_path: Path, client: mlflow.Ml
 def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
     data = config.DataConfig(data=str(kaggle_data), image_size=32)
     train = config.TrainConfig(model="lenet", epochs=1, batch_size=16)
-    out = bias_eval.run_bias_eval(data, train, config.BiasConfig(p0=0.0, p1=0.0), config.BiasEvalConfig(bootstrap=50, use_champion=False))
+    out = bias_eval.run_bias_eval(
+        data, train, config.BiasConfig(p0=0.0, p1=0.0), config.BiasEvalConfig(bootstrap=50, use_champion=False)
+    )
     assert math.isnan(out["model_2_test_di"]) and out["model_2_test_n_s1"] == 0  # eps never present in distribution
     assert math.isfinite(out["model_2_decorrelated_test_n_s1"])
     runs = all_runs(client)

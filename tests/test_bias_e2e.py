@@ -23,8 +23,26 @@ from bias_lab.pipeline import prepare
 
 from .conftest import FAST, all_runs, invoke
 
-BASE = ["--image-size", "32", "--model", "lenet", "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--bootstrap", "200",
-        "--test-fraction", "0.3", "--classes", "1,2", "--use-champion", "false"]
+BASE = [
+    "--image-size",
+    "32",
+    "--model",
+    "lenet",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.05",
+    "--bootstrap",
+    "200",
+    "--test-fraction",
+    "0.3",
+    "--classes",
+    "1,2",
+    "--use-champion",
+    "false",
+]
 BAND = (0.8, 1.25)
 
 
@@ -34,7 +52,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo(tmp_path_factory.mktemp("pair") / "demo", seed=3, n_train=150, n_test=1)
 
 
-def _bias_eval(client: mlflow.MlflowClient, *args: str) -> tuple[mlflow.entities.Run, dict[str, list[mlflow.entities.Run]]]:
+def _bias_eval(
+    client: mlflow.MlflowClient, *args: str
+) -> tuple[mlflow.entities.Run, dict[str, list[mlflow.entities.Run]]]:
     code, out = invoke("bias-eval", *args)
     assert code == 0, out
     runs = all_runs(client)
@@ -50,7 +70,9 @@ def _bias_eval(client: mlflow.MlflowClient, *args: str) -> tuple[mlflow.entities
 
 
 @pytest.mark.slow
-def test_model_1_decorrelated_ignores_eps_and_model_2_takes_the_shortcut(pair: Path, client: mlflow.MlflowClient) -> None:
+def test_model_1_decorrelated_ignores_eps_and_model_2_takes_the_shortcut(
+    pair: Path, client: mlflow.MlflowClient
+) -> None:
     """model_1_mode=decorrelated: model_1 sees eps, but at p0=p1, so it cannot use it: its decorrelated DI lies in the
     four-fifths band and its accuracy does not depend on the test's S. model_2 (p0=0, p1=1) takes the shortcut:
     ~100% in distribution, chance when S is independent of y, DI far below the band."""
@@ -59,8 +81,14 @@ def test_model_1_decorrelated_ignores_eps_and_model_2_takes_the_shortcut(pair: P
     assert m1.data.params["in_channels"] == "2" and "p0=p1=0.5" in m1.data.params["model_description"]
     a, b = m1.data.metrics, m2.data.metrics
     assert BAND[0] <= a["decorrelated_test_di"] <= BAND[1], a["decorrelated_test_di"]
-    assert abs(a["test_accuracy"] - a["decorrelated_test_accuracy"]) <= 0.1, (a["test_accuracy"], a["decorrelated_test_accuracy"])
-    assert b["test_accuracy"] >= 0.95 and abs(b["decorrelated_test_accuracy"] - 0.5) <= 0.1, (b["test_accuracy"], b["decorrelated_test_accuracy"])
+    assert abs(a["test_accuracy"] - a["decorrelated_test_accuracy"]) <= 0.1, (
+        a["test_accuracy"],
+        a["decorrelated_test_accuracy"],
+    )
+    assert b["test_accuracy"] >= 0.95 and abs(b["decorrelated_test_accuracy"] - 0.5) <= 0.1, (
+        b["test_accuracy"],
+        b["decorrelated_test_accuracy"],
+    )
     assert b["decorrelated_test_di"] < BAND[0] and b["decorrelated_test_di_ci_high"] < BAND[0]
     assert parent.data.params["model_1_mode"] == "decorrelated"
     assert parent.data.metrics["model_1_decorrelated_test_di"] == pytest.approx(a["decorrelated_test_di"])
@@ -71,30 +99,44 @@ def test_two_seeds_end_to_end_mean_and_std(pair: Path, client: mlflow.MlflowClie
     """seeds=2: two children per role (seeds 0 and 1, other splits and draws), and the parent's numbers are their
     mean with the sample std beside it."""
     parent, ch = _bias_eval(client, "--data", str(pair), *BASE, "--epochs", "2", "--seeds", "2")
-    assert {k: [r.data.tags["seed"] for r in v] for k, v in ch.items()} == {"model_1": ["0", "1"], "model_2": ["0", "1"]}
+    assert {k: [r.data.tags["seed"] for r in v] for k, v in ch.items()} == {
+        "model_1": ["0", "1"],
+        "model_2": ["0", "1"],
+    }
     pm = parent.data.metrics
     for role in ("model_1", "model_2"):
         for key in ("test_accuracy", "decorrelated_test_accuracy", "best_val_accuracy"):
             v = np.array([r.data.metrics[key] for r in ch[role]])
             assert pm[f"{role}_{key}"] == pytest.approx(v.mean()), (role, key)
             assert pm[f"{role}_{key}_std"] == pytest.approx(v.std(ddof=1)), (role, key)
-    assert ch["model_1"][0].data.metrics["test_accuracy"] != ch["model_1"][1].data.metrics["test_accuracy"] or \
-        ch["model_1"][0].data.metrics["best_val_accuracy"] != ch["model_1"][1].data.metrics["best_val_accuracy"]  # really two seeds
+    assert (
+        ch["model_1"][0].data.metrics["test_accuracy"] != ch["model_1"][1].data.metrics["test_accuracy"]
+        or ch["model_1"][0].data.metrics["best_val_accuracy"] != ch["model_1"][1].data.metrics["best_val_accuracy"]
+    )  # really two seeds
     text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.md")
     assert "±" in text
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,p,seed", [pytest.param("reweigh", ("0.1", "0.9"), "0", id="reweigh"),
-                                           pytest.param("channel_dropout", ("0.0", "1.0"), "1", id="channel_dropout")])
-def test_mitigations_end_to_end(pair: Path, client: mlflow.MlflowClient, method: str, p: tuple[str, str], seed: str) -> None:
+@pytest.mark.parametrize(
+    "method,p,seed",
+    [
+        pytest.param("reweigh", ("0.1", "0.9"), "0", id="reweigh"),
+        pytest.param("channel_dropout", ("0.0", "1.0"), "1", id="channel_dropout"),
+    ],
+)
+def test_mitigations_end_to_end(
+    pair: Path, client: mlflow.MlflowClient, method: str, p: tuple[str, str], seed: str
+) -> None:
     """model_3 trained on model_2's biased data with the mitigation stops taking the shortcut: its decorrelated
     DI is back in the band while model_2's is far below it. (reweigh at p0=0.1, p1=0.9: every (S, y) cell is
     populated, so the weights can make S independent of y; at p0=0, p1=1 it cannot, and says so.)
     channel_dropout runs at seed 1: at seed 0 its model_3 stays at chance on the images and its predictions still
     depend on whether eps is present (decorrelated DI 0.23), which eps re-drawn independently of y cannot teach but
     an untrained network can show; seeds 1 and 2 give 0.96 and 1.13."""
-    parent, ch = _bias_eval(client, "--data", str(pair), *BASE, "--p0", p[0], "--p1", p[1], "--mitigation", method, "--seed", seed)
+    parent, ch = _bias_eval(
+        client, "--data", str(pair), *BASE, "--p0", p[0], "--p1", p[1], "--mitigation", method, "--seed", seed
+    )
     [m2], [m3] = ch["model_2"], ch["model_3"]
     assert "note" not in m3.data.tags
     b, c = m2.data.metrics, m3.data.metrics
@@ -102,7 +144,10 @@ def test_mitigations_end_to_end(pair: Path, client: mlflow.MlflowClient, method:
     assert BAND[0] <= c["decorrelated_test_di"] <= BAND[1], c["decorrelated_test_di"]
     assert parent.data.metrics["model_3_decorrelated_test_di"] == pytest.approx(c["decorrelated_test_di"])
     if method == "channel_dropout":  # eps re-drawn for every train sample: training cannot fit the shortcut either
-        assert b["train_accuracy"] >= 0.95 and c["train_accuracy"] <= b["train_accuracy"] - 0.2, (b["train_accuracy"], c["train_accuracy"])
+        assert b["train_accuracy"] >= 0.95 and c["train_accuracy"] <= b["train_accuracy"] - 0.2, (
+            b["train_accuracy"],
+            c["train_accuracy"],
+        )
 
 
 # ----------------------------------------------------------------------------------------------- guards found by tests.mutate
@@ -112,7 +157,11 @@ def test_prepared_train_val_and_test_share_no_image(kaggle_data: Path) -> None:
     """pipeline.prepare hands fit exactly the split's train images: none of the val or test images is trained on."""
     for bias_cfg, binary in ((C.BiasConfig(), False), (C.BiasConfig(classes="1,2"), True)):
         prep = prepare(C.DataConfig(data=str(kaggle_data), image_size=32), bias_cfg, 0, binary=binary, eps=binary)
-        assert (len(prep.train), len(prep.val), len(prep.test)) == (len(prep.split.train), len(prep.split.val), len(prep.split.test))
+        assert (len(prep.train), len(prep.val), len(prep.test)) == (
+            len(prep.split.train),
+            len(prep.split.val),
+            len(prep.split.test),
+        )
         key = lambda part: {hash(img.numpy().tobytes()) for img in part.images}
         train, val, test = key(prep.train), key(prep.val), key(prep.test)
         assert len(train) == len(prep.train)  # every demo image differs: the hashes identify them
@@ -136,4 +185,3 @@ def test_report_embeds_plotly_once_and_loads_nothing(kaggle_data: Path, tmp_path
     assert len(re.findall(r"\* plotly\.js v\d", page)) == 1, "plotly.js must be inlined exactly once"
     assert not re.search(r"<script[^>]*\bsrc=", page), "the report loads a script from elsewhere: blank offline"
     assert "Plotly.newPlot(" in page
-

@@ -44,8 +44,10 @@ TUNE_RUN = "tune-lenet"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 # localStorage keys of the MLflow 3.17 UI: the assistant side panel that opens by itself on a first visit would cover a
 # quarter of every screenshot; the sidebar's "GenAI | Model training" switch (absent = GenAI)
-CLOSE_ASSISTANT = ("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-                   "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+CLOSE_ASSISTANT = (
+    "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+    "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+)
 MODEL_TRAINING_MODE = "localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'));"
 
 
@@ -53,31 +55,49 @@ MODEL_TRAINING_MODE = "localStorage.setItem('mlflow.workflowType_v1', JSON.strin
 # The tracking store (built once), the server, the browser
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _env(store_dir: Path) -> dict[str, str]:
     leaks = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")  # as tests/conftest.py drops them
     env = {k: v for k, v in os.environ.items() if k not in leaks}
-    env.update({
-        "MLFLOW_TRACKING_URI": f"sqlite:///{(store_dir / 'mlflow.db').resolve()}",
-        "BIAS_LAB_CACHE": str(store_dir / "cache"),
-        "TQDM_DISABLE": "1",  # as tests/conftest.py: no progress bars
-        "OMP_NUM_THREADS": "1",  # as the tests' subprocesses: one thread, the other core is another xdist worker's
-        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",  # nothing leaves the machine
-        # `mlflow run --env-manager local` runs `python entrypoints/...` from PATH: this interpreter's
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{(store_dir / 'mlflow.db').resolve()}",
+            "BIAS_LAB_CACHE": str(store_dir / "cache"),
+            "TQDM_DISABLE": "1",  # as tests/conftest.py: no progress bars
+            "OMP_NUM_THREADS": "1",  # as the tests' subprocesses: one thread, the other core is another xdist worker's
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",  # nothing leaves the machine
+            # `mlflow run --env-manager local` runs `python entrypoints/...` from PATH: this interpreter's
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
     return env
 
 
 def _mlflow_run(store_dir: Path, entry: str, *params: str) -> None:
     """`mlflow run <repo> -e ENTRY --env-manager local --experiment-name bias-lab -P ...`: the README's Quick start."""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", EXPERIMENT, *[a for p in params for a in ("-P", p)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        EXPERIMENT,
+        *[a for p in params for a in ("-P", p)],
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=store_dir, env=_env(store_dir), capture_output=True, text=True, timeout=900)
     (store_dir / f"{entry}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"`mlflow run -e {entry}` failed (exit {proc.returncode}) after "
-                           f"{time.perf_counter() - t0:.0f} s; its last output:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise RuntimeError(
+            f"`mlflow run -e {entry}` failed (exit {proc.returncode}) after "
+            f"{time.perf_counter() - t0:.0f} s; its last output:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     print(f"mlflow run -e {entry}: {time.perf_counter() - t0:.0f} s")
 
 
@@ -95,17 +115,29 @@ def _build_store(store_dir: Path) -> dict[str, Any]:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
 
     def parent(entry: str):
-        found = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == entry
-                 and "mlflow.parentRunId" not in r.data.tags]
+        found = [
+            r
+            for r in runs
+            if r.data.tags.get("mlflow.project.entryPoint") == entry and "mlflow.parentRunId" not in r.data.tags
+        ]
         assert len(found) == 1, f"expected one `{entry}` parent run, found {[r.info.run_name for r in found]}"
         return found[0]
 
     tune, bias_eval = parent("tune"), parent("bias_eval")
-    trials = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id
-                    and r.info.run_name.startswith("trial-"))
-    return {"experiment_id": exp.experiment_id, "tune_run_id": tune.info.run_id, "tune_run_name": tune.info.run_name,
-            "trials": trials, "bias_eval_run_id": bias_eval.info.run_id, "bias_eval_run_name": bias_eval.info.run_name,
-            "build_s": round(time.perf_counter() - t0, 1)}
+    trials = sorted(
+        r.info.run_name
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id and r.info.run_name.startswith("trial-")
+    )
+    return {
+        "experiment_id": exp.experiment_id,
+        "tune_run_id": tune.info.run_id,
+        "tune_run_name": tune.info.run_name,
+        "trials": trials,
+        "bias_eval_run_id": bias_eval.info.run_id,
+        "bias_eval_run_name": bias_eval.info.run_name,
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +190,34 @@ def server(store: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
     log_path = cwd / "server.log"
     port = _free_port()
     # runs' artifacts are local paths (the experiment's artifact location): the server reads them, no artifact flags
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", _env(store_dir)["MLFLOW_TRACKING_URI"],
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        _env(store_dir)["MLFLOW_TRACKING_URI"],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(store_dir), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=_env(store_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"`mlflow server` exited ({proc.returncode}) before answering /health:\n"
-                            f"{log_path.read_text()[-3000:]}", pytrace=False)
+                pytest.fail(
+                    f"`mlflow server` exited ({proc.returncode}) before answering /health:\n"
+                    f"{log_path.read_text()[-3000:]}",
+                    pytrace=False,
+                )
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
                     if r.status == 200:
@@ -177,8 +225,10 @@ def server(store: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"`mlflow server` did not answer {base}/health within 120 s:\n"
-                            f"{log_path.read_text()[-3000:]}", pytrace=False)
+                pytest.fail(
+                    f"`mlflow server` did not answer {base}/health within 120 s:\n{log_path.read_text()[-3000:]}",
+                    pytrace=False,
+                )
             time.sleep(0.5)
         yield base
     finally:
@@ -198,12 +248,18 @@ def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is not installed: `pip install -e '.[test]'` installs it (tests/test_browser.py drives "
-                    "the MLflow UI in a real browser)", pytrace=False)
+        pytest.fail(
+            "playwright is not installed: `pip install -e '.[test]'` installs it (tests/test_browser.py drives "
+            "the MLflow UI in a real browser)",
+            pytrace=False,
+        )
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (.ci/run does); tests/test_browser.py "
-                    "drives the MLflow UI in it (`playwright install` is not used)", pytrace=False)
+        pytest.fail(
+            "chromium is not installed: `apt-get install -y chromium` (.ci/run does); tests/test_browser.py "
+            "drives the MLflow UI in it (`playwright install` is not used)",
+            pytrace=False,
+        )
     pw = sync_playwright().start()
     try:
         b = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
@@ -239,8 +295,12 @@ def open_page(browser: Browser, server: str) -> Iterator[Callable[..., Page]]:
 
         ctx.route("**/*", route)
         # top frame only: artifact iframes are sandboxed (no localStorage there)
-        ctx.add_init_script("if (window === window.top) { try {" + CLOSE_ASSISTANT
-                            + (MODEL_TRAINING_MODE if model_training else "") + "} catch (e) {} }")
+        ctx.add_init_script(
+            "if (window === window.top) { try {"
+            + CLOSE_ASSISTANT
+            + (MODEL_TRAINING_MODE if model_training else "")
+            + "} catch (e) {} }"
+        )
         page = ctx.new_page()
         # MLflow's one-time tips (e.g. GenAI Overview's "Detect Issues ... Got it") cover the page and swallow clicks:
         # dismissed as a person would, whenever one is in the way of an action
@@ -262,6 +322,7 @@ def open_page(browser: Browser, server: str) -> Iterator[Callable[..., Page]]:
 # Helpers: screenshots, readable failures
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _shot(page: Page, name: str) -> Path:
     SHOTS.mkdir(exist_ok=True)
     path = SHOTS / f"{name}.png"
@@ -278,9 +339,12 @@ def _fail(page: Page, step: str, what: str) -> None:
         path = f"(no screenshot: {e})"
     blocked = sorted(set(getattr(page, "blocked", [])))
     errors = getattr(page, "errors", [])[-5:]
-    pytest.fail(f"{what}\n  page: {page.url}\n  screenshot: {path}"
-                + (f"\n  requests blocked (not 127.0.0.1): {blocked}" if blocked else "")
-                + (f"\n  browser console errors (last 5): {errors}" if errors else ""), pytrace=False)
+    pytest.fail(
+        f"{what}\n  page: {page.url}\n  screenshot: {path}"
+        + (f"\n  requests blocked (not 127.0.0.1): {blocked}" if blocked else "")
+        + (f"\n  browser console errors (last 5): {errors}" if errors else ""),
+        pytrace=False,
+    )
 
 
 def _see(page: Page, locator: Locator, step: str, what: str, timeout: int = TIMEOUT_MS) -> Locator:
@@ -321,6 +385,7 @@ def _artifact_paths(server: str, run_id: str, path: str = "") -> list[str]:
 # The tests
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def test_browser_experiment_list_shows_bias_lab_and_opens_its_training_runs(open_page, store) -> None:
     """The experiments list shows bias-lab; opening it shows the training-runs table.
 
@@ -331,10 +396,15 @@ def test_browser_experiment_list_shows_bias_lab_and_opens_its_training_runs(open
     the choice sticks.
     """
     page = open_page("/#/experiments", model_training=False)
-    _see(page, page.get_by_role("heading", name="Experiments", exact=True), "a1-experiments-list",
-         "no experiments list")
-    link = _see(page, page.get_by_role("link", name=EXPERIMENT, exact=True), "a1-experiments-list",
-                f"the experiments list does not show {EXPERIMENT!r}")
+    _see(
+        page, page.get_by_role("heading", name="Experiments", exact=True), "a1-experiments-list", "no experiments list"
+    )
+    link = _see(
+        page,
+        page.get_by_role("link", name=EXPERIMENT, exact=True),
+        "a1-experiments-list",
+        f"the experiments list does not show {EXPERIMENT!r}",
+    )
     _shot(page, "a1-experiments-list")
     link.click()
     runs_table = page.get_by_role("link", name=store["tune_run_name"], exact=True)
@@ -344,64 +414,105 @@ def test_browser_experiment_list_shows_bias_lab_and_opens_its_training_runs(open
         _first_visible(page, {"loaded": page.get_by_text("Detect Issues", exact=True)}, timeout=20_000)
     _shot(page, "a2-bias-lab-opened")
     if landed is None:
-        _fail(page, "a2-bias-lab-opened", f"clicking {EXPERIMENT!r} shows neither its runs table "
-                                          f"({store['tune_run_name']!r}) nor MLflow's GenAI Overview")
+        _fail(
+            page,
+            "a2-bias-lab-opened",
+            f"clicking {EXPERIMENT!r} shows neither its runs table "
+            f"({store['tune_run_name']!r}) nor MLflow's GenAI Overview",
+        )
     print(f"a browser that never chose the sidebar switch lands on: {landed} ({page.url})")
     if landed == "genai":
-        switch = _see(page, page.get_by_text("Model training", exact=True), "a3-model-training",
-                      "the GenAI landing page has no 'Model training' switch in the sidebar to reach the training runs")
+        switch = _see(
+            page,
+            page.get_by_text("Model training", exact=True),
+            "a3-model-training",
+            "the GenAI landing page has no 'Model training' switch in the sidebar to reach the training runs",
+        )
         switch.click()
-    _see(page, runs_table, "a3-training-runs",
-         f"the {EXPERIMENT!r} experiment does not show its training runs table with {store['tune_run_name']!r}")
-    _see(page, page.get_by_role("link", name=store["bias_eval_run_name"], exact=True), "a3-training-runs",
-         f"the runs table does not show the bias_eval run {store['bias_eval_run_name']!r}")
+    _see(
+        page,
+        runs_table,
+        "a3-training-runs",
+        f"the {EXPERIMENT!r} experiment does not show its training runs table with {store['tune_run_name']!r}",
+    )
+    _see(
+        page,
+        page.get_by_role("link", name=store["bias_eval_run_name"], exact=True),
+        "a3-training-runs",
+        f"the runs table does not show the bias_eval run {store['bias_eval_run_name']!r}",
+    )
     assert "/runs" in page.url, f"the runs table is not at .../runs: {page.url}"
     _shot(page, "a3-training-runs")
     # the switch sticks (localStorage): reopening the UI, the list's link opens the runs directly
     page.goto(page.url.split("#")[0] + "#/experiments")
     page.reload()
     _see(page, page.get_by_role("heading", name="Experiments", exact=True), "a4-reopened", "no experiments list")
-    _see(page, page.get_by_role("link", name=EXPERIMENT, exact=True), "a4-reopened",
-         "the experiments list is gone").click()
-    _see(page, runs_table, "a4-reopened",
-         f"after choosing 'Model training', {EXPERIMENT!r} no longer opens on its runs")
+    _see(
+        page, page.get_by_role("link", name=EXPERIMENT, exact=True), "a4-reopened", "the experiments list is gone"
+    ).click()
+    _see(
+        page, runs_table, "a4-reopened", f"after choosing 'Model training', {EXPERIMENT!r} no longer opens on its runs"
+    )
     _shot(page, "a4-reopened")
 
 
 def test_browser_tune_parent_run_and_its_trials_are_shown(open_page, store) -> None:
     page = open_page("/#/experiments")
-    _see(page, page.get_by_role("link", name=EXPERIMENT, exact=True), "b-runs",
-         f"no {EXPERIMENT!r} in the list").click()
-    parent = _see(page, page.get_by_role("link", name=store["tune_run_name"], exact=True), "b-runs",
-                  f"the runs table does not show the tune parent run {store['tune_run_name']!r}")
+    _see(
+        page, page.get_by_role("link", name=EXPERIMENT, exact=True), "b-runs", f"no {EXPERIMENT!r} in the list"
+    ).click()
+    parent = _see(
+        page,
+        page.get_by_role("link", name=store["tune_run_name"], exact=True),
+        "b-runs",
+        f"the runs table does not show the tune parent run {store['tune_run_name']!r}",
+    )
     assert store["trials"], "the tune run has no nested trial runs in the store"
     first_trial = page.get_by_role("link", name=store["trials"][0], exact=True)
     if not first_trial.first.is_visible():  # nested runs start collapsed under their parent: the row's [+] button
         row = page.get_by_role("row").filter(has=parent)
-        _see(page, row.get_by_role("button"), "b-runs",
-             f"the {store['tune_run_name']!r} row has no expand button").click()
+        _see(
+            page, row.get_by_role("button"), "b-runs", f"the {store['tune_run_name']!r} row has no expand button"
+        ).click()
     for trial in store["trials"]:
-        _see(page, page.get_by_role("link", name=trial, exact=True), "b-tune-and-trials",
-             f"expanding {store['tune_run_name']!r} does not show its nested trial run {trial!r}")
+        _see(
+            page,
+            page.get_by_role("link", name=trial, exact=True),
+            "b-tune-and-trials",
+            f"expanding {store['tune_run_name']!r} does not show its nested trial run {trial!r}",
+        )
     _shot(page, "b-tune-and-trials")
 
 
 def test_browser_tune_run_figures_html_renders_a_plotly_plot(open_page, store, server) -> None:
     page = open_page(f"/#/experiments/{store['experiment_id']}/runs/{store['tune_run_id']}")
-    _see(page, page.get_by_role("heading", name=store["tune_run_name"]), "c1-tune-run",
-         f"the tune run's page does not show its name {store['tune_run_name']!r}")
+    _see(
+        page,
+        page.get_by_role("heading", name=store["tune_run_name"]),
+        "c1-tune-run",
+        f"the tune run's page does not show its name {store['tune_run_name']!r}",
+    )
     page.get_by_role("tab", name="Artifacts").click()
-    _see(page, page.get_by_text(re.compile(r"\.(csv|html|json|md)$")), "c1-artifacts",
-         "the Artifacts tab lists no files")
+    _see(
+        page, page.get_by_text(re.compile(r"\.(csv|html|json|md)$")), "c1-artifacts", "the Artifacts tab lists no files"
+    )
     _shot(page, "c1-artifacts")
     entry = page.get_by_text("figures.html", exact=True)
     if not entry.first.is_visible():
-        _fail(page, "c1-artifacts", "the tune run's Artifacts tab has no figures.html; the run's artifacts are "
-                                    f"{_artifact_paths(server, store['tune_run_id'])}")
+        _fail(
+            page,
+            "c1-artifacts",
+            "the tune run's Artifacts tab has no figures.html; the run's artifacts are "
+            f"{_artifact_paths(server, store['tune_run_id'])}",
+        )
     entry.first.click()
     frame = page.frame_locator("iframe.mlflow-html-iframe")  # MLflow shows .html artifacts in a sandboxed iframe
-    _see(page, page.locator("iframe.mlflow-html-iframe"), "c2-figures",
-         "clicking figures.html shows no HTML preview frame")
+    _see(
+        page,
+        page.locator("iframe.mlflow-html-iframe"),
+        "c2-figures",
+        "clicking figures.html shows no HTML preview frame",
+    )
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
@@ -411,13 +522,21 @@ def test_browser_tune_run_figures_html_renders_a_plotly_plot(open_page, store, s
         rendered = False
     if not rendered:
         n_div = frame.locator(".js-plotly-plot, .plotly-graph-div").count()
-        _fail(page, "c2-figures", f"figures.html shows no rendered plotly plot: an empty frame ({n_div} plot divs, no "
-                                  "svg; plotly.js must be inlined, the browser only reaches 127.0.0.1)")
+        _fail(
+            page,
+            "c2-figures",
+            f"figures.html shows no rendered plotly plot: an empty frame ({n_div} plot divs, no "
+            "svg; plotly.js must be inlined, the browser only reaches 127.0.0.1)",
+        )
     plots = frame.locator(".js-plotly-plot")
-    summary = [plots.nth(i).evaluate(
-        """gd => (gd.data || []).map(t => ({type: t.type || 'scatter',
+    summary = [
+        plots.nth(i).evaluate(
+            """gd => (gd.data || []).map(t => ({type: t.type || 'scatter',
              points: Math.max(0, ...['x', 'y', 'z', 'values', 'r', 'lat'].map(k => (t[k] || []).length))
-                     + ((t.dimensions || [])[0]?.values || []).length}))""") for i in range(plots.count())]
+                     + ((t.dimensions || [])[0]?.values || []).length}))"""
+        )
+        for i in range(plots.count())
+    ]
     print(f"figures.html: {len(summary)} plots: {summary}")
     box = frame.locator(".js-plotly-plot .main-svg").first.bounding_box()
     _shot(page, "c2-figures")
@@ -430,17 +549,29 @@ def test_browser_tune_run_figures_html_renders_a_plotly_plot(open_page, store, s
 
 def test_browser_registered_model_shows_champion_alias(open_page, store) -> None:
     page = open_page(f"/#/models/{MODEL}")
-    _see(page, page.get_by_role("heading", name=MODEL, exact=True), "d-model",
-         f"the registered model page of {MODEL!r} does not show its name")
-    _see(page, page.get_by_text(re.compile(r"^@\s*champion$")), "d-model",
-         f"the registered model {MODEL!r} shows no '@ champion' alias on any version")
+    _see(
+        page,
+        page.get_by_role("heading", name=MODEL, exact=True),
+        "d-model",
+        f"the registered model page of {MODEL!r} does not show its name",
+    )
+    _see(
+        page,
+        page.get_by_text(re.compile(r"^@\s*champion$")),
+        "d-model",
+        f"the registered model {MODEL!r} shows no '@ champion' alias on any version",
+    )
     _shot(page, "d-model")
 
 
 def test_browser_bias_eval_run_description_shows_conclusion_and_model_table(open_page, store) -> None:
     page = open_page(f"/#/experiments/{store['experiment_id']}/runs/{store['bias_eval_run_id']}")
-    _see(page, page.get_by_role("heading", name=store["bias_eval_run_name"]), "e-bias-eval-run",
-         f"the bias_eval run's page does not show its name {store['bias_eval_run_name']!r}")
+    _see(
+        page,
+        page.get_by_role("heading", name=store["bias_eval_run_name"]),
+        "e-bias-eval-run",
+        f"the bias_eval run's page does not show its name {store['bias_eval_run_name']!r}",
+    )
     note = page.get_by_test_id("note-editor-preview-content")  # the rendered markdown of the run's mlflow.note.content
     shown = _first_visible(page, {"note": note, "empty": page.get_by_text("No description", exact=True)})
     if shown != "note":
@@ -473,9 +604,21 @@ def test_browser_the_address_a_command_prints_opens_its_run_in_model_training_vi
     assert found, f"bias_eval's terminal output names no MLflow UI address:\n{log[-1500:]}"
     assert store["bias_eval_run_id"] in found.group(1), found.group(1)
     page = open_page("/" + found.group(1), model_training=False)
-    _see(page, page.get_by_role("heading", name=store["bias_eval_run_name"]), "f-printed-address",
-         f"the address bias_eval printed does not open its run {store['bias_eval_run_name']!r}")
-    _see(page, page.get_by_test_id("note-editor-preview-content"), "f-printed-address", "the run page shows no Description")
-    if page.get_by_role("link", name="Overview", exact=True).first.is_visible() or page.get_by_text("Observability").first.is_visible():
+    _see(
+        page,
+        page.get_by_role("heading", name=store["bias_eval_run_name"]),
+        "f-printed-address",
+        f"the address bias_eval printed does not open its run {store['bias_eval_run_name']!r}",
+    )
+    _see(
+        page,
+        page.get_by_test_id("note-editor-preview-content"),
+        "f-printed-address",
+        "the run page shows no Description",
+    )
+    if (
+        page.get_by_role("link", name="Overview", exact=True).first.is_visible()
+        or page.get_by_text("Observability").first.is_visible()
+    ):
         _fail(page, "f-printed-address", "the printed address opens the run in the GenAI sidebar, not 'Model training'")
     _shot(page, "f-printed-address")

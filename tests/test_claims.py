@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from bias_lab import config
-from bias_lab import metrics
+from bias_lab import config, metrics
+from bias_lab.loop import predict
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
-from bias_lab.loop import predict
 
 from .conftest import FAST, all_runs, invoke
 
 
-def test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split(easy_data: Path, client: mlflow.MlflowClient) -> None:
+def test_logged_test_accuracy_is_the_logged_models_accuracy_on_the_test_split(
+    easy_data: Path, client: mlflow.MlflowClient
+) -> None:
     """Recomputed independently: the model as logged, the test split as `prepare` draws it, argmax of the logits."""
     assert invoke("train", "--data", str(easy_data), *FAST, "--epochs", "4")[0] == 0
     [run] = all_runs(client)
@@ -39,8 +40,13 @@ def test_the_decorrelated_test_draws_s_at_one_half_in_each_class(kaggle_data: Pa
     from bias_lab.demo import write_demo
 
     data = write_demo(kaggle_data.parent / f"big-{p0}", seed=2, n_train=400, n_test=1)
-    prep = prepare(config.DataConfig(data=str(data), image_size=32, test_fraction=0.5), config.BiasConfig(classes="1,2", p0=p0, p1=p1),
-                   0, binary=True, eps=True)
+    prep = prepare(
+        config.DataConfig(data=str(data), image_size=32, test_fraction=0.5),
+        config.BiasConfig(classes="1,2", p0=p0, p1=p1),
+        0,
+        binary=True,
+        eps=True,
+    )
     s, y = prep.test_decorrelated.s.numpy(), prep.test_decorrelated.labels.numpy()
     for label in (0, 1):  # 200 test images per class: a share of 0.5 lies in [0.4, 0.6] with probability > 0.99
         share = s[y == label].mean()

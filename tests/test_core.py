@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from bias_lab import config
-from bias_lab import pipeline
+from bias_lab import config, pipeline
 from bias_lab.cli import main
 from bias_lab.tracking import load_model
 
@@ -24,12 +23,35 @@ def test_train_run_logs_everything(kaggle_data: Path, client: mlflow.MlflowClien
     [run] = all_runs(client)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    for key in ("model", "image_size", "lr", "momentum", "batch_size", "weight_decay", "val_fraction", "test_fraction",
-                "seed", "data", "data_digest", "data_source", "device_resolved", "in_channels", "num_classes"):
+    for key in (
+        "model",
+        "image_size",
+        "lr",
+        "momentum",
+        "batch_size",
+        "weight_decay",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "data",
+        "data_digest",
+        "data_source",
+        "device_resolved",
+        "in_channels",
+        "num_classes",
+    ):
         assert key in p, key
     assert (p["model"], p["image_size"], p["in_channels"], p["num_classes"]) == ("lenet", "32", "1", "4")
     m = run.data.metrics
-    for key in ("train_time_s", "images_per_s", "test_accuracy", "test_loss", "best_val_accuracy", "total_params", "macs_per_image"):
+    for key in (
+        "train_time_s",
+        "images_per_s",
+        "test_accuracy",
+        "test_loss",
+        "best_val_accuracy",
+        "total_params",
+        "macs_per_image",
+    ):
         assert key in m, key
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["train_time_s"] > 0 and m["n_train"] + m["n_val"] + m["n_test"] == 160
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
@@ -111,14 +133,23 @@ def test_finished_run_deletes_its_checkpoint_unless_kept(kaggle_data: Path) -> N
     assert sorted(p.suffix for p in folder.iterdir()) == [".pt", ".run"]
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--lr", "inf", "lr=inf"), ("--lr", "nan", "lr=nan"), ("--weight-decay", "nan", "weight_decay=nan"),
-    ("--weight-decay", "inf", "weight_decay=inf"), ("--weight-decay", "-1", "weight_decay=-1"), ("--seed", "-1", "seed=-1"),
-    ("--seed", str(2**65), f"seed={2**65}"), ("--label-smoothing", "1", "label_smoothing=1"),
-    ("--label-smoothing", "-0.1", "label_smoothing=-0.1"),
-])
-def test_invalid_settings_fail_before_any_work(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch,
-                                               option: str, value: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--lr", "inf", "lr=inf"),
+        ("--lr", "nan", "lr=nan"),
+        ("--weight-decay", "nan", "weight_decay=nan"),
+        ("--weight-decay", "inf", "weight_decay=inf"),
+        ("--weight-decay", "-1", "weight_decay=-1"),
+        ("--seed", "-1", "seed=-1"),
+        ("--seed", str(2**65), f"seed={2**65}"),
+        ("--label-smoothing", "1", "label_smoothing=1"),
+        ("--label-smoothing", "-0.1", "label_smoothing=-0.1"),
+    ],
+)
+def test_invalid_settings_fail_before_any_work(
+    kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch, option: str, value: str, message: str
+) -> None:
     def no_data(*_a, **_k):
         raise AssertionError("data decoded before the settings were checked")
 
@@ -128,9 +159,12 @@ def test_invalid_settings_fail_before_any_work(kaggle_data: Path, client: mlflow
     assert all_runs(client) == []
 
 
-@pytest.mark.parametrize("extra,cause", [(("--lr", "1e30"), "lr=1e+30"), (("--weight-decay", "1e6"), "weight_decay=1e+06")])
-def test_diverged_run_logs_no_model_and_names_the_cause(kaggle_data: Path, client: mlflow.MlflowClient,
-                                                       extra: tuple[str, ...], cause: str) -> None:
+@pytest.mark.parametrize(
+    "extra,cause", [(("--lr", "1e30"), "lr=1e+30"), (("--weight-decay", "1e6"), "weight_decay=1e+06")]
+)
+def test_diverged_run_logs_no_model_and_names_the_cause(
+    kaggle_data: Path, client: mlflow.MlflowClient, extra: tuple[str, ...], cause: str
+) -> None:
     code, out = invoke("train", "--data", str(kaggle_data), *FAST, "--schedule", "none", *extra)
     assert code == 0, out
     [run] = all_runs(client)
@@ -162,7 +196,9 @@ def test_unwritable_checkpoint_folder_only_costs_the_resume(kaggle_data: Path, c
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
 
 
-def test_corrupt_checkpoint_with_resume_is_one_line(kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch) -> None:
+def test_corrupt_checkpoint_with_resume_is_one_line(
+    kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch
+) -> None:
     args = ("train", "--data", str(kaggle_data), *FAST)
     monkeypatch.setattr(pipeline, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
     assert invoke(*args)[0] == 1  # FAILED: its checkpoint stays for a resume
@@ -182,8 +218,16 @@ def test_demo_data_is_learnable(client: mlflow.MlflowClient) -> None:
     assert run.data.tags["synthetic_data"] == "true" and run.data.params["data_source"] == "demo (synthetic)"
 
 
-@pytest.mark.parametrize("entry,command", [("train", "train"), ("tune", "tune"), ("bias_eval", "bias-eval"), ("kaggle_submit", "kaggle-submit"),
-                                           ("bias_sweep", "bias-sweep")])
+@pytest.mark.parametrize(
+    "entry,command",
+    [
+        ("train", "train"),
+        ("tune", "tune"),
+        ("bias_eval", "bias-eval"),
+        ("kaggle_submit", "kaggle-submit"),
+        ("bias_sweep", "bias-sweep"),
+    ],
+)
 def test_mlproject_mirrors_cli(entry: str, command: str) -> None:
     """Every MLproject parameter is a CLI option of the same name (dashes), passed through, with the same default."""
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
@@ -199,7 +243,14 @@ def test_mlproject_mirrors_cli(entry: str, command: str) -> None:
 
 
 def test_config_fields_have_help() -> None:
-    for cls in (config.DataConfig, config.TrainConfig, config.BiasConfig, config.TuneConfig, config.BiasEvalConfig, config.SubmitConfig):
+    for cls in (
+        config.DataConfig,
+        config.TrainConfig,
+        config.BiasConfig,
+        config.TuneConfig,
+        config.BiasEvalConfig,
+        config.SubmitConfig,
+    ):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
 
@@ -210,9 +261,31 @@ def test_mlflow_run_entry_point(kaggle_data: Path, client: mlflow.MlflowClient, 
     import subprocess
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local", "-P", f"data={kaggle_data}",
-                           "-P", "image_size=32", "-P", "epochs=1", "-P", "classes=1,3", "-P", "bias=true"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "-P",
+            f"data={kaggle_data}",
+            "-P",
+            "image_size=32",
+            "-P",
+            "epochs=1",
+            "-P",
+            "classes=1,3",
+            "-P",
+            "bias=true",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     [run] = all_runs(client)
     assert run.info.status == "FINISHED" and run.data.params["classes"] == "1,3" and "test_di" in run.data.metrics
@@ -239,15 +312,24 @@ def test_processes_starting_together_on_a_new_sqlite_store_all_succeed(tmp_path:
     db = tmp_path / "new" / "mlflow.db"
     db.parent.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    procs = [subprocess.Popen([sys.executable, "-c", "from bias_lab import tracking; tracking.setup()"], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from bias_lab import tracking; tracking.setup()"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errs
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert [e.name for e in client.search_experiments()].count("bias-lab") == 1
 
 
-def test_second_train_of_a_configuration_does_not_end_the_live_one(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_second_train_of_a_configuration_does_not_end_the_live_one(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
     """Runs differing only in device/threads share one checkpoint: the second must not mark the first KILLED."""
     import json
     import subprocess

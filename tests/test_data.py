@@ -58,14 +58,24 @@ def save_as(img: Image.Image, path: Path, kind: str = "rgb") -> None:
         buf = io.BytesIO()
         img.save(buf, "JPEG")
         b = buf.getvalue()
-        path.write_bytes(b[:20] + bytes(np.random.default_rng(0).integers(0, 256, len(b) - 40, dtype=np.uint8)) + b[-20:])
+        path.write_bytes(
+            b[:20] + bytes(np.random.default_rng(0).integers(0, 256, len(b) - 40, dtype=np.uint8)) + b[-20:]
+        )
     else:
         raise ValueError(kind)
 
 
-def write_kaggle(root: Path, labels: dict[str, int] | None = None, per_class: int = 6, n_test: int = 4,
-                 ext_in_csv: bool = False, flat: bool = False, kinds: dict[str, str] | None = None,
-                 test_kinds: dict[str, str] | None = None, sample: bool = True) -> Path:
+def write_kaggle(
+    root: Path,
+    labels: dict[str, int] | None = None,
+    per_class: int = 6,
+    n_test: int = 4,
+    ext_in_csv: bool = False,
+    flat: bool = False,
+    kinds: dict[str, str] | None = None,
+    test_kinds: dict[str, str] | None = None,
+    sample: bool = True,
+) -> Path:
     """A Kaggle-layout folder: train.csv (id,label), train/train/<id>.jpg (or train/<id>.jpg with flat), test/test/.
 
     labels: {label value: count}; kinds: {id: kind} for train files written oddly; test_kinds the same for test ids.
@@ -84,7 +94,9 @@ def write_kaggle(root: Path, labels: dict[str, int] | None = None, per_class: in
         csv.writer(f).writerows([("id", "label"), *rows])
     test_ids = [str(5000 + j) for j in range(n_test)]
     for j, i in enumerate(test_ids):
-        save_as(picture(j % len(labels), 100 + j), root / "test" / "test" / f"{i}.jpg", (test_kinds or {}).get(i, "rgb"))
+        save_as(
+            picture(j % len(labels), 100 + j), root / "test" / "test" / f"{i}.jpg", (test_kinds or {}).get(i, "rgb")
+        )
     if sample:
         with open(root / "sample_submission.csv", "w", newline="") as f:
             csv.writer(f).writerows([("id", "label"), *((i, next(iter(labels))) for i in test_ids)])
@@ -215,12 +227,22 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
 
 
 BROKEN = {"1002": "zero", "1003": "text", "1008": "truncated", "1009": "corrupt"}
-ODD = {"1001": "cmyk", "1004": "rgba", "1005": "palette", "1006": "gray16", "1007": "gray", "1010": "la",
-       "1011": "bilevel", "1012": "small"}
+ODD = {
+    "1001": "cmyk",
+    "1004": "rgba",
+    "1005": "palette",
+    "1006": "gray16",
+    "1007": "gray",
+    "1010": "la",
+    "1011": "bilevel",
+    "1012": "small",
+}
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path: Path) -> None:
-    root = write_kaggle(tmp_path / "k", labels={"1": 6, "2": 6}, kinds=BROKEN, test_kinds={"5001": "zero", "5002": "truncated"})
+    root = write_kaggle(
+        tmp_path / "k", labels={"1": 6, "2": 6}, kinds=BROKEN, test_kinds={"5001": "zero", "5002": "truncated"}
+    )
     with pytest.warns(UserWarning, match="skipped 4 unreadable images") as rec:
         ds = data.load(cfg(root))
     message = str(rec[0].message)
@@ -361,4 +383,3 @@ def test_normalize_and_stats() -> None:
     mean, std = data.pixel_stats(imgs)
     z = data.normalize(imgs, mean, std)
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-2
-

@@ -13,11 +13,12 @@ import mlflow
 import pytest
 import torch
 
-from bias_lab import data, distributed as D
+from bias_lab import data
+from bias_lab import distributed as D
 from bias_lab.config import BiasConfig, DataConfig
+from bias_lab.loop import evaluate
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
-from bias_lab.loop import evaluate
 
 from .conftest import all_runs, invoke
 
@@ -61,7 +62,16 @@ def test_other_commands_refuse_torchrun(kaggle_data: Path, monkeypatch: pytest.M
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bias_lab.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bias_lab.cli",
+        *args,
+    ]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
@@ -78,9 +88,15 @@ def test_ranks_sum_and_must_agree(tmp_path: Path) -> None:
         "    try:\n"
         "        D.agree(D.rank() == 0, 'the checkpoint')\n"
         "    except Exception as e:\n"
-        "        print(f'rank {D.rank()} refused: {e}', flush=True)\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+        "        print(f'rank {D.rank()} refused: {e}', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for r in (0, 1):
         assert f"rank {r} sums [3.0, 4.0]" in done.stdout
@@ -91,15 +107,20 @@ def test_torchrun_bad_input_stops_every_process_with_one_line_each(tmp_path: Pat
     done = _torchrun("train", "--data", str(tmp_path / "missing"), *ARGS)
     lines = done.stderr.splitlines()
     assert done.returncode != 0
-    assert any(e.startswith("error: data folder") and "does not exist" in e for e in lines), done.stderr[-2000:]  # rank 0
+    assert any(e.startswith("error: data folder") and "does not exist" in e for e in lines), done.stderr[
+        -2000:
+    ]  # rank 0
     # rank 1, waiting at the barrier: it sees its peer gone (one line), unless torchrun's SIGTERM reaches it first
-    assert any(e.startswith(("error: process 1 of 2: another process of this torchrun stopped", "interrupted:")) for e in lines), \
-        done.stderr[-2000:]
+    assert any(
+        e.startswith(("error: process 1 of 2: another process of this torchrun stopped", "interrupted:")) for e in lines
+    ), done.stderr[-2000:]
     assert not all_runs(client)
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
     done = _torchrun("train", "--data", str(kaggle_data), *ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = all_runs(client)  # rank 1 wrote nothing
@@ -116,12 +137,20 @@ def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(kaggle_da
     assert meta.dataset_digest == run.data.params["data_digest"]
 
     # the same command in one process takes the same SGD steps (LeNet has no BatchNorm): the same curves
-    single = subprocess.run([sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, "--threads", "1"],
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     [one] = [r for r in all_runs(client) if r.info.run_id != run.info.run_id]
     assert one.data.params["world_size"] == "1"
     for key in CURVES:
         a, b = _history(client, run.info.run_id, key), _history(client, one.info.run_id, key)
-        assert len(a) == len(b) == 2 and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b)), (key, a, b)
+        assert len(a) == len(b) == 2 and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b)), (
+            key,
+            a,
+            b,
+        )
     assert run.data.metrics["test_accuracy"] == one.data.metrics["test_accuracy"]

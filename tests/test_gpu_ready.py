@@ -46,13 +46,30 @@ def default_determinism():
     seed_everything(0)
 
 
-def run_fit(epochs: int, seed: int = 0, init_seed: int | None = None, checkpoint: Path | None = None,
-            resume: bool = False, on_epoch: Callable | None = None, input_hook: Callable | None = None,
-            **cfg: object) -> tuple[torch.nn.Module, FitResult]:
+def run_fit(
+    epochs: int,
+    seed: int = 0,
+    init_seed: int | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable | None = None,
+    input_hook: Callable | None = None,
+    **cfg: object,
+) -> tuple[torch.nn.Module, FitResult]:
     torch.manual_seed(seed if init_seed is None else init_seed)
     model = build("lenet", 1, 4, 32)
-    config = TrainConfig(**{"model": "lenet", "epochs": epochs, "batch_size": 32, "lr": 0.05, "seed": seed, "device": "cpu",
-                            "resume": resume, **cfg})
+    config = TrainConfig(
+        **{
+            "model": "lenet",
+            "epochs": epochs,
+            "batch_size": 32,
+            "lr": 0.05,
+            "seed": seed,
+            "device": "cpu",
+            "resume": resume,
+            **cfg,
+        }
+    )
     return model, fit(model, TRAIN, VAL, config, NORM, on_epoch=on_epoch, input_hook=input_hook, checkpoint=checkpoint)
 
 
@@ -79,7 +96,9 @@ def test_checkpoint_from_another_device_type_starts_fresh_with_a_warning(tmp_pat
     with pytest.raises(Interrupt):
         run_fit(4, checkpoint=ck, on_epoch=stop_at(3), checkpoint_every_s=0)
     state = torch.load(ck, weights_only=True)
-    state.update(device_type="cuda", aug_gen=torch.zeros(16, dtype=torch.uint8), cuda_rng=torch.zeros(16, dtype=torch.uint8))
+    state.update(
+        device_type="cuda", aug_gen=torch.zeros(16, dtype=torch.uint8), cuda_rng=torch.zeros(16, dtype=torch.uint8)
+    )
     torch.save(state, ck)
     ref_model, ref = run_fit(4)
     with pytest.warns(UserWarning, match="written on cuda, and this run trains on cpu.*starts fresh"):
@@ -146,7 +165,9 @@ def test_train_logs_the_device_it_used(kaggle_data: Path) -> None:
     assert code == 0, out
     [run] = all_runs(mlflow.MlflowClient())
     params = run.data.params
-    assert params["device"] == "auto" and params["device_resolved"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert params["device"] == "auto" and params["device_resolved"] == (
+        "cuda:0" if torch.cuda.is_available() else "cpu"
+    )
     assert params["torch_version"] == torch.__version__ and params["device_name"] and "torch_threads" in params
 
 
@@ -183,8 +204,9 @@ def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize(("every_s", "written"), [(0.0, [1, 2, 3, 4]), (3600.0, [4])])
-def test_checkpoint_written_every_so_many_seconds_and_after_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                          every_s: float, written: list[int]) -> None:
+def test_checkpoint_written_every_so_many_seconds_and_after_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_s: float, written: list[int]
+) -> None:
     epochs = count_writes(monkeypatch)
     run_fit(4, checkpoint=tmp_path / "ck.pt", checkpoint_every_s=every_s)
     assert epochs == written
@@ -247,8 +269,13 @@ def test_torchrun_with_more_processes_than_gpus_is_refused(monkeypatch: pytest.M
 def test_bench_ddp_refuses_more_processes_than_gpus() -> None:
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has 2 GPUs")
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ddp.py"), "--device", "cuda", "--nproc", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_ddp.py"), "--device", "cuda", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 1 and "needs 2 GPUs" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
@@ -256,8 +283,13 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_3() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     t0 = time.monotonic()
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     assert done.stdout.startswith("gpu_check: no CUDA") and done.stdout.count("\n") == 1 and not done.stderr
     assert time.monotonic() - t0 < 60
@@ -266,13 +298,30 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_3() -> None:
 @pytest.mark.slow
 def test_gpu_section_runs_on_a_cpu(tmp_path: Path) -> None:
     """The GPU section's code (fit vs compute bound, same seed, resume, K concurrent trials) as a CPU smoke run."""
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_epoch.py"), "--device", "cpu", "--gpu-section",
-                           "--quick", "--check", "--threads", "1"], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_epoch.py"),
+            "--device",
+            "cpu",
+            "--gpu-section",
+            "--quick",
+            "--check",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
     checks = [line for line in done.stdout.splitlines() if line.startswith("CHECK ")]
     assert len(checks) == 5, done.stdout + done.stderr[-3000:]
     names = " ".join(checks)
     assert "cpu really used" in names and "same seed same numbers" in names and "resume equals uninterrupted" in names
-    for line in checks:  # fit vs compute bound and trials per device are timings: only their correctness checks must pass
+    for (
+        line
+    ) in checks:  # fit vs compute bound and trials per device are timings: only their correctness checks must pass
         if "really used" in line or "same seed" in line or "resume" in line:
             assert line.endswith(")") and ": PASS" in line, line
 

@@ -10,10 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bias_lab import bias_eval
-from bias_lab import config
-from bias_lab import explain
-from bias_lab import mitigation
+from bias_lab import bias_eval, config, explain, mitigation
 from bias_lab.data import load
 from bias_lab.models import build
 from bias_lab.pipeline import prepare
@@ -28,7 +25,9 @@ def test_reweighing_makes_s_independent_of_y_and_says_when_it_cannot() -> None:
     w, note = mitigation.reweigh_weights(s, y)
     assert note == ""
     weighted = [float(w[(y == b) & s].sum() / w[y == b].sum()) for b in (0, 1)]  # weighted P(S=1 | y)
-    assert weighted[0] == pytest.approx(weighted[1], abs=1e-6) and weighted[0] == pytest.approx(float(s.float().mean()), abs=1e-6)
+    assert weighted[0] == pytest.approx(weighted[1], abs=1e-6) and weighted[0] == pytest.approx(
+        float(s.float().mean()), abs=1e-6
+    )
     w, note = mitigation.reweigh_weights(y.bool(), y)  # p0=0, p1=1: S is y
     assert [float(w[(y == b) & y.bool()].sum() / w[y == b].sum()) for b in (0, 1)] == [0.0, 1.0]  # still S = y
     assert "(S=0, y=1)" in note and "(S=1, y=0)" in note
@@ -37,7 +36,9 @@ def test_reweighing_makes_s_independent_of_y_and_says_when_it_cannot() -> None:
 def test_channel_dropout_redraws_eps_independently_of_the_label() -> None:
     n, sigma = 4000, 2.0
     y = torch.arange(n) % 2
-    x = torch.cat([torch.randn(n, 1, 8, 8), torch.randn(n, 1, 8, 8) * sigma * y.view(-1, 1, 1, 1)], dim=1)  # eps iff y=1
+    x = torch.cat(
+        [torch.randn(n, 1, 8, 8), torch.randn(n, 1, 8, 8) * sigma * y.view(-1, 1, 1, 1)], dim=1
+    )  # eps iff y=1
     out = mitigation.channel_dropout(sigma, 1.0)(x, torch.arange(n), torch.Generator().manual_seed(1))
     assert torch.equal(out[:, 0], x[:, 0])  # the image is untouched
     present = out[:, 1].flatten(1).abs().amax(1) > 0
@@ -90,19 +91,34 @@ def test_explanations_tell_an_eps_reader_from_an_image_reader(kaggle_data: Path)
     assert m["ablation_shuffle_eps_test_accuracy"] < 1.0
     assert len(fig.data) == 4 * 4  # 4 samples x (2 inputs + 2 saliency maps)
     m, _ = explain.explain(_Reads(channel=0, threshold=0.5), prep, seed=0)  # ignores eps
-    assert m["saliency_eps_share"] == 0.0 and m["ablation_zero_eps_test_accuracy"] == m["ablation_shuffle_eps_test_accuracy"]
+    assert (
+        m["saliency_eps_share"] == 0.0
+        and m["ablation_zero_eps_test_accuracy"] == m["ablation_shuffle_eps_test_accuracy"]
+    )
 
 
-def test_bias_eval_with_a_mitigation_logs_model_3_and_explanations(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_bias_eval_with_a_mitigation_logs_model_3_and_explanations(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
     data = config.DataConfig(data=str(kaggle_data), image_size=32)
     train = config.TrainConfig(model="lenet", epochs=1, batch_size=16)
-    out = bias_eval.run_bias_eval(data, train, config.BiasConfig(classes="1,3"), config.BiasEvalConfig(mitigation="adversarial", bootstrap=50, use_champion=False))
+    out = bias_eval.run_bias_eval(
+        data,
+        train,
+        config.BiasConfig(classes="1,3"),
+        config.BiasEvalConfig(mitigation="adversarial", bootstrap=50, use_champion=False),
+    )
     runs = all_runs(client)
     children = {r.data.tags["role"]: r for r in runs if "role" in r.data.tags}
     assert set(children) == {"model_1", "model_2", "model_3"} and all(r.info.status == "FINISHED" for r in runs)
     names = [set(c.data.metrics) for c in children.values()]
     assert names[0] == names[1] == names[2]
-    for key in ("ablation_zero_eps_test_accuracy", "ablation_shuffle_eps_test_accuracy", "saliency_eps_share", "decorrelated_test_di"):
+    for key in (
+        "ablation_zero_eps_test_accuracy",
+        "ablation_shuffle_eps_test_accuracy",
+        "saliency_eps_share",
+        "decorrelated_test_di",
+    ):
         assert key in names[0], key
         assert f"model_3_{key}" in out
     assert children["model_1"].data.metrics["saliency_eps_share"] == 0.0  # no eps channel at all

@@ -36,7 +36,10 @@ def test_lenet_macs_match_the_hand_count() -> None:
     s = summarize(build("lenet", 1, 4, 32), 1, 32)
     assert s.macs == 6 * 25 * 32 * 32 + 16 * 6 * 25 * 12 * 12 + 400 * 120 + 120 * 84 + 84 * 4
     assert [(layer.name, layer.output_shape) for layer in s.layers[:3]] == [
-        ("features.0", "6x32x32"), ("features.1", "6x16x16"), ("features.2", "6x16x16")]
+        ("features.0", "6x32x32"),
+        ("features.1", "6x16x16"),
+        ("features.2", "6x16x16"),
+    ]
 
 
 def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
@@ -49,13 +52,16 @@ def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
     assert build("resnet18", 1, 4, 128).conv1.weight.shape == (64, 1, 7, 7)  # the original stem at >= 128 px
 
 
-@pytest.mark.parametrize("args,message", [
-    (("vgg", 1, 4, 64), "unknown model 'vgg'"),
-    (("lenet", 1, 4, 16), "image_size=16 is out of range"),
-    (("lenet", 1, 4, 256), "image_size=256 is out of range"),
-    (("lenet", 0, 4, 64), "in_channels >= 1"),
-    (("lenet", 1, 1, 64), "num_classes >= 2"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("vgg", 1, 4, 64), "unknown model 'vgg'"),
+        (("lenet", 1, 4, 16), "image_size=16 is out of range"),
+        (("lenet", 1, 4, 256), "image_size=256 is out of range"),
+        (("lenet", 0, 4, 64), "in_channels >= 1"),
+        (("lenet", 1, 1, 64), "num_classes >= 2"),
+    ],
+)
 def test_bad_arguments_are_user_errors(args: tuple, message: str) -> None:
     with pytest.raises(UserError, match=message):
         build(*args)

@@ -30,7 +30,14 @@ def test_mutant_names_are_unique_and_their_tests_exist() -> None:
 
 
 def test_list_prints_every_mutant() -> None:
-    out = subprocess.run([sys.executable, "-m", "tests.mutate", "--list"], cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.mutate", "--list"],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert all(m.name in out.stdout for m in MUTANTS) and "STALE" not in out.stdout
 

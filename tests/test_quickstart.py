@@ -24,9 +24,9 @@ SMALL = ["-P", "n_trials=2", "-P", "epochs=2", "-P", "image_size=32"]  # the REA
 
 def quickstart_command() -> list[str]:
     """The `mlflow run` of the README's first Quick-start command, as written there."""
-    block = README[README.index("## Quick start"):]
+    block = README[README.index("## Quick start") :]
     line = next(l for l in block.splitlines() if "mlflow run . -e tune" in l)
-    return line[line.index("mlflow run"):].split("#")[0].split()
+    return line[line.index("mlflow run") :].split("#")[0].split()
 
 
 def tables(text: str) -> list[list[list[str]]]:
@@ -60,8 +60,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store: ./mlflow.db
-    env.update(BIAS_LAB_CACHE=str(root.parent / "cache"), TQDM_DISABLE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        BIAS_LAB_CACHE=str(root.parent / "cache"),
+        TQDM_DISABLE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     cmd = quickstart_command()
     assert cmd[:5] == ["mlflow", "run", ".", "-e", "tune"] and "--experiment-name" in cmd, cmd
     for args in (cmd + SMALL, [*cmd[:4], "bias_eval", *cmd[5:], "-P", "epochs=3", "-P", "image_size=32"]):
@@ -75,7 +78,9 @@ def test_quickstart_runs_land_in_bias_lab_and_report_needs_no_flags(project: tup
     root, env = project
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("bias-lab")
-    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"  # the UI opens its runs
+    assert (
+        exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    )  # the UI opens its runs
     runs = client.search_runs([exp.experiment_id], max_results=100)
     assert {r.data.tags.get("entry_point") for r in runs} == {"tune", "bias_eval"}
     assert not client.search_runs(["0"]), "runs landed in the Default experiment"
@@ -85,11 +90,15 @@ def test_quickstart_runs_land_in_bias_lab_and_report_needs_no_flags(project: tup
     assert len(re.findall(r"\* plotly\.js v\d", page)) == 1 and not re.search(r"<script[^>]*\bsrc=", page)
     assert "optimization history" in page and "comparison" in page and "**Optuna trials** (2;" in text
     tune_section = text.split("## tune-lenet")[1].split("## final")[0]
-    assert "0 days" not in text and "\n| lr |" not in tune_section and "\n| best_lr |" in tune_section  # tune used no single lr
+    assert (
+        "0 days" not in text and "\n| lr |" not in tune_section and "\n| best_lr |" in tune_section
+    )  # tune used no single lr
     assert assert_tables_well_formed(text, "report.md") >= 8
 
 
-def test_report_finds_runs_made_without_an_experiment_name(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_report_finds_runs_made_without_an_experiment_name(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     """`mlflow run` without --experiment-name puts runs in Default: the report still finds them, and says so."""
     root, env = project
     store = tmp_path / "mlflow.db"
@@ -98,11 +107,23 @@ def test_report_finds_runs_made_without_an_experiment_name(project: tuple[Path, 
     exp = client.get_experiment_by_name("bias-lab")
     client.rename_experiment(exp.experiment_id, "elsewhere")
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    p = subprocess.run(["bias-lab", "report", "--output", str(tmp_path / "r.html")], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        ["bias-lab", "report", "--output", str(tmp_path / "r.html")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "reading the latest runs of 'elsewhere'" in p.stderr, p.stderr
-    p = subprocess.run(["bias-lab", "report", "--experiment", "bias-lab", "--output", str(tmp_path / "s.html")], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["bias-lab", "report", "--experiment", "bias-lab", "--output", str(tmp_path / "s.html")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "no finished" in p.stderr  # a named experiment is read as named
 
 
@@ -136,7 +157,9 @@ def test_a_description_longer_than_mlflow_keeps_is_cut_with_a_pointer(client: ml
     assert len(note) <= 8000 and note.endswith("all of it is in `conclusion.md`)") and "- line 100: " in note
 
 
-def test_a_run_whose_figures_cannot_be_written_ends_failed_not_running(client: mlflow.MlflowClient, monkeypatch) -> None:
+def test_a_run_whose_figures_cannot_be_written_ends_failed_not_running(
+    client: mlflow.MlflowClient, monkeypatch
+) -> None:
     import plotly.graph_objects as go
 
     from bias_lab import tracking

@@ -14,7 +14,9 @@ def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
     assert code == 0, out
     page = (tmp_path / "out" / "report.html").read_text()
     md = (tmp_path / "out" / "report.md").read_text()
-    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1 and "Plotly.newPlot" in page  # embedded once, figures rebuilt
+    assert (
+        len(re.findall(r"\* plotly\.js v\d", page)) == 1 and "Plotly.newPlot" in page
+    )  # embedded once, figures rebuilt
     assert not re.search(r"<script[^>]*\bsrc=", page), "the report loads a script from elsewhere: blank offline"
     assert "learning curves" in page and "confusion matrix" in page
     assert "test_accuracy" in md and "MACs per image" in md  # metrics and the layer table

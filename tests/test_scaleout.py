@@ -57,8 +57,14 @@ def _pg_bin() -> Path | None:
     """The folder of initdb + pg_ctl: on PATH, else the newest Debian/Ubuntu /usr/lib/postgresql/<v>/bin."""
     found = shutil.which("initdb")
     candidates = [Path(found).resolve().parent] if found else []
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
-                                           if Path(p).parent.name.isdigit() else 0, reverse=True)]
+    candidates += [
+        Path(p)
+        for p in sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+            reverse=True,
+        )
+    ]
     return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
 
 
@@ -78,8 +84,10 @@ def _unprivileged() -> dict[str, Any]:
         with contextlib.suppress(KeyError):
             u = pwd.getpwnam(name)
             return {"user": u.pw_uid, "group": u.pw_gid, "extra_groups": []}
-    _unavailable("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as (initdb refuses root): "
-                "create one, e.g. `useradd --system postgres`")
+    _unavailable(
+        "running as root and no 'postgres' or 'nobody' user to run PostgreSQL as (initdb refuses root): "
+        "create one, e.g. `useradd --system postgres`"
+    )
 
 
 @dataclasses.dataclass
@@ -122,14 +130,44 @@ def postgres() -> Iterator[Postgres]:
     pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
     started = False
     try:
-        _check(subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "bias", f"--pwfile={pwfile}", "-A", "scram-sha-256",
-                               "-E", "UTF8", "--locale=C", "--no-sync"], capture_output=True, text=True, **as_user), "initdb")
+        _check(
+            subprocess.run(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "bias",
+                    f"--pwfile={pwfile}",
+                    "-A",
+                    "scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                text=True,
+                **as_user,
+            ),
+            "initdb",
+        )
         pwfile.unlink()
         # durability off: a throw-away cluster; sockets in our dir (the default /var/run/postgresql may not exist)
         opts = f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {base} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         started = True
-        _check(subprocess.run([*pg_ctl, "-l", str(log), "-w", "-t", "60", "-o", opts, "start"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **as_user), "pg_ctl start", log)
+        _check(
+            subprocess.run(
+                [*pg_ctl, "-l", str(log), "-w", "-t", "60", "-o", opts, "start"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                **as_user,
+            ),
+            "pg_ctl start",
+            log,
+        )
         engine = sqlalchemy.create_engine(pg.url("postgres"), isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             for db in ("optuna", "mlflow"):
@@ -167,9 +205,29 @@ def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its 7 huey job consumers are not needed for tracking
     log = root / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow"),
-                                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                postgres.url("mlflow"),
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 100  # imports + schema migrations: 15-40 s on a busy 2-core box
@@ -190,9 +248,32 @@ def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _tune_command(data: Path, storage: str, final_model: bool) -> list[str]:
-    return [sys.executable, "-m", "bias_lab.cli", "tune", "--data", str(data), "--image-size", "32", "--model", "lenet",
-            "--threads", "1", "--epochs", str(EPOCHS), "--pruner", "none", "--n-trials", str(N_TRIALS),
-            "--storage", storage, "--study-name", STUDY, "--final-model", str(final_model).lower()]
+    return [
+        sys.executable,
+        "-m",
+        "bias_lab.cli",
+        "tune",
+        "--data",
+        str(data),
+        "--image-size",
+        "32",
+        "--model",
+        "lenet",
+        "--threads",
+        "1",
+        "--epochs",
+        str(EPOCHS),
+        "--pruner",
+        "none",
+        "--n-trials",
+        str(N_TRIALS),
+        "--storage",
+        storage,
+        "--study-name",
+        STUDY,
+        "--final-model",
+        str(final_model).lower(),
+    ]
 
 
 def _kill_mid_trial(victim: subprocess.Popen, storage: optuna.storages.BaseStorage, timeout_s: float) -> int:
@@ -201,10 +282,16 @@ def _kill_mid_trial(victim: subprocess.Popen, storage: optuna.storages.BaseStora
     tag = f":{victim.pid}:"  # workers.WORKER is host:pid:start
     while time.monotonic() < deadline and victim.poll() is None:
         try:
-            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
         except KeyError:  # no worker has created the study yet
             trials = []
-        mid = [t for t in trials if tag in t.user_attrs.get("worker", "") and 1 <= len(t.intermediate_values) <= EPOCHS // 2]
+        mid = [
+            t
+            for t in trials
+            if tag in t.user_attrs.get("worker", "") and 1 <= len(t.intermediate_values) <= EPOCHS // 2
+        ]
         if mid:
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(30)
@@ -216,12 +303,15 @@ def _kill_mid_trial(victim: subprocess.Popen, storage: optuna.storages.BaseStora
 def _intervals_overlap(trials: list) -> bool:
     """Some two trials of different workers ran at the same time (the workers really were concurrent)."""
     spans = [(t.datetime_start, t.datetime_complete, t.user_attrs.get("worker")) for t in trials if t.datetime_complete]
-    return any(a0 < b1 and b0 < a1 and wa != wb for i, (a0, a1, wa) in enumerate(spans) for b0, b1, wb in spans[i + 1:])
+    return any(
+        a0 < b1 and b0 < a1 and wa != wb for i, (a0, a1, wa) in enumerate(spans) for b0, b1, wb in spans[i + 1 :]
+    )
 
 
 @pytest.mark.slow
-def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, postgres: Postgres, mlflow_server: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_share_a_postgres_study_and_mlflow_server(
+    kaggle_data: Path, postgres: Postgres, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """3 workers, the same command, one SIGKILLed mid-trial: exactly n_trials finished trials, one MLflow child run
     each, the killed trial failed and its params retried once, nothing left RUNNING, no password in MLflow."""
     # the password comes from PGPASSWORD (or ~/.pgpass), not the URL: `mlflow run -P storage=...` would log it
@@ -232,14 +322,25 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
     # worker 0 is the victim; worker 2 also retrains, registers and logs the best model (through the server)
-    procs = [subprocess.Popen(_tune_command(kaggle_data, storage_url, final_model=i == 2), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(WORKERS)]
+    procs = [
+        subprocess.Popen(
+            _tune_command(kaggle_data, storage_url, final_model=i == 2),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(WORKERS)
+    ]
     victim, survivors = procs[0], procs[1:]
     try:
         killed_number = _kill_mid_trial(victim, optuna.storages.RDBStorage(storage_url), timeout_s=90)
         storage = optuna.storages.RDBStorage(storage_url)
         # not finished: still RUNNING, or already failed by a survivor that saw its pid gone (same host, no wait)
-        assert optuna.load_study(study_name=STUDY, storage=storage).trials[killed_number].state in (TrialState.RUNNING, TrialState.FAIL)
+        assert optuna.load_study(study_name=STUDY, storage=storage).trials[killed_number].state in (
+            TrialState.RUNNING,
+            TrialState.FAIL,
+        )
         errs = [p.communicate(timeout=120)[1] for p in survivors]
     finally:
         for p in procs:
@@ -253,11 +354,15 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
     finished = [t for t in trials if t.state in FINISHED]
     killed = trials[killed_number]
-    assert len(finished) == N_TRIALS and len({t.number for t in finished}) == N_TRIALS, [(t.number, t.state) for t in trials]
+    assert len(finished) == N_TRIALS and len({t.number for t in finished}) == N_TRIALS, [
+        (t.number, t.state) for t in trials
+    ]
     assert killed.state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == killed_number]
     assert retry.state in FINISHED and retry.params == killed.params
-    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL and t is not killed)  # no other failure
+    assert all(
+        t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL and t is not killed
+    )  # no other failure
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert len({tuple(sorted(t.params.items())) for t in finished}) == N_TRIALS  # workers proposed distinct points
     assert all(len(t.intermediate_values) == EPOCHS for t in finished)  # pruner none: every finished trial ran fully
@@ -266,14 +371,27 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     # --- MLflow: one parent per worker, one child per finished trial, nothing RUNNING, no password
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
-    assert {r.info.experiment_id for r in runs} == {client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id}, \
-        [(r.info.experiment_id, r.info.run_name, r.info.status, r.data.tags.get("worker"), r.data.tags.get("mlflow.parentRunId")) for r in runs]
+    assert {r.info.experiment_id for r in runs} == {
+        client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    }, [
+        (
+            r.info.experiment_id,
+            r.info.run_name,
+            r.info.status,
+            r.data.tags.get("worker"),
+            r.data.tags.get("mlflow.parentRunId"),
+        )
+        for r in runs
+    ]
     assert "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
     parents = {r.data.tags["worker"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert len(parents) == WORKERS
     pid_of = {w: int(w.split(":")[-2]) for w in parents}
-    assert {pid_of[w]: r.info.status for w, r in parents.items()} == {victim.pid: "KILLED", survivors[0].pid: "FINISHED",
-                                                                       survivors[1].pid: "FINISHED"}
+    assert {pid_of[w]: r.info.status for w, r in parents.items()} == {
+        victim.pid: "KILLED",
+        survivors[0].pid: "FINISHED",
+        survivors[1].pid: "FINISHED",
+    }
     trial_runs = [r for r in runs if r.data.tags.get("role") == "trial"]
     per_trial = collections.Counter(int(r.data.tags["optuna_trial"]) for r in trial_runs)
     assert per_trial == collections.Counter([*(t.number for t in finished), killed_number])  # one each, surplus: none
@@ -282,8 +400,14 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
         run = by_id[t.user_attrs["mlflow_run_id"]]
         parent = by_id[run.data.tags["mlflow.parentRunId"]]
         assert run.info.status == "FINISHED" and run.data.tags["state"] == "complete"
-        assert parent.info.run_id == t.user_attrs["mlflow_parent_run_id"] and parent.data.tags["worker"] == t.user_attrs["worker"]
-        assert float(run.data.params["lr"]) == t.params["lr"] and int(run.data.params["batch_size"]) == t.params["batch_size"]
+        assert (
+            parent.info.run_id == t.user_attrs["mlflow_parent_run_id"]
+            and parent.data.tags["worker"] == t.user_attrs["worker"]
+        )
+        assert (
+            float(run.data.params["lr"]) == t.params["lr"]
+            and int(run.data.params["batch_size"]) == t.params["batch_size"]
+        )
         assert run.data.metrics["best_val_accuracy"] == t.value
     dead = by_id[killed.user_attrs["mlflow_run_id"]]
     assert dead.info.status == "KILLED" and dead.data.tags["state"] == "failed"
@@ -293,7 +417,11 @@ def test_workers_share_a_postgres_study_and_mlflow_server(kaggle_data: Path, pos
     [final] = [r for r in runs if r.data.tags.get("role") == "final"]
     assert by_id[final.data.tags["mlflow.parentRunId"]].data.tags["worker"].split(":")[-2] == str(survivors[1].pid)
     mv = client.get_model_version_by_alias("bias-lab", "champion")
-    assert mv.run_id == final.data.tags["mlflow.parentRunId"] and mv.tags["final_run_id"] == final.info.run_id and str(mv.version) == "1"
+    assert (
+        mv.run_id == final.data.tags["mlflow.parentRunId"]
+        and mv.tags["final_run_id"] == final.info.run_id
+        and str(mv.version) == "1"
+    )
     model, meta = tracking.load_model("models:/bias-lab@champion")
     assert meta.arch == "lenet" and meta.image_size == 32 and sum(p.numel() for p in model.parameters()) > 0
 
@@ -307,9 +435,20 @@ def test_workers_starting_together_on_a_new_postgres_mlflow_store(postgres: Post
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("CREATE DATABASE fresh"))
     engine.dispose()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"postgresql://bias@127.0.0.1:{postgres.port}/fresh", "PGPASSWORD": postgres.password}
-    procs = [subprocess.Popen([sys.executable, "-c", "from bias_lab import tracking; tracking.setup()"], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(WORKERS)]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"postgresql://bias@127.0.0.1:{postgres.port}/fresh",
+        "PGPASSWORD": postgres.password,
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from bias_lab import tracking; tracking.setup()"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(WORKERS)
+    ]
     errs = [p.communicate(timeout=180)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * WORKERS, errs
     client = mlflow.MlflowClient(tracking_uri=postgres.url("fresh"))
@@ -318,9 +457,27 @@ def test_workers_starting_together_on_a_new_postgres_mlflow_store(postgres: Post
 
 def test_storage_password_is_not_logged(kaggle_data: Path, postgres: Postgres) -> None:
     """A password written in --storage stays out of MLflow (params and tags); the run still names the database."""
-    code, out = invoke("tune", "--data", str(kaggle_data), "--image-size", "32", "--model", "lenet", "--threads", "1",
-                       "--epochs", "1", "--n-trials", "1", "--final-model", "false", "--storage", postgres.url("optuna"),
-                       "--study-name", "password")
+    code, out = invoke(
+        "tune",
+        "--data",
+        str(kaggle_data),
+        "--image-size",
+        "32",
+        "--model",
+        "lenet",
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--n-trials",
+        "1",
+        "--final-model",
+        "false",
+        "--storage",
+        postgres.url("optuna"),
+        "--study-name",
+        "password",
+    )
     assert code == 0, out
     [run] = [r for r in all_runs(mlflow.MlflowClient()) if "mlflow.parentRunId" not in r.data.tags]
     assert f"127.0.0.1:{postgres.port}/optuna" in run.data.tags["optuna_storage"]
@@ -349,15 +506,20 @@ def test_workers_racing_to_create_the_experiment_share_it(monkeypatch: pytest.Mo
     with tracking.run("probe") as run:
         pass
     monkeypatch.undo()
-    assert raced and run.info.experiment_id == mlflow.MlflowClient().get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    assert (
+        raced
+        and run.info.experiment_id
+        == mlflow.MlflowClient().get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    )
 
 
 # ----------------------------------------------------------------------------------------------- heartbeat
 
 
 @pytest.mark.slow
-def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(kaggle_data: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(
+    kaggle_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A trial left RUNNING by a worker on another machine (host name not ours: the pid check cannot decide) whose
     heartbeat stopped: the next worker on the same RDB storage fails it through Optuna's heartbeat, ends its MLflow
     runs KILLED (studies._StaleTrialCallback), re-queues its params once, and runs them. Real heartbeats on a sqlite
@@ -369,8 +531,27 @@ def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(kaggle_da
     monkeypatch.setattr(studies, "HEARTBEAT_S", 1)
     monkeypatch.setattr(studies, "GRACE_S", 2)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = ["tune", "--data", str(kaggle_data), "--image-size", "32", "--model", "lenet", "--threads", "1", "--epochs", "1",
-            "--pruner", "none", "--final-model", "false", "--storage", url, "--study-name", "hb"]
+    args = [
+        "tune",
+        "--data",
+        str(kaggle_data),
+        "--image-size",
+        "32",
+        "--model",
+        "lenet",
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--pruner",
+        "none",
+        "--final-model",
+        "false",
+        "--storage",
+        url,
+        "--study-name",
+        "hb",
+    ]
     code, out = invoke(*args, "--n-trials", "1")
     assert code == 0, out
 
@@ -384,11 +565,25 @@ def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(kaggle_da
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
     parent = client.create_run(exp, tags={"optuna_study": "hb", "worker": other}, run_name="tune-elsewhere")
-    child = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "role": "trial", "optuna_trial": str(trial.number),
-                                         "worker": other}, run_name=f"trial-{trial.number}")
-    for key, value in (("worker", other), ("mlflow_run_id", child.info.run_id), ("mlflow_parent_run_id", parent.info.run_id)):
+    child = client.create_run(
+        exp,
+        tags={
+            "mlflow.parentRunId": parent.info.run_id,
+            "role": "trial",
+            "optuna_trial": str(trial.number),
+            "worker": other,
+        },
+        run_name=f"trial-{trial.number}",
+    )
+    for key, value in (
+        ("worker", other),
+        ("mlflow_run_id", child.info.run_id),
+        ("mlflow_parent_run_id", parent.info.run_id),
+    ):
         trial.set_user_attr(key, value)
-    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("hb"), trial.number))
+    storage.record_heartbeat(
+        storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("hb"), trial.number)
+    )
     time.sleep(studies.GRACE_S + 1.5)  # its worker stopped beating
     stale_number, stale_params = trial.number, dict(trial.params)
 
@@ -402,7 +597,10 @@ def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(kaggle_da
     assert sum(t.state in FINISHED for t in trials) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
     for run_id in (child.info.run_id, parent.info.run_id):
         run = client.get_run(run_id)
-        assert run.info.status == "KILLED" and "stopped beating" in run.data.tags["error"], (run.info.status, run.data.tags)
+        assert run.info.status == "KILLED" and "stopped beating" in run.data.tags["error"], (
+            run.info.status,
+            run.data.tags,
+        )
     assert client.get_run(child.info.run_id).data.tags["state"] == "failed"
 
 
@@ -416,20 +614,30 @@ def _unreachable(case: str) -> tuple[list[str], dict[str, str], str]:
     return ["--storage", f"postgresql://bias:s3cret@127.0.0.1:{closed}/optuna"], {}, "cannot open the Optuna storage"
 
 
-@pytest.mark.parametrize("case", [
-    "mlflow",  # without tracking.setup's /health probe, MLflow retries a refused connection for ~8 min
-    "storage",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "mlflow",  # without tracking.setup's /health probe, MLflow retries a refused connection for ~8 min
+        "storage",
+    ],
+)
 def test_unreachable_store_fails_fast(case: str, tmp_path: Path) -> None:
     """A worker started before its server (or with a wrong host/port) exits 2 with one line, quickly."""
     extra, env, message = _unreachable(case)
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "bias_lab.cli", "tune", "--data", "demo", *extra], capture_output=True,
-                              text=True, env={**os.environ, **env}, timeout=FAST_S)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bias_lab.cli", "tune", "--data", "demo", *extra],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=FAST_S,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"tune with an unreachable {case} store was still waiting after {FAST_S} s")
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        proc.stderr
+    )
     assert "s3cret" not in proc.stderr and time.monotonic() - t0 < FAST_S
     assert not (tmp_path / "cache").exists()  # refused before reading any data

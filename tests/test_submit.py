@@ -83,8 +83,13 @@ def test_submit_champion_alias(kaggle_data: Path, client: mlflow.MlflowClient) -
 def test_sample_columns_label_values_and_unreadable_images(tmp_path: Path, client: mlflow.MlflowClient) -> None:
     """Unusual sample_submission (column names, ids with .jpg, shuffled); labels 1, 3, 7 written as such; a zero-byte
     test image still gets a row with the most frequent training label, a truncated one is predicted."""
-    root = write_kaggle(tmp_path / "d", labels={"1": 14, "3": 14, "7": 17}, n_test=6,
-                        test_kinds={"5002": "zero", "5004": "truncated"}, sample=False)
+    root = write_kaggle(
+        tmp_path / "d",
+        labels={"1": 14, "3": 14, "7": 17},
+        n_test=6,
+        test_kinds={"5002": "zero", "5004": "truncated"},
+        sample=False,
+    )
     ids = [f"{5000 + j}.jpg" for j in range(6)]
     random.Random(0).shuffle(ids)
     with open(root / "sample_submission.csv", "w", newline="") as f:
@@ -124,8 +129,9 @@ def only_error_line(out: str) -> str:
     return lines[0]
 
 
-def test_failures_write_nothing_and_keep_a_good_file(kaggle_data: Path, client: mlflow.MlflowClient,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failures_write_nothing_and_keep_a_good_file(
+    kaggle_data: Path, client: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     uri = train(kaggle_data)
     register(uri)
     assert invoke("kaggle-submit", "--data", str(kaggle_data), "--output", "sub.csv")[0] == 0
@@ -146,6 +152,7 @@ def test_failures_write_nothing_and_keep_a_good_file(kaggle_data: Path, client: 
         assert code == 2, (args, out)
         assert problem in only_error_line(out), (args, out)
         assert Path("sub.csv").read_bytes() == good, args
+
     # a failure while writing: the run ends FAILED, the old file stays, no temporary file is left behind
     def disk_full(sub, path: Path) -> None:
         path.write_text("id,label\n12")
@@ -154,7 +161,9 @@ def test_failures_write_nothing_and_keep_a_good_file(kaggle_data: Path, client: 
     monkeypatch.setattr(kaggle_submit, "write_csv", disk_full)
     code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--output", "sub.csv")
     assert code == 1 and "No space left" in out and "Traceback" not in out
-    assert Path("sub.csv").read_bytes() == good and sorted(p.name for p in Path(".").iterdir() if "sub" in p.name) == ["sub.csv"]
+    assert Path("sub.csv").read_bytes() == good and sorted(p.name for p in Path(".").iterdir() if "sub" in p.name) == [
+        "sub.csv"
+    ]
     runs = all_runs(client)
     assert len(runs) == n_runs + 1 and runs[0].info.status == "FAILED" and "No space left" in runs[0].data.tags["error"]
 
@@ -200,7 +209,9 @@ def no_run_left_finished_or_running(client: mlflow.MlflowClient) -> None:
     assert all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
 
 
-def test_duplicate_test_ids_refused_before_any_work(kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient) -> None:
+def test_duplicate_test_ids_refused_before_any_work(
+    kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient
+) -> None:
     """X.jpg and X.png in the test folder are one id: refused (naming both) before the model is even resolved,
     rather than one row from whichever was predicted last."""
     uri = train(kaggle_data)
@@ -227,25 +238,37 @@ def test_diverged_model_refused(kaggle_data: Path, client: mlflow.MlflowClient) 
     for name, broken in {"nan": lambda t: torch.full_like(t, float("nan")), "overflow": lambda t: t * 1e38}.items():
         torch.save({k: broken(t) if t.is_floating_point() else t for k, t in state.items()}, weights)
         code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--model-uri", uri, "--output", "sub.csv")
-        line = only_error_line(re.sub(r"^model .* test images, device .*\n", "", out, flags=re.M))  # overflow: seen predicting
+        line = only_error_line(
+            re.sub(r"^model .* test images, device .*\n", "", out, flags=re.M)
+        )  # overflow: seen predicting
         assert code == 2 and "outputs NaN/inf" in line and "diverged" in line and "another model" in line, (name, out)
         assert not Path("sub.csv").exists(), name
         no_run_left_finished_or_running(client)
 
 
-def test_unwritable_output_folder_refused_before_any_work(tmp_path: Path, client: mlflow.MlflowClient,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_output_folder_refused_before_any_work(
+    tmp_path: Path, client: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--output in a folder that cannot be written: refused before the model, data or a run (not after predicting)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: let the probe meet what a user without the permission meets
+
         def denied(*args, dir=None, **kw):
             raise PermissionError(13, "Permission denied", str(dir))
+
         monkeypatch.setattr(kaggle_submit.tempfile, "mkstemp", denied)
     try:
-        code, out = invoke("kaggle-submit", "--data", str(tmp_path / "no-data"), "--model-uri", "models:/nope@champion",
-                           "--output", str(locked / "sub.csv"))
+        code, out = invoke(
+            "kaggle-submit",
+            "--data",
+            str(tmp_path / "no-data"),
+            "--model-uri",
+            "models:/nope@champion",
+            "--output",
+            str(locked / "sub.csv"),
+        )
     finally:
         locked.chmod(0o755)
     line = only_error_line(out)
@@ -274,11 +297,16 @@ def test_corrupt_model_files(kaggle_data: Path) -> None:
         weights.write_bytes(good_weights)
         meta.write_text(good_meta)
         write()
-        which = "weights.pt" if "json" not in damage and "key" not in damage and "object" not in damage else "bias_lab.json"
+        which = (
+            "weights.pt" if "json" not in damage and "key" not in damage and "object" not in damage else "bias_lab.json"
+        )
         code, out = invoke("kaggle-submit", "--data", str(kaggle_data), "--model-uri", uri, "--output", "sub.csv")
         line = only_error_line(out)
         assert code == 2 and which in line and "another model/version" in line, (damage, out)
-        assert "lacks classes" in line if damage == "missing key" else "corrupt" in line or "lacks" in line, (damage, out)
+        assert "lacks classes" in line if damage == "missing key" else "corrupt" in line or "lacks" in line, (
+            damage,
+            out,
+        )
         assert "weights_only" not in out.lower().replace(" ", "_") and not Path("sub.csv").exists(), (damage, out)
         with pytest.raises(UserError) as raised:
             load_model(uri)

@@ -9,8 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from bias_lab import config
-from bias_lab import bias_sweep
+from bias_lab import bias_sweep, config
 from bias_lab.errors import UserError
 
 from .conftest import all_runs, figures_page
@@ -18,7 +17,11 @@ from .conftest import all_runs, figures_page
 
 def test_grid_parsing_and_cells() -> None:
     assert bias_sweep.parse_grid("1, 0,0.5,0.5", "gaps", 0, 1) == [0.0, 0.5, 1.0]
-    for text, message in (("0,x", "not a comma-separated list"), ("", "is empty"), ("0,1.5", r"1.5 is outside \[0, 1\]")):
+    for text, message in (
+        ("0,x", "not a comma-separated list"),
+        ("", "is empty"),
+        ("0,1.5", r"1.5 is outside \[0, 1\]"),
+    ):
         with pytest.raises(UserError, match=message):
             bias_sweep.parse_grid(text, "gaps", 0, 1)
     with pytest.raises(UserError, match="inf is outside"):
@@ -35,13 +38,18 @@ def test_threshold_is_where_the_bias_starts_and_stays() -> None:
     assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.7]) == 1.0
     assert math.isnan(bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.85]))
     assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.0, math.inf, math.inf]) == 0.75
-    assert math.isnan(bias_sweep.threshold(gaps, [0.0, 0.0, 0.0, 0.0, math.nan]))  # undefined at the top: not shown taken
+    assert math.isnan(
+        bias_sweep.threshold(gaps, [0.0, 0.0, 0.0, 0.0, math.nan])
+    )  # undefined at the top: not shown taken
 
 
 def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
     data = config.DataConfig(data=str(kaggle_data), image_size=32)
-    out = bias_sweep.run_sweep(data, config.TrainConfig(model="lenet", epochs=1, batch_size=16),
-                          config.SweepConfig(classes="2,4", gaps="0,1", sigmas="1", bootstrap=50))
+    out = bias_sweep.run_sweep(
+        data,
+        config.TrainConfig(model="lenet", epochs=1, batch_size=16),
+        config.SweepConfig(classes="2,4", gaps="0,1", sigmas="1", bootstrap=50),
+    )
     assert set(out) == {"threshold_gap_sigma_1", "threshold_gap"}
     runs = all_runs(client)
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -58,4 +66,6 @@ def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.Ml
     figures_page(client, parent.info.run_id, {"sweep"})
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/sweep.csv"))
     assert list(table.gap) == [0.0, 1.0]
-    assert table.decorrelated_test_di.iloc[1] == pytest.approx(by_gap["1"].data.metrics["decorrelated_test_di"], nan_ok=True)
+    assert table.decorrelated_test_di.iloc[1] == pytest.approx(
+        by_gap["1"].data.metrics["decorrelated_test_di"], nan_ok=True
+    )

@@ -19,11 +19,11 @@ import mlflow
 import pytest
 import torch
 
+from bias_lab import loop
 from bias_lab.config import SCHEDULES, TrainConfig
 from bias_lab.errors import UserError
-from bias_lab.models import build
-from bias_lab import loop
 from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything, validate
+from bias_lab.models import build
 
 from .conftest import FAST, all_runs, invoke
 
@@ -63,12 +63,29 @@ class Interrupt(Exception):
     """Raised by an epoch hook to stop fit mid-run (what a crash or a pruned trial does)."""
 
 
-def run_fit(epochs: int, seed: int = 0, init_seed: int | None = None, checkpoint: Path | None = None,
-            resume: bool = False, on_epoch: Callable | None = None, **cfg: object) -> tuple[torch.nn.Module, FitResult]:
+def run_fit(
+    epochs: int,
+    seed: int = 0,
+    init_seed: int | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable | None = None,
+    **cfg: object,
+) -> tuple[torch.nn.Module, FitResult]:
     seed_everything(seed if init_seed is None else init_seed)
     model = build("lenet", 1, 4, 32)
-    config = TrainConfig(**{"model": "lenet", "epochs": epochs, "batch_size": 32, "lr": 0.05, "seed": seed, "device": "cpu",
-                            "resume": resume, **cfg})
+    config = TrainConfig(
+        **{
+            "model": "lenet",
+            "epochs": epochs,
+            "batch_size": 32,
+            "lr": 0.05,
+            "seed": seed,
+            "device": "cpu",
+            "resume": resume,
+            **cfg,
+        }
+    )
     return model, fit(model, TRAIN, VAL, config, NORM, on_epoch=on_epoch, checkpoint=checkpoint)
 
 
@@ -154,21 +171,36 @@ def test_predict_is_batch_independent_and_gradient_free() -> None:
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("epochs", 0, "epochs=0"), ("batch_size", 0, "batch_size=0"), ("lr", 0.0, "lr=0.0"),
-    ("momentum", 1.0, "momentum=1.0"), ("label_smoothing", 1.0, "label_smoothing=1.0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("epochs", 0, "epochs=0"),
+        ("batch_size", 0, "batch_size=0"),
+        ("lr", 0.0, "lr=0.0"),
+        ("momentum", 1.0, "momentum=1.0"),
+        ("label_smoothing", 1.0, "label_smoothing=1.0"),
+    ],
+)
 def test_bad_settings_are_user_errors(field: str, value: object, message: str) -> None:
     cfg = {"epochs": 1, field: value}
     with pytest.raises(UserError, match=message):
         run_fit(**cfg)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("lr", math.inf, "lr=inf"), ("lr", math.nan, "lr=nan"), ("weight_decay", math.nan, "weight_decay=nan"),
-    ("weight_decay", math.inf, "weight_decay=inf"), ("weight_decay", -1.0, "weight_decay=-1"), ("seed", -1, "seed=-1"),
-    ("seed", 2**65, f"seed={2**65}"), ("label_smoothing", math.nan, "label_smoothing=nan"), ("threads", -2, "threads=-2"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lr", math.inf, "lr=inf"),
+        ("lr", math.nan, "lr=nan"),
+        ("weight_decay", math.nan, "weight_decay=nan"),
+        ("weight_decay", math.inf, "weight_decay=inf"),
+        ("weight_decay", -1.0, "weight_decay=-1"),
+        ("seed", -1, "seed=-1"),
+        ("seed", 2**65, f"seed={2**65}"),
+        ("label_smoothing", math.nan, "label_smoothing=nan"),
+        ("threads", -2, "threads=-2"),
+    ],
+)
 def test_validate_rejects_non_finite_and_out_of_range_settings(field: str, value: object, message: str) -> None:
     with pytest.raises(UserError, match=message):
         validate(TrainConfig(**{field: value}))
@@ -212,7 +244,9 @@ def test_corrupt_checkpoint_is_a_one_line_user_error(tmp_path: Path, damage: str
 def test_lr_factor_shapes() -> None:
     total = 1000
     assert all(lr_factor("none", s, total) == 1.0 for s in range(0, total, 37))
-    assert [lr_factor("step", s, total) for s in (0, 499, 500, 749, 750, 999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [lr_factor("step", s, total) for s in (0, 499, 500, 749, 750, 999)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     cos = [lr_factor("cosine", s, total) for s in range(total + 1)]
     assert cos[0] == pytest.approx(0.04) and max(cos) == pytest.approx(1.0) and cos.index(max(cos)) == 50  # 5% warm-up
     assert all(x >= y for x, y in zip(cos[50:], cos[51:])) and cos[-1] == pytest.approx(0.0, abs=1e-9)
@@ -225,7 +259,9 @@ def test_fit_follows_the_schedule(schedule: str) -> None:
     """The lr fit reports after epoch e is the peak lr times lr_factor at that epoch's last step."""
     _, res = run_fit(3, schedule=schedule, augment=False)
     steps = math.ceil(len(TRAIN) / 32)
-    assert [h["scheduled_lr"] for h in res.history] == pytest.approx([0.05 * lr_factor(schedule, e * steps, 3 * steps) for e in (1, 2, 3)])
+    assert [h["scheduled_lr"] for h in res.history] == pytest.approx(
+        [0.05 * lr_factor(schedule, e * steps, 3 * steps) for e in (1, 2, 3)]
+    )
 
 
 # ------------------------------------------------------------------------------------------ killed `bias-lab train`
@@ -240,8 +276,13 @@ def train_args(data: Path, epochs: int) -> list[str]:
 def start(args: list[str]) -> subprocess.Popen:
     """`bias-lab ARGS` in a subprocess with one torch thread from the start, as in this test process: the float
     rounding of the data preparation (pixel mean/std) depends on the thread count, and training amplifies it."""
-    return subprocess.Popen([sys.executable, "-m", "bias_lab.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "bias_lab.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def checkpoint_epoch(cache: Path) -> int:
@@ -281,8 +322,9 @@ def test_sigterm_ends_the_run_killed(kaggle_data: Path, client: mlflow.MlflowCli
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reaches_the_uninterrupted_result(kaggle_data: Path, client: mlflow.MlflowClient,
-                                                              isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_then_resume_reaches_the_uninterrupted_result(
+    kaggle_data: Path, client: mlflow.MlflowClient, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL leaves the run RUNNING (no handler can run); `--resume true` re-opens that run and finishes it with
     exactly the numbers of an uninterrupted run. The two complete runs run in-process (same code, one thread)."""
     args = train_args(kaggle_data, 30)
@@ -320,7 +362,9 @@ def test_openmp_threads_sleep_by_default_and_a_user_setting_wins(preset: str | N
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": preset} if preset else {}
+    )
     code = "import bias_lab, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [preset or "PASSIVE", "False"]

@@ -17,10 +17,9 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from bias_lab import pipeline, registry, studies, tracking, tune, workers
-from bias_lab.errors import UserError
+from bias_lab import config, pipeline, registry, studies, tracking, tune, workers
 from bias_lab.data import load
-from bias_lab import config
+from bias_lab.errors import UserError
 from bias_lab.models import build
 
 from .conftest import all_runs, figures_page, invoke
@@ -70,17 +69,33 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert [t.user_attrs["mlflow_run_id"] for t in study.trials] == [trials[n].info.run_id for n in (0, 1, 2)]
     for t in study.trials:  # each child logs its trial's sampled params
         p = trials[t.number].data.params
-        assert (float(p["lr"]), float(p["momentum"]), int(p["batch_size"])) == (t.params["lr"], t.params["momentum"], t.params["batch_size"])
+        assert (float(p["lr"]), float(p["momentum"]), int(p["batch_size"])) == (
+            t.params["lr"],
+            t.params["momentum"],
+            t.params["batch_size"],
+        )
 
     m, p = parent.data.metrics, parent.data.params
     assert (m["n_trials_complete"], m["n_trials_pruned"], m["n_trials_failed"]) == (2, 1, 0)
     assert m["best_val_accuracy"] == study.best_value and m["epochs_trained"] == 5
-    assert float(p["best_lr"]) == study.best_params["lr"] and int(p["best_batch_size"]) == study.best_params["batch_size"]
-    assert 0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
+    assert (
+        float(p["best_lr"]) == study.best_params["lr"] and int(p["best_batch_size"]) == study.best_params["batch_size"]
+    )
+    assert (
+        0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
+    )
     assert "system/cpu_utilization_percentage" in m and not any(k.startswith("system/") for k in trials[0].data.metrics)
-    figures_page(client, parent.info.run_id, {"optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum"})
-    assert not {"lr", "momentum", "batch_size", "resume"} & set(p)  # searched or unused: the tune run did not use one value
-    assert f"best trial {study.best_trial.number}" in parent.data.tags["mlflow.note.content"]  # the run page's Description
+    figures_page(
+        client,
+        parent.info.run_id,
+        {"optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum"},
+    )
+    assert not {"lr", "momentum", "batch_size", "resume"} & set(
+        p
+    )  # searched or unused: the tune run did not use one value
+    assert (
+        f"best trial {study.best_trial.number}" in parent.data.tags["mlflow.note.content"]
+    )  # the run page's Description
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv").splitlines()
     assert len(table) == 4 and "params_lr" in table[0] and "PRUNED" in table[2]
 
@@ -89,7 +104,9 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert str(mv.version) == "1" and mv.run_id == parent.info.run_id and parent.data.tags["champion_moved"] == "true"
     assert mv.tags["final_run_id"] == final.info.run_id and "bias-lab v1" in parent.data.tags["mlflow.note.content"]
     digest = load(config.DataConfig(data=str(kaggle_data), image_size=32)).digest
-    assert mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
+    assert (
+        mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
+    )
     assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)
     hp, uri = registry.champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
     assert hp == study.best_params and uri == "models:/bias-lab/1"
@@ -97,21 +114,57 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
 
 def test_diverged_trial_is_pruned_not_a_crash(kaggle_data: Path, client, tmp_path: Path) -> None:
     """lr = 1e30 makes the loss non-finite: the trial ends pruned with the reason, nothing is registered, exit 0."""
-    code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "1", "--lr-min", "1e30", "--lr-max", "1e31", "--batch-sizes", "16", "--study-name", "d"))
+    code, out = invoke(
+        *tiny(
+            kaggle_data,
+            "--epochs",
+            "2",
+            "--n-trials",
+            "1",
+            "--lr-min",
+            "1e30",
+            "--lr-max",
+            "1e31",
+            "--batch-sizes",
+            "16",
+            "--study-name",
+            "d",
+        )
+    )
     assert code == 0 and "nothing to register" in out, out
     [trial] = study_at(tmp_path / "optuna.journal", "d").trials
     assert trial.state == TrialState.PRUNED
     [parent], kids = parent_and_children(client)
     [child] = kids[parent.info.run_id]
-    assert child.info.status == "FINISHED" and child.data.tags["state"] == "pruned" and "non-finite" in child.data.tags["pruned_reason"]
-    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials_pruned"] == 1 and "best_val_accuracy" not in parent.data.metrics
+    assert (
+        child.info.status == "FINISHED"
+        and child.data.tags["state"] == "pruned"
+        and "non-finite" in child.data.tags["pruned_reason"]
+    )
+    assert (
+        parent.info.status == "FINISHED"
+        and parent.data.metrics["n_trials_pruned"] == 1
+        and "best_val_accuracy" not in parent.data.metrics
+    )
     assert client.search_registered_models() == []
 
 
 def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C in trial 2: trials 0-1 kept, trial 2 failed, best so far logged; re-run with n_trials=4 completes it.
     This study uses an RDB URL (sqlite) to cover that storage too."""
-    args = tiny(kaggle_data, "--epochs", "2", "--pruner", "none", "--storage", "sqlite:///optuna.db", "--study-name", "s", "--final-model", "false")
+    args = tiny(
+        kaggle_data,
+        "--epochs",
+        "2",
+        "--pruner",
+        "none",
+        "--storage",
+        "sqlite:///optuna.db",
+        "--study-name",
+        "s",
+        "--final-model",
+        "false",
+    )
     real, calls = pipeline.train_model, []
 
     def ctrl_c_in_third_trial(prep, cfg, **kw):
@@ -146,9 +199,23 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, clien
 def test_sigkill_mid_trial_then_rerun(kaggle_data: Path, client, tmp_path: Path) -> None:
     """A worker killed with SIGKILL mid-trial: the re-run keeps the completed trial, fails the interrupted one
     (and retries its params once), and ends the dead worker's MLflow runs KILLED."""
-    args = tiny(kaggle_data, "--epochs", "30", "--pruner", "none", "--n-trials", "2", "--study-name", "k", "--final-model", "false")
+    args = tiny(
+        kaggle_data,
+        "--epochs",
+        "30",
+        "--pruner",
+        "none",
+        "--n-trials",
+        "2",
+        "--study-name",
+        "k",
+        "--final-model",
+        "false",
+    )
     env = {**os.environ, "BIAS_LAB_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "bias_lab.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bias_lab.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     journal, deadline = tmp_path / "optuna.journal", time.monotonic() + 180
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -168,7 +235,9 @@ def test_sigkill_mid_trial_then_rerun(kaggle_data: Path, client, tmp_path: Path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING], "not killed mid-trial"
     completed, killed = study.trials
     status = {r.info.run_id: r.info.status for r in all_runs(client)}
-    assert status[killed.user_attrs["mlflow_run_id"]] == status[killed.user_attrs["mlflow_parent_run_id"]] == "RUNNING"  # SIGKILL
+    assert (
+        status[killed.user_attrs["mlflow_run_id"]] == status[killed.user_attrs["mlflow_parent_run_id"]] == "RUNNING"
+    )  # SIGKILL
 
     code, out = invoke(*args)
     assert code == 0, out
@@ -179,16 +248,35 @@ def test_sigkill_mid_trial_then_rerun(kaggle_data: Path, client, tmp_path: Path)
     assert retry.system_attrs["failed_trial"] == killed.number and retry.params == killed.params  # re-queued once
     statuses = {r.info.run_id: r.info.status for r in all_runs(client)}
     assert "RUNNING" not in statuses.values()
-    assert statuses[killed.user_attrs["mlflow_run_id"]] == statuses[killed.user_attrs["mlflow_parent_run_id"]] == "KILLED"
+    assert (
+        statuses[killed.user_attrs["mlflow_run_id"]] == statuses[killed.user_attrs["mlflow_parent_run_id"]] == "KILLED"
+    )
 
 
 def test_two_workers_share_one_journal(kaggle_data: Path, client, tmp_path: Path) -> None:
     mlflow.set_experiment("bias-lab")  # the store exists before the workers start (as after any first run)
     shared = tmp_path / "shared.journal"
-    args = tiny(kaggle_data, "--epochs", "1", "--pruner", "none", "--n-trials", "4", "--storage", str(shared),
-                "--study-name", "w", "--final-model", "false")
-    procs = [subprocess.Popen([sys.executable, "-m", "bias_lab.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    args = tiny(
+        kaggle_data,
+        "--epochs",
+        "1",
+        "--pruner",
+        "none",
+        "--n-trials",
+        "4",
+        "--storage",
+        str(shared),
+        "--study-name",
+        "w",
+        "--final-model",
+        "false",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bias_lab.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     trials = study_at(shared, "w").trials
@@ -213,14 +301,22 @@ def test_champion_moves_only_on_improvement(client) -> None:
 
     assert register("d1", 0.5)["moved"] and champion() == "1"
     d = register("d1", 0.4)
-    assert not d["moved"] and champion() == "1" and d["baseline_val_accuracy"] == 0.5 and "0.4000 <= 0.5000 of v1" in d["reason"]
+    assert (
+        not d["moved"]
+        and champion() == "1"
+        and d["baseline_val_accuracy"] == 0.5
+        and "0.4000 <= 0.5000 of v1" in d["reason"]
+    )
     assert not register("d1", 0.5)["moved"] and champion() == "1"  # a tie does not beat
     assert register("d1", 0.6)["moved"] and champion() == "4"
     d = register("d2", 0.1)  # other data: nothing to compare with, so it becomes champion (and says so)
     assert d["moved"] and champion() == "5" and "other data d1" in d["reason"]
     d = register("d1", 0.55)  # compared with d1's best (v4, 0.6), not with the d2 champion
     assert not d["moved"] and str(d["baseline_version"]) == "4" and champion() == "5"
-    assert client.get_model_version("m", "6").tags["val_accuracy"] == "0.55" and client.get_model_version("m", "6").tags["data_digest"] == "d1"
+    assert (
+        client.get_model_version("m", "6").tags["val_accuracy"] == "0.55"
+        and client.get_model_version("m", "6").tags["data_digest"] == "d1"
+    )
 
 
 def test_search_never_reads_the_test_split(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
@@ -244,31 +340,48 @@ def test_search_never_reads_the_test_split(kaggle_data: Path, client, tmp_path: 
     monkeypatch.setattr(pipeline, "measure", spy)
     code, out = invoke(*common, "--study-name", "poisoned")
     assert code == 0, out
-    clean, dirty = study_at(tmp_path / "optuna.journal", "clean").trials, study_at(tmp_path / "optuna.journal", "poisoned").trials
+    clean, dirty = (
+        study_at(tmp_path / "optuna.journal", "clean").trials,
+        study_at(tmp_path / "optuna.journal", "poisoned").trials,
+    )
     assert [(t.params, t.value) for t in clean] == [(t.params, t.value) for t in dirty]
     assert measured == [[TrialState.COMPLETE, TrialState.COMPLETE]]  # once, after the search
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--storage", "sqlite:////no-such-dir/optuna.db"], "cannot open the Optuna storage"),
-    (["--storage", "/no-such-dir/optuna.journal"], "does not exist"),
-    (["--lr-min", "0"], "0 < lr_min <= lr_max"),
-    (["--lr-max", "inf"], "use finite 0 < lr_min <= lr_max"),
-    (["--lr-max", "nan"], "use finite 0 < lr_min <= lr_max"),
-    (["--timeout", "nan"], "timeout=nan"),
-    (["--weight-decay", "inf"], "weight_decay=inf"),
-    (["--seed", "-1"], "seed=-1"),
-    (["--batch-sizes", "32,x"], "batch_sizes='32,x'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--storage", "sqlite:////no-such-dir/optuna.db"], "cannot open the Optuna storage"),
+        (["--storage", "/no-such-dir/optuna.journal"], "does not exist"),
+        (["--lr-min", "0"], "0 < lr_min <= lr_max"),
+        (["--lr-max", "inf"], "use finite 0 < lr_min <= lr_max"),
+        (["--lr-max", "nan"], "use finite 0 < lr_min <= lr_max"),
+        (["--timeout", "nan"], "timeout=nan"),
+        (["--weight-decay", "inf"], "weight_decay=inf"),
+        (["--seed", "-1"], "seed=-1"),
+        (["--batch-sizes", "32,x"], "batch_sizes='32,x'"),
+    ],
+)
 def test_bad_tune_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     code, out = invoke("tune", *args)
     assert code == 2 and out.startswith("error: ") and out.count("\n") == 1 and message in out, out
-    assert not (tmp_path / "optuna.journal").exists() and not (tmp_path / "cache").exists()  # rejected before storage and data
+    assert (
+        not (tmp_path / "optuna.journal").exists() and not (tmp_path / "cache").exists()
+    )  # rejected before storage and data
     assert all_runs(mlflow.MlflowClient()) == []
 
 
-@pytest.mark.parametrize("content", [b"garbage\xff\x00\n", b"not json\n", b'{"op_code": 99}\n', b'{"a": 1}\n', b"[1, 2]\n",
-                                     b'{"op_code": 0, "worker_id": "x"}\n'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"garbage\xff\x00\n",
+        b"not json\n",
+        b'{"op_code": 99}\n',
+        b'{"a": 1}\n',
+        b"[1, 2]\n",
+        b'{"op_code": 0, "worker_id": "x"}\n',
+    ],
+)
 def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "j.journal").write_bytes(content)
     code, out = invoke("tune", "--storage", str(tmp_path / "j.journal"))
@@ -278,7 +391,9 @@ def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -
 
 def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
     """The real median pruner (no stand-in): after 3 good trials, one reporting a far worse value is pruned at once."""
-    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0))
+    study = optuna.create_study(
+        direction="maximize", pruner=tune.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0)
+    )
     for _ in range(3):
         t = study.ask()
         for epoch in range(1, 7):
@@ -299,7 +414,9 @@ def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> 
     storage, _ = studies.open_storage("")
     study = tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
     assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
-    tune.open_study(storage, "f", config.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0)  # more trials: fine
+    tune.open_study(
+        storage, "f", config.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0
+    )  # more trials: fine
     with pytest.raises(UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
         tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
 
@@ -327,13 +444,17 @@ def test_pruning_benchmark_runs(capsys) -> None:
         sys.argv = argv
     out = capsys.readouterr().out
     assert "| none |" in out and "| median |" in out
-    assert "TARGET pruning keeps best val accuracy within 1 point" in out and "TARGET pruning trains >= 2x fewer epochs" in out
+    assert (
+        "TARGET pruning keeps best val accuracy within 1 point" in out
+        and "TARGET pruning trains >= 2x fewer epochs" in out
+    )
 
 
 def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
     """TrialSeededTPE re-seeds Optuna's private RNGs (TPESampler._rng, its random sampler's _rng) per trial number.
     Guards that access against the Optuna versions pyproject allows: if those attributes move, a new process on an
     existing study would restart the random stream and re-propose trial 0's point as trial 3's."""
+
     def draws(study: optuna.Study, n: int) -> list[float]:
         out = []
         for _ in range(n):
