@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 # The same OpenMP policy bias_lab sets for itself (bias_lab/__init__.py): without it the textbook loop's spinning
@@ -227,6 +228,24 @@ def run_textbook(
 # ------------------------------------------------------------------------------------------ bias_lab side (CLI only)
 
 
+def train_cli(cmd: list[str], cwd: Path, env: dict[str, str], store: Path) -> tuple[Any, float]:
+    """Run one `bias-lab train` command line; its MLflow run (read back from the sqlite `store`) and wall seconds.
+    Shared with bench_load.py."""
+    import mlflow
+
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    m = re.search(r"run ([0-9a-f]{32})", p.stdout + p.stderr)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    if m:
+        return client.get_run(m.group(1)), wall
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, order_by=["attribute.start_time DESC"], max_results=1)[0], wall
+
+
 def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra: list[str]) -> Result:
     import mlflow
 
@@ -252,18 +271,8 @@ def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra
         "cpu",
         *extra,
     ]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    m = re.search(r"run ([0-9a-f]{32})", p.stdout + p.stderr)
+    run, wall = train_cli(cmd, tmp, env, store)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
-    if m:
-        run = client.get_run(m.group(1))
-    else:
-        exps = [e.experiment_id for e in client.search_experiments()]
-        run = client.search_runs(exps, order_by=["attribute.start_time DESC"], max_results=1)[0]
     met = run.data.metrics
     vals = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val_accuracy"))
     times = dict(sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "epoch_time_s")))

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported: the sibling benchmark
+from bench_accuracy import train_cli  # noqa: E402  (one way to run `bias-lab train` and read its run back)
 
 DEFAULT_DATA = "/work/shared/data/tiny4"
 
@@ -67,7 +69,6 @@ def base_env(tmp: Path, policy: str | None) -> dict[str, str]:
 
 def train_once(data: Path, tmp: Path, policy: str | None, epochs: int = 1) -> dict[str, float]:
     """One `bias-lab train` subprocess; its metrics (read back from the store) + the process's wall seconds."""
-    import mlflow
 
     cmd = [
         sys.executable,
@@ -87,18 +88,7 @@ def train_once(data: Path, tmp: Path, policy: str | None, epochs: int = 1) -> di
         "--device",
         "cpu",
     ]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=tmp, env=base_env(tmp, policy), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    m = re.search(r"run ([0-9a-f]{32})", p.stdout + p.stderr)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    if m:
-        run = client.get_run(m.group(1))
-    else:
-        exps = [e.experiment_id for e in client.search_experiments()]
-        run = client.search_runs(exps, order_by=["attribute.start_time DESC"], max_results=1)[0]
+    run, wall = train_cli(cmd, tmp, base_env(tmp, policy), tmp / "mlflow.db")
     return {**run.data.metrics, "wall_s": wall}
 
 
