@@ -31,7 +31,8 @@ def checkpoint_path(
     """Where `train` checkpoints: one file per configuration and kind of device (`device_type`, default: what
     train_cfg.device resolves to), so `resume=true` with the same command finds it. device=auto and device=cuda on
     a GPU share one, as do runs differing only in threads; a CPU and a GPU run do not: a checkpoint's random
-    streams (and bf16 vs fp32 numbers) belong to one kind of device. CPU keys are those of older versions."""
+    streams (and bf16 vs fp32 numbers) belong to one kind of device. (A CPU key hashes no device type; a setting
+    added to TrainConfig changes every key, so an older version's checkpoint is not resumed.)"""
     device_type = device_type or resolve_device(train_cfg.device).type
     key = {
         k: v
