@@ -228,11 +228,34 @@ def run_textbook(
 # ------------------------------------------------------------------------------------------ bias_lab side (CLI only)
 
 
-def train_cli(cmd: list[str], cwd: Path, env: dict[str, str], store: Path) -> tuple[Any, float]:
-    """Run one `bias-lab train` command line; its MLflow run (read back from the sqlite `store`) and wall seconds.
-    Shared with bench_load.py."""
+def train_cli(
+    data: Path,
+    model: str,
+    epochs: int,
+    image_size: int,
+    seed: int,
+    cwd: Path,
+    env: dict[str, str],
+    store: Path,
+    extra: list[str] | tuple[str, ...] = (),
+) -> tuple[Any, float]:
+    """Run `bias-lab train` on the CPU in a subprocess; its MLflow run (read back from the sqlite `store`) and wall
+    seconds. Shared with bench_load.py."""
     import mlflow
 
+    cmd = [
+        sys.executable,
+        "-m",
+        "bias_lab.cli",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        model,
+        "--epochs",
+        str(epochs),
+    ]
+    cmd += ["--image-size", str(image_size), "--seed", str(seed), "--device", "cpu", *extra]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -252,26 +275,7 @@ def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra
     store = tmp / "mlflow.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "bias_lab.cli",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        name,
-        "--epochs",
-        str(epochs),
-        "--image-size",
-        str(SIZE),
-        "--seed",
-        str(seed),
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    run, wall = train_cli(cmd, tmp, env, store)
+    run, wall = train_cli(data, name, epochs, SIZE, seed, tmp, env, store, extra)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
     met = run.data.metrics
     vals = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val_accuracy"))

@@ -69,26 +69,7 @@ def base_env(tmp: Path, policy: str | None) -> dict[str, str]:
 
 def train_once(data: Path, tmp: Path, policy: str | None, epochs: int = 1) -> dict[str, float]:
     """One `bias-lab train` subprocess; its metrics (read back from the store) + the process's wall seconds."""
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "bias_lab.cli",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        "lenet",
-        "--epochs",
-        str(epochs),
-        "--image-size",
-        "64",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-    ]
-    run, wall = train_cli(cmd, tmp, base_env(tmp, policy), tmp / "mlflow.db")
+    run, wall = train_cli(data, "lenet", epochs, 64, 0, tmp, base_env(tmp, policy), tmp / "mlflow.db")
     return {**run.data.metrics, "wall_s": wall}
 
 
