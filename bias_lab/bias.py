@@ -7,12 +7,10 @@ always gets the same S and eps), so every split, trial and evaluation sees the s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from bias_lab.config import BiasConfig
 from bias_lab.data import Dataset
 from bias_lab.errors import check
 
@@ -25,16 +23,6 @@ class Channel:
 
     s: torch.Tensor  # bool, N
     eps: torch.Tensor  # float32, N x 1 x H x W; exactly zero where s is False
-
-
-def validate(cfg: BiasConfig) -> None:
-    """One-line UserError for a p0/p1 outside [0, 1] (NaN included) or a negative or non-finite sigma."""
-    check(0.0 <= cfg.p0 <= 1.0, f"p0={cfg.p0} is not a probability: use a value in [0, 1]")
-    check(0.0 <= cfg.p1 <= 1.0, f"p1={cfg.p1} is not a probability: use a value in [0, 1]")
-    check(
-        math.isfinite(cfg.sigma) and cfg.sigma >= 0.0,
-        f"sigma={cfg.sigma} is not a finite standard deviation >= 0: use e.g. sigma=1",
-    )
 
 
 def parse_classes(ds: Dataset, classes: str) -> tuple[str, str]:

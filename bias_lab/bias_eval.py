@@ -21,13 +21,12 @@ import mlflow
 import numpy as np
 
 from bias_lab import bias as biasmod
-from bias_lab import explain, metrics, mitigation, plots, registry, tracking
+from bias_lab import config, explain, metrics, mitigation, plots, registry, tracking
 from bias_lab import markdown as md
-from bias_lab.config import MITIGATIONS, MODEL_1_MODES, NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
+from bias_lab.config import NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
-from bias_lab.errors import UserError, check
-from bias_lab.loop import SEED_LIMIT, InputHook
-from bias_lab.loop import validate as validate_train
+from bias_lab.errors import UserError
+from bias_lab.loop import InputHook
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
 
@@ -64,37 +63,6 @@ class Arm:
 
 
 # ------------------------------------------------------------------------------------------- validation
-
-
-def validate(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig) -> None:
-    """Reject bad settings before any data is read or any run is opened (one-line UserError)."""
-    biasmod.validate(bias_cfg)
-    validate_train(train_cfg)
-    check(
-        data_cfg.test_fraction > 0,
-        f"test_fraction={data_cfg.test_fraction}: bias_eval measures on the test split; use a share > 0, e.g. 0.15",
-    )
-    check(
-        train_cfg.seed + eval_cfg.seeds <= SEED_LIMIT,
-        f"seed={train_cfg.seed} with seeds={eval_cfg.seeds}: the last seed, "
-        f"seed + seeds - 1, must stay below {SEED_LIMIT}",
-    )
-    check(
-        eval_cfg.model_1_mode in MODEL_1_MODES,
-        f"model_1_mode={eval_cfg.model_1_mode}: choose one of {', '.join(MODEL_1_MODES)}",
-    )
-    check(
-        eval_cfg.mitigation in MITIGATIONS, f"mitigation={eval_cfg.mitigation}: choose one of {', '.join(MITIGATIONS)}"
-    )
-    check(eval_cfg.seeds >= 1, f"seeds={eval_cfg.seeds}: use at least 1")
-    check(eval_cfg.bootstrap >= 0, f"bootstrap={eval_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 1000")
-    if eval_cfg.mitigation == "adversarial":
-        check(
-            eval_cfg.adv_weight > 0,
-            f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1",
-        )
-    if eval_cfg.mitigation == "channel_dropout":
-        check(0 < eval_cfg.dropout_rate <= 1, f"dropout_rate={eval_cfg.dropout_rate}: use a share in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------- hyperparameters
@@ -521,7 +489,7 @@ def run_bias_eval(
     data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, eval_cfg: BiasEvalConfig
 ) -> dict[str, float]:
     """The `bias_eval` command: parent run + one child per (model, seed); returns the parent's comparison metrics."""
-    validate(data_cfg, train_cfg, bias_cfg, eval_cfg)
+    config.validate("bias_eval", data_cfg, train_cfg, bias_cfg, eval_cfg)  # before any data is read or run opened
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

@@ -16,13 +16,11 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import explain, metrics, plots, tracking
+from bias_lab import config, explain, metrics, plots, tracking
 from bias_lab import markdown as md
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
 from bias_lab.data import check_classes, load
-from bias_lab.errors import UserError, check
-from bias_lab.loop import validate as validate_train
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import log_setup, prepare, train_model
 
@@ -32,18 +30,6 @@ SHOWN = {  # heatmap panel -> metric of each cell
     "in-distribution accuracy": "test_accuracy",
     "saliency share on eps": "saliency_eps_share",
 }
-
-
-def parse_grid(text: str, name: str, low: float, high: float) -> list[float]:
-    """Sorted unique floats of a comma-separated list, each within [low, high]; one-line error otherwise."""
-    try:
-        values = sorted({float(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UserError(f"{name}='{text}' is not a comma-separated list of numbers: e.g. {name}=0,0.5,1") from None
-    check(bool(values), f"{name} is empty: give at least one value, e.g. {name}=0,0.5,1")
-    bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
-    check(not bad, f"{name}: {bad[0] if bad else ''} is outside [{low:g}, {high:g}]: fix the list")
-    return values
 
 
 def cell_bias(gap: float, sigma: float, classes: str) -> BiasConfig:
@@ -62,14 +48,8 @@ def threshold(gaps: list[float], dis: list[float]) -> float:
 
 def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConfig) -> dict[str, float]:
     """The `bias_sweep` command: a parent run, one nested run per grid cell; returns the thresholds."""
-    gaps = parse_grid(sweep_cfg.gaps, "gaps", 0.0, 1.0)
-    sigmas = parse_grid(sweep_cfg.sigmas, "sigmas", 0.0, math.inf)
-    check(sweep_cfg.bootstrap >= 0, f"bootstrap={sweep_cfg.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
-    validate_train(train_cfg)
-    check(
-        data_cfg.test_fraction > 0,
-        f"test_fraction={data_cfg.test_fraction}: bias_sweep measures on the test split; use a share > 0, e.g. 0.15",
-    )
+    config.validate("bias_sweep", data_cfg, train_cfg, sweep_cfg)  # before any data is read or run opened
+    gaps, sigmas = sweep_cfg.gap_values(), sweep_cfg.sigma_values()
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from bias_lab.errors import UserError, check
 
 MODELS = ("lenet", "alexnet", "resnet18", "resnet34")
 SCHEDULES = ("none", "cosine", "step", "onecycle")
 PRUNERS = ("median", "hyperband", "none")
 MITIGATIONS = ("none", "reweigh", "adversarial", "channel_dropout")
 MODEL_1_MODES = ("clean", "decorrelated")
+SEED_LIMIT = 2**32  # numpy's and torch's generators both take seeds below it; seed+1 etc. stay in int64
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -30,8 +34,35 @@ def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+class Settings:
+    """Base of every group: `validate()` rejects a value no run can use with a one-line UserError that names the
+    fix. It reads no files and opens no run, so commands call it first and a typo costs nothing. NaN fails every
+    comparison below, so it is rejected with the bound it breaks."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            check(choices is None or value in choices, f"{f.name}={value}: choose one of {', '.join(choices or ())}")
+        self.check()
+
+    def check(self) -> None:
+        """The group's own rules beyond `choices`."""
+
+
+def parse_numbers(text: str, name: str, low: float, high: float) -> list[float]:
+    """Sorted unique floats of a comma-separated list, each within [low, high]; one-line error otherwise."""
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"{name}='{text}' is not a comma-separated list of numbers: e.g. {name}=0,0.5,1") from None
+    check(bool(values), f"{name} is empty: give at least one value, e.g. {name}=0,0.5,1")
+    bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
+    check(not bad, f"{name}: {bad[0] if bad else ''} is outside [{low:g}, {high:g}]: fix the list")
+    return values
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     data: str = knob("demo", "dataset folder (Kaggle or ImageFolder layout), or 'demo' for the built-in synthetic set")
     image_size: int = knob(64, "side of the square grayscale input, px (32-224); 64 is Tiny-ImageNet's native size")
     val_fraction: float = knob(0.15, "share of each class held out for tuning / model selection")
@@ -43,9 +74,18 @@ class DataConfig:
     )
     cache_dir: str = knob("", "decoded-tensor cache; default $BIAS_LAB_CACHE or ~/.cache/bias_lab")
 
+    def check(self) -> None:
+        check(bool(self.data.strip()), "data is empty: pass data=<folder with train.csv or train/> (or data=demo)")
+        check(32 <= self.image_size <= 224, f"image_size={self.image_size} is out of range: use a value in 32..224")
+        v, t = self.val_fraction, self.test_fraction
+        check(
+            0 <= v < 1 and 0 <= t < 1 and v + t < 1,
+            f"val_fraction={v} + test_fraction={t} leave no train split: use fractions in [0, 1) that sum to less than 1",
+        )
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     model: str = knob("lenet", "architecture", MODELS)
     epochs: int = knob(10, "passes over the train split")
     batch_size: int = knob(32, "images per SGD step")
@@ -74,18 +114,46 @@ class TrainConfig:
         "after the last one (0 = every epoch); a kill loses at most about this much",
     )
 
+    def check(self) -> None:
+        check(self.epochs >= 1, f"epochs={self.epochs}: use at least 1")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size}: use a positive batch size")
+        check(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: use a finite positive learning rate (e.g. 0.05)")
+        check(0 <= self.momentum < 1, f"momentum={self.momentum}: use a value in [0, 1)")
+        check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay={self.weight_decay}: use a finite value >= 0 (5e-4 is usual, 0 turns it off)",
+        )
+        check(
+            not self.nesterov or self.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false"
+        )
+        check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: use a value in [0, 1)")
+        check(0 <= self.seed < SEED_LIMIT, f"seed={self.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
+        check(self.threads >= 0, f"threads={self.threads}: use 0 (torch's default) or a positive thread count")
+        check(
+            self.checkpoint_every_s >= 0,
+            f"checkpoint_every_s={self.checkpoint_every_s}: use seconds >= 0 (0 = every epoch)",
+        )
+
 
 @dataclass
-class BiasConfig:
+class BiasConfig(Settings):
     bias: bool = knob(False, "append the noise channel eps (train/tune); bias_eval always trains a biased model_2")
     classes: str = knob("", "two labels 'A,B' for the binary task (A is y=0); empty = the first two labels")
     p0: float = knob(0.0, "P(S=1 | y=0): how often eps is present for class A")
     p1: float = knob(1.0, "P(S=1 | y=1): how often eps is present for class B")
     sigma: float = knob(1.0, "std of eps where S=1, in units of the normalised image")
 
+    def check(self) -> None:  # `classes` is checked against the data's labels, once they are read
+        check(0.0 <= self.p0 <= 1.0, f"p0={self.p0} is not a probability: use a value in [0, 1]")
+        check(0.0 <= self.p1 <= 1.0, f"p1={self.p1} is not a probability: use a value in [0, 1]")
+        check(
+            math.isfinite(self.sigma) and self.sigma >= 0.0,
+            f"sigma={self.sigma} is not a finite standard deviation >= 0: use e.g. sigma=1",
+        )
+
 
 @dataclass
-class TuneConfig:
+class TuneConfig(Settings):
     n_trials: int = knob(20, "trials the study should hold in total (resumed and parallel workers count)")
     timeout: float = knob(0.0, "stop starting new trials after this many seconds; 0 = no limit")
     pruner: str = knob("median", "early stopping of poor trials, judged on their per-epoch val_loss", PRUNERS)
@@ -103,9 +171,37 @@ class TuneConfig:
         True, "retrain the best configuration, test it once and register it; false for extra parallel workers"
     )
 
+    def batch_size_choices(self) -> list[int]:
+        """The batch sizes to search, sorted and unique; one-line error when the list is not positive integers."""
+        try:
+            sizes = [int(s) for s in str(self.batch_sizes).split(",") if s.strip()]
+        except ValueError:
+            sizes = []
+        check(
+            bool(sizes) and all(s > 0 for s in sizes),
+            f"batch_sizes='{self.batch_sizes}': give positive integers separated by commas, e.g. 32,64,128",
+        )
+        return sorted(set(sizes))
+
+    def check(self) -> None:
+        check(self.n_trials >= 1, f"n_trials={self.n_trials}: use at least 1")
+        check(self.timeout >= 0, f"timeout={self.timeout}: use seconds >= 0 (0 = no limit)")
+        check(
+            0 < self.lr_min <= self.lr_max < math.inf,
+            f"lr range [{self.lr_min}, {self.lr_max}]: use finite 0 < lr_min <= lr_max, e.g. 1e-4 and 1",
+        )
+        check(
+            0 <= self.momentum_min <= self.momentum_max < 1,
+            f"momentum range [{self.momentum_min}, {self.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1",
+        )
+        check(
+            bool(self.registered_model.strip()), "registered_model is empty: give a Model Registry name, e.g. bias-lab"
+        )
+        self.batch_size_choices()
+
 
 @dataclass
-class BiasEvalConfig:
+class BiasEvalConfig(Settings):
     model_1_mode: str = knob("clean", "model_1 on the plain images, or with eps at p0=p1", MODEL_1_MODES)
     mitigation: str = knob("none", "also train model_3 with this debiasing method", MITIGATIONS)
     seeds: int = knob(1, "repeat the pair with this many seeds and report mean +- std")
@@ -117,23 +213,51 @@ class BiasEvalConfig:
         1.0, "mitigation=channel_dropout: share of each train batch whose eps is re-drawn independently of y"
     )
 
+    def check(self) -> None:
+        check(self.seeds >= 1, f"seeds={self.seeds}: use at least 1")
+        check(self.bootstrap >= 0, f"bootstrap={self.bootstrap}: use 0 (no CI) or more resamples, e.g. 1000")
+        if self.mitigation == "adversarial":
+            check(self.adv_weight > 0, f"adv_weight={self.adv_weight}: use a positive gradient-reversal weight, e.g. 1")
+        if self.mitigation == "channel_dropout":
+            check(0 < self.dropout_rate <= 1, f"dropout_rate={self.dropout_rate}: use a share in (0, 1]")
+
 
 @dataclass
-class SweepConfig:
+class SweepConfig(Settings):
     classes: str = knob("", "two labels 'A,B' for the binary task (A is y=0); empty = the first two labels")
     gaps: str = knob("0,0.25,0.5,0.75,1", "p1-p0 values of the grid, centred on 1/2: p0=(1-gap)/2, p1=(1+gap)/2")
     sigmas: str = knob("0.01,0.1,1", "eps standard deviations of the grid")
     bootstrap: int = knob(200, "bootstrap resamples for each cell's DI confidence interval")
     log_models: bool = knob(False, "log each cell's model (off: a sweep trains many)")
 
+    def gap_values(self) -> list[float]:
+        return parse_numbers(self.gaps, "gaps", 0.0, 1.0)
+
+    def sigma_values(self) -> list[float]:
+        return parse_numbers(self.sigmas, "sigmas", 0.0, math.inf)
+
+    def check(self) -> None:
+        self.gap_values(), self.sigma_values()
+        check(self.bootstrap >= 0, f"bootstrap={self.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
+
 
 @dataclass
-class SubmitConfig:
+class SubmitConfig(Settings):
     model_uri: str = knob("models:/bias-lab@champion", "any MLflow model URI (alias, version, runs:/...)")
     output: str = knob("submission.csv", "CSV to write (atomically)")
     competition: str = knob("modia-ml-2024", "Kaggle competition slug for the printed submit command")
     batch_size: int = knob(256, "images per forward pass")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
+
+    def check(self) -> None:  # the output folder is checked by kaggle_submit: it touches the file system
+        check(
+            bool(self.model_uri.strip()), "model_uri is empty: pass e.g. models:/bias-lab@champion or runs:/<id>/model"
+        )
+        check(self.batch_size >= 1, f"batch_size={self.batch_size}: use a positive batch size")
+        check(
+            Path(self.output).suffix.lower() == ".csv",
+            f"output={self.output} is not a .csv file name: pass e.g. output=submission.csv",
+        )
 
 
 # Settings a command's runs never read (tune searches lr/momentum/batch_size; only train resumes; bias_eval always
@@ -156,7 +280,7 @@ def flat(*configs: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Settings):
     output: str = knob("report.html", "HTML file to write; a markdown twin is written next to it (.md)")
     experiment: str = knob(
         "",
@@ -194,6 +318,29 @@ ENTRY_POINTS: dict[str, EntryPoint] = {  # MLproject's entry points, in its orde
     "kaggle_submit": EntryPoint("kaggle-submit", (DataConfig, SubmitConfig)),
 }
 REPO = Path(__file__).resolve().parents[1]
+S = TypeVar("S", bound=Settings)
+
+
+def _group(groups: tuple[Settings, ...], cls: type[S]) -> S | None:
+    return next((g for g in groups if isinstance(g, cls)), None)
+
+
+def validate(command: str, *groups: Settings) -> None:
+    """Every setting `command` was given, then the rules across groups: the first thing each command does, before
+    it reads data, opens a storage or starts a run. `command` is an ENTRY_POINTS key."""
+    for g in groups:
+        g.validate()
+    data, train, evaluate = _group(groups, DataConfig), _group(groups, TrainConfig), _group(groups, BiasEvalConfig)
+    if command in ("bias_eval", "bias_sweep") and data is not None:
+        check(
+            data.test_fraction > 0,
+            f"test_fraction={data.test_fraction}: {command} measures on the test split; use a share > 0, e.g. 0.15",
+        )
+    if train is not None and evaluate is not None:
+        check(
+            train.seed + evaluate.seeds <= SEED_LIMIT,
+            f"seed={train.seed} with seeds={evaluate.seeds}: the last seed, seed + seeds - 1, must stay below {SEED_LIMIT}",
+        )
 
 
 def _yaml_value(v: Any) -> str:

@@ -434,13 +434,12 @@ def _cached(listing: _Listing, root: Path, size: int, path: Path) -> dict:
 
 def load(cfg: DataConfig) -> Dataset:
     """Load `cfg.data` as decoded tensors, from the cache when the files and settings are unchanged."""
-    check(32 <= cfg.image_size <= 224, f"image_size={cfg.image_size} is out of range: use a value in 32..224")
+    cfg.validate()  # also for callers that skip the commands' config.validate (benchmarks, notebooks)
     if cfg.data == "demo":
         from bias_lab.demo import ensure_demo
 
         root, layout = ensure_demo(cache_dir(cfg)), "demo"
     else:
-        check(bool(cfg.data.strip()), "data is empty: pass data=<folder with train.csv or train/> (or data=demo)")
         root, layout = Path(cfg.data).expanduser().resolve(), ""
     listing = list_files(root)
     layout = layout or listing.layout
@@ -522,11 +521,6 @@ def stratified_split(
 
     Every non-empty fraction gets at least one image of each class. `classes` only names labels in errors.
     """
-    check(
-        0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
-        f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no train split: "
-        "use fractions in [0, 1) that sum to less than 1",
-    )
     y = labels.numpy()
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}

@@ -28,7 +28,7 @@ import mlflow
 import torch
 from torch import nn
 
-from bias_lab import registry, tracking
+from bias_lab import config, registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
 from bias_lab.errors import UserError, check, first_line
@@ -217,9 +217,8 @@ def write_csv(sub: Submission, path: Path) -> None:
 
 def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     """The `kaggle-submit` command; returns the path of the CSV it wrote."""
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
+    config.validate("kaggle_submit", data_cfg, cfg)
     out = Path(cfg.output).expanduser().resolve()
-    check(out.suffix.lower() == ".csv", f"output={cfg.output} is not a .csv file name: pass e.g. output=submission.csv")
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
     check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
     check_writable(out.parent)

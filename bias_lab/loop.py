@@ -35,8 +35,6 @@ from bias_lab.config import TrainConfig
 from bias_lab.data import atomic_write, augment, normalize
 from bias_lab.errors import UserError, check, first_line
 
-SEED_LIMIT = 2**32  # numpy's and torch's generators both take seeds below it; seed+1 etc. stay in int64
-
 
 @dataclass
 class Part:
@@ -90,27 +88,6 @@ class FitResult:
 
 EpochHook = Callable[[int, dict[str, float]], None]  # (epoch, metrics) -> None; may raise to stop (pruning)
 InputHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]  # (x, batch idx, gen) -> x
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Raise a one-line UserError for a TrainConfig no training can use. Cheap: call it before decoding any data
-    or opening a run (run_train does; tune and bias_eval should too), so a typo costs nothing. NaN fails every
-    comparison below, so it is rejected with the bound it breaks."""
-    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: use at least 1")
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: use a positive batch size")
-    check(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr={cfg.lr}: use a finite positive learning rate (e.g. 0.05)")
-    check(0 <= cfg.momentum < 1, f"momentum={cfg.momentum}: use a value in [0, 1)")
-    check(
-        math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-        f"weight_decay={cfg.weight_decay}: use a finite value >= 0 (5e-4 is usual, 0 turns it off)",
-    )
-    check(not cfg.nesterov or cfg.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false")
-    check(0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing}: use a value in [0, 1)")
-    check(0 <= cfg.seed < SEED_LIMIT, f"seed={cfg.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
-    check(cfg.threads >= 0, f"threads={cfg.threads}: use 0 (torch's default) or a positive thread count")
-    check(
-        cfg.checkpoint_every_s >= 0, f"checkpoint_every_s={cfg.checkpoint_every_s}: use seconds >= 0 (0 = every epoch)"
-    )
 
 
 def cuda_problem() -> str | None:
@@ -374,7 +351,7 @@ def fit(
     epoch), after the last epoch, and when an exception stops training (the last completed epoch); when cfg.resume is
     set, training continues from it, reaching the same weights as an uninterrupted run.
     """
-    validate(cfg)  # again: tune and bias_eval reach fit without the train command
+    cfg.validate()  # again: tune and bias_eval reach fit without the train command
     check(
         D.world() == 1 or input_hook is None,
         "a train-batch hook (channel dropout) does not run under torchrun: start without it",

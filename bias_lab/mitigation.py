@@ -189,10 +189,6 @@ def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalC
             note=note,
         )
     if method == "adversarial":
-        check(
-            eval_cfg.adv_weight > 0,
-            f"adv_weight={eval_cfg.adv_weight}: use a positive gradient-reversal weight, e.g. 1",
-        )
         note = "" if bias_cfg.sigma > 0 else "sigma=0: eps is always zero, there is nothing for the adversary to remove"
         return Mitigation(
             f"model_2's data, adversary on S (gradient reversal, weight {eval_cfg.adv_weight:g})",
@@ -201,10 +197,9 @@ def build(method: str, prep: Prepared, bias_cfg: BiasConfig, eval_cfg: BiasEvalC
             note=note,
         )
     if method == "channel_dropout":
-        check(0 < eval_cfg.dropout_rate <= 1, f"dropout_rate={eval_cfg.dropout_rate}: use a share in (0, 1]")
         return Mitigation(
             f"model_2's data, eps re-drawn for {eval_cfg.dropout_rate:.0%} of each batch",
             decorrelated_val(prep, bias_cfg.sigma, seed),
             input_hook=channel_dropout(bias_cfg.sigma, eval_cfg.dropout_rate),
         )
-    raise ValueError(f"unknown mitigation {method}")  # validated by bias_eval.validate before any work
+    raise ValueError(f"unknown mitigation {method}")  # config.validate rejected it before any work

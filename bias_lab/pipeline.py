@@ -88,7 +88,7 @@ def prepare(
     eps: append the eps channel (default: bias_cfg.bias). train_p: (p0, p1) of the channel seen in training
     and validation, when it differs from the measured distribution (model_1_mode=decorrelated).
     """
-    biasmod.validate(bias_cfg)
+    bias_cfg.validate()
     ds = ds if ds is not None else load(data_cfg)
     check_classes(ds)
     binary = bool(bias_cfg.bias or bias_cfg.classes.strip()) if binary is None else binary

@@ -17,11 +17,11 @@ from typing import Any
 
 import mlflow
 
-from bias_lab import distributed, pipeline, tracking
+from bias_lab import config, distributed, pipeline, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
 from bias_lab.errors import UserError
-from bias_lab.loop import device_info, resolve_device, seed_everything, validate
+from bias_lab.loop import device_info, resolve_device, seed_everything
 from bias_lab.workers import WORKER, worker_dead
 
 
@@ -47,7 +47,7 @@ def checkpoint_path(
 
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
-    validate(train_cfg)  # before any data is decoded or run opened: a bad setting costs nothing
+    config.validate("train", data_cfg, train_cfg, bias_cfg)  # before any data is decoded or run opened
     device = resolve_device(train_cfg.device)  # device=cuda without a usable GPU: a one-line error, before any work
     with distributed.session(device):
         if distributed.is_main():

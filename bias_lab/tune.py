@@ -32,11 +32,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
+from bias_lab import config, pipeline, registry, studies, tracking
 from bias_lab import markdown as md
-from bias_lab import pipeline, registry, studies, tracking
-from bias_lab.config import NOT_USED_BY, PRUNERS, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
+from bias_lab.config import NOT_USED_BY, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import check, first_line
-from bias_lab.loop import validate as validate_train
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
 from bias_lab.workers import WORKER
@@ -50,42 +49,13 @@ _NOT_FIXED = {"cache_dir", "strict", "lr", "momentum", "batch_size", "device", "
 # ----------------------------------------------------------------------------------------------- search space
 
 
-def batch_sizes(tune_cfg: TuneConfig) -> list[int]:
-    try:
-        sizes = [int(s) for s in str(tune_cfg.batch_sizes).split(",") if s.strip()]
-    except ValueError:
-        sizes = []
-    check(
-        bool(sizes) and all(s > 0 for s in sizes),
-        f"batch_sizes='{tune_cfg.batch_sizes}': give positive integers separated by commas, e.g. 32,64,128",
-    )
-    return sorted(set(sizes))
-
-
-def validate(tune_cfg: TuneConfig) -> None:
-    t = tune_cfg
-    check(t.n_trials >= 1, f"n_trials={t.n_trials}: use at least 1")
-    check(t.timeout >= 0, f"timeout={t.timeout}: use seconds >= 0 (0 = no limit)")  # NaN fails this too
-    check(t.pruner in PRUNERS, f"pruner={t.pruner}: choose one of {', '.join(PRUNERS)}")
-    check(
-        0 < t.lr_min <= t.lr_max < math.inf,
-        f"lr range [{t.lr_min}, {t.lr_max}]: use finite 0 < lr_min <= lr_max, e.g. 1e-4 and 1",
-    )
-    check(
-        0 <= t.momentum_min <= t.momentum_max < 1,
-        f"momentum range [{t.momentum_min}, {t.momentum_max}]: use 0 <= momentum_min <= momentum_max < 1",
-    )
-    check(bool(t.registered_model.strip()), "registered_model is empty: give a Model Registry name, e.g. bias-lab")
-    batch_sizes(t)
-
-
 def suggest(trial: optuna.Trial, base: TrainConfig, tune_cfg: TuneConfig) -> TrainConfig:
     """The trial's training settings: `base` with lr, momentum and batch_size drawn from the search space."""
     return dataclasses.replace(
         base,
         lr=trial.suggest_float("lr", tune_cfg.lr_min, tune_cfg.lr_max, log=True),
         momentum=trial.suggest_float("momentum", tune_cfg.momentum_min, tune_cfg.momentum_max),
-        batch_size=trial.suggest_categorical("batch_size", batch_sizes(tune_cfg)),
+        batch_size=trial.suggest_categorical("batch_size", tune_cfg.batch_size_choices()),
     )
 
 
@@ -460,8 +430,7 @@ def run_tune(
     """The `tune` command; returns the parent run's metrics (best_val_accuracy, counts, test_accuracy...)."""
     t_start = time.perf_counter()
     _quiet_optuna()
-    validate(tune_cfg)
-    validate_train(train_cfg)  # before the storage, the data or a run: the searched values are checked per trial
+    config.validate("tune", data_cfg, train_cfg, bias_cfg, tune_cfg)  # before the storage, the data or a run
     storage, storage_desc = studies.open_storage(tune_cfg.storage)
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)

@@ -329,4 +329,4 @@ def test_gpu_section_runs_on_a_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
 def test_checkpoint_every_s_must_be_seconds(value: float) -> None:
     with pytest.raises(UserError, match="checkpoint_every_s="):
-        loop.validate(TrainConfig(checkpoint_every_s=value))
+        TrainConfig(checkpoint_every_s=value).validate()

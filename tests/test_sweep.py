@@ -16,16 +16,16 @@ from .conftest import all_runs, figures_page
 
 
 def test_grid_parsing_and_cells() -> None:
-    assert bias_sweep.parse_grid("1, 0,0.5,0.5", "gaps", 0, 1) == [0.0, 0.5, 1.0]
+    assert config.parse_numbers("1, 0,0.5,0.5", "gaps", 0, 1) == [0.0, 0.5, 1.0]
     for text, message in (
         ("0,x", "not a comma-separated list"),
         ("", "is empty"),
         ("0,1.5", r"1.5 is outside \[0, 1\]"),
     ):
         with pytest.raises(UserError, match=message):
-            bias_sweep.parse_grid(text, "gaps", 0, 1)
+            config.parse_numbers(text, "gaps", 0, 1)
     with pytest.raises(UserError, match="inf is outside"):
-        bias_sweep.parse_grid("1,inf", "sigmas", 0, math.inf)
+        config.parse_numbers("1,inf", "sigmas", 0, math.inf)
     b = bias_sweep.cell_bias(0.5, 0.3, "1,3")
     assert (b.p0, b.p1, b.sigma, b.classes) == (0.25, 0.75, 0.3, "1,3")
     assert (bias_sweep.cell_bias(1.0, 1, "").p0, bias_sweep.cell_bias(1.0, 1, "").p1) == (0.0, 1.0)

@@ -22,7 +22,7 @@ import torch
 from bias_lab import loop
 from bias_lab.config import SCHEDULES, TrainConfig
 from bias_lab.errors import UserError
-from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything, validate
+from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything
 from bias_lab.models import build
 
 from .conftest import FAST, all_runs, invoke
@@ -203,8 +203,8 @@ def test_bad_settings_are_user_errors(field: str, value: object, message: str) -
 )
 def test_validate_rejects_non_finite_and_out_of_range_settings(field: str, value: object, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        validate(TrainConfig(**{field: value}))
-    validate(TrainConfig())  # the defaults are valid
+        TrainConfig(**{field: value}).validate()
+    TrainConfig().validate()  # the defaults are valid
 
 
 def test_unwritable_checkpoint_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
