@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -235,7 +235,12 @@ def batch_inputs(
     `batch`: under torchrun, `idx` is this rank's shard of a global batch of that many samples (see augment)."""
     x = normalize(part.images[idx], norm.mean, norm.std)
     if train_gen is not None:
-        x = augment(x, train_gen, batch=batch, rows=slice(D.rank(), None, D.world()) if batch else slice(None))
+        x = augment(
+            x,
+            train_gen,
+            batch=batch,
+            rows=slice(D.rank(), None, D.world()) if batch else slice(None),
+        )
     if part.eps is not None:
         x = torch.cat([x, part.eps[idx]], dim=1)
     return x
@@ -376,7 +381,6 @@ def fit(
 
     t_start = time.perf_counter() - state.wall_s
     diverged = False
-    epoch_train_s: list[float] = []  # this process's epochs: the first one pays the warm-up (cuDNN, allocator)
     saver = _Saver(
         checkpoint if D.is_main() else None, cfg.checkpoint_every_s, device
     )  # the ranks hold the same state: one writer
@@ -389,25 +393,10 @@ def fit(
         total=cfg.epochs,
         **({} if D.is_main() else {"disable": True}),
     )  # one bar, rank 0's; TQDM_DISABLE still works
+    epochs = _Epochs(model, optim, train, val, batches, cfg, norm, input_hook, on_epoch, saver, bar, t_start)
     try:
         for epoch in bar:
-            if _one_epoch(
-                model,
-                optim,
-                train,
-                val,
-                batches,
-                cfg,
-                norm,
-                epoch,
-                input_hook,
-                on_epoch,
-                state,
-                epoch_train_s,
-                t_start,
-                bar,
-                saver,
-            ):
+            if epochs.run(epoch, state):
                 diverged = True
                 break
     except BaseException:  # a hook's exception (pruning, a failed log), Ctrl-C, SIGTERM: keep the last whole epoch
@@ -415,7 +404,7 @@ def fit(
         raise
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
-    warm = epoch_train_s[1:] or epoch_train_s
+    warm = epochs.train_s[1:] or epochs.train_s
     return FitResult(
         history=state.history,
         best_epoch=state.best[1],
@@ -428,52 +417,57 @@ def fit(
     )
 
 
-def _one_epoch(
-    model: nn.Module,
-    optim: _Optim,
-    train: Part,
-    val: Part,
-    batches: list[tuple[int, int]],
-    cfg: TrainConfig,
-    norm: Norm,
-    epoch: int,
-    input_hook: InputHook | None,
-    on_epoch: EpochHook | None,
-    state: FitState,
-    epoch_train_s: list[float],
-    t_start: float,
-    bar,
-    saver: _Saver,
-) -> bool:
-    """Train, evaluate, report and (maybe) checkpoint epoch `epoch`; True when the loss diverged."""
-    t0 = time.perf_counter()
-    train_loss, train_accuracy = _train_epoch(model, optim, train, batches, cfg, norm, epoch, input_hook)
-    epoch_train_s.append(time.perf_counter() - t0)
-    state.train_s += epoch_train_s[-1]
-    D.sync_buffers(model)
-    v = evaluate(model, val, norm, sharded=True)
-    metrics = {
-        "train_loss": train_loss,
-        "train_accuracy": train_accuracy,
-        "val_loss": v["loss"],
-        "val_accuracy": v["accuracy"],
-        "scheduled_lr": optim.opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
-        "epoch_time_s": time.perf_counter() - t0,
-    }
-    state.history.append(metrics)
-    state.epoch = epoch + 1
-    if not math.isfinite(train_loss):
-        bar.close()
-        return True
-    if v["accuracy"] > state.best[0]:
-        state.best = (v["accuracy"], epoch + 1)
-        state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-    state.wall_s = time.perf_counter() - t_start
-    bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
-    if on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips one
-        on_epoch(epoch + 1, metrics)
-    saver.epoch_done(model, optim, state, last=state.epoch == cfg.epochs)
-    return False
+@dataclass
+class _Epochs:
+    """One fit's fixed inputs and machinery: what every epoch reads. FitState is what epochs change."""
+
+    model: nn.Module
+    optim: _Optim
+    train: Part
+    val: Part
+    batches: list[tuple[int, int]]
+    cfg: TrainConfig
+    norm: Norm
+    input_hook: InputHook | None
+    on_epoch: EpochHook | None
+    saver: "_Saver"
+    bar: Any  # tqdm
+    t_start: float  # perf_counter at the start of the (un-resumed) fit
+    train_s: list[float] = field(default_factory=list)  # this process's epochs: the first pays the warm-up
+
+    def run(self, epoch: int, state: FitState) -> bool:
+        """Train, evaluate, report and (maybe) checkpoint epoch `epoch`; True when the loss diverged."""
+        model, optim = self.model, self.optim
+        t0 = time.perf_counter()
+        train_loss, train_accuracy = _train_epoch(
+            model, optim, self.train, self.batches, self.cfg, self.norm, epoch, self.input_hook
+        )
+        self.train_s.append(time.perf_counter() - t0)
+        state.train_s += self.train_s[-1]
+        D.sync_buffers(model)
+        v = evaluate(model, self.val, self.norm, sharded=True)
+        metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": v["loss"],
+            "val_accuracy": v["accuracy"],
+            "scheduled_lr": optim.opt.param_groups[0]["lr"],  # not "lr": that name is the run's param (the peak)
+            "epoch_time_s": time.perf_counter() - t0,
+        }
+        state.history.append(metrics)
+        state.epoch = epoch + 1
+        if not math.isfinite(train_loss):
+            self.bar.close()
+            return True
+        if v["accuracy"] > state.best[0]:
+            state.best = (v["accuracy"], epoch + 1)
+            state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        state.wall_s = time.perf_counter() - self.t_start
+        self.bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
+        if self.on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips
+            self.on_epoch(epoch + 1, metrics)
+        self.saver.epoch_done(model, optim, state, last=state.epoch == self.cfg.epochs)
+        return False
 
 
 class _Saver:
