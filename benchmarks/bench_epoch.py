@@ -59,8 +59,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from bias_lab import data as D  # noqa: E402
-from bias_lab import pipeline, tracking  # noqa: E402
+from bias_lab import data, pipeline, tracking  # noqa: E402
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig  # noqa: E402
 from bias_lab.loop import FitResult, Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
 from bias_lab.models import build  # noqa: E402
@@ -121,7 +120,7 @@ def naive_dataset(root: Path, size: int, norm: Norm, classes: list[str]) -> torc
             T.Normalize([norm.mean], [norm.std]),
         ]
     )
-    listing = D.list_files(root)
+    listing = data.list_files(root)
     if listing.layout == "imagefolder":
         return datasets.ImageFolder(str(root / "train" if (root / "train").is_dir() else root), transform=tf)
     index = {c: i for i, c in enumerate(classes)}
@@ -198,7 +197,7 @@ VARIANTS = ("naive", "bias_lab", "compute", "compute_fp32")
 
 
 def compare(
-    name: str, ds: D.Dataset, files: torch.utils.data.Dataset, norm: Norm, size: int, w: Workload, seed: int
+    name: str, ds: data.Dataset, files: torch.utils.data.Dataset, norm: Norm, size: int, w: Workload, seed: int
 ) -> dict[str, Speed]:
     """Best speed of each variant on the same images (w.steps batches, or all of them)."""
     bs = w.batch_size
@@ -213,7 +212,7 @@ def compare(
     models["compute"].to(memory_format=torch.channels_last)  # the layout fit trains in
     opts = {v: sgd(m, cfg) for v, m in models.items() if v != "bias_lab"}
     val = Part(ds.images[idx[:2]], ds.labels[idx[:2]])  # fit evaluates after the epoch: kept tiny
-    x = D.normalize(ds.images[idx], norm.mean, norm.std)  # compute bound: no augmentation, no gather
+    x = data.normalize(ds.images[idx], norm.mean, norm.std)  # compute bound: no augmentation, no gather
     y = ds.labels[idx]
 
     def run(v: str, sel: torch.Tensor) -> Speed:
@@ -241,13 +240,13 @@ def decode_vs_cache(root: Path, size: int, cache: Path, repeats: int) -> tuple[f
     """(first-decode images/s, cached re-load images/s, images) of data.load, train and test images counted."""
     cfg = DataConfig(data=str(root), image_size=size, cache_dir=str(cache))
     t0 = time.perf_counter()
-    ds = D.load(cfg)
+    ds = data.load(cfg)
     first = time.perf_counter() - t0
     n = len(ds.labels) + len(ds.test_ids)
     cached = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        D.load(cfg)
+        data.load(cfg)
         cached = min(cached, time.perf_counter() - t0)
     return n / first, n / cached, n
 
@@ -346,7 +345,7 @@ def compute_bound(device: torch.device, model_name: str, size: int, part: Part, 
     torch.manual_seed(0)
     model = build(model_name, 1, 4, size).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = D.normalize(part.images.to(device), NORM_GPU.mean, NORM_GPU.std)
+    x = data.normalize(part.images.to(device), NORM_GPU.mean, NORM_GPU.std)
     y = part.labels.to(device)
     batches = [(channels_last(x[i : i + batch]), y[i : i + batch]) for i in range(0, len(y), batch)]
     best = 0.0
@@ -611,14 +610,14 @@ def main() -> int:
         else:
             root = Path(args.data).expanduser().resolve()
         first, cached, n_dec = decode_vs_cache(root, size, tmp / "cache", repeats=3)
-        ds = D.load(DataConfig(data=str(root), image_size=size, cache_dir=str(tmp / "cache")))
+        ds = data.load(DataConfig(data=str(root), image_size=size, cache_dir=str(tmp / "cache")))
         if ds.skipped:
             print(
                 f"error: {len(ds.skipped)} unreadable images; the naive loader would fail on them: remove them",
                 file=sys.stderr,
             )
             return 2
-        norm = Norm(*D.pixel_stats(ds.images))
+        norm = Norm(*data.pixel_stats(ds.images))
         files = naive_dataset(root, size, norm, ds.classes)
         amp = autocast_dtype(CPU)
         print(

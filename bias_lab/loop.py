@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bias_lab import distributed as D
+from bias_lab import distributed
 from bias_lab.config import TrainConfig
 from bias_lab.data import atomic_write, augment, normalize
 from bias_lab.errors import UserError, check, first_line
@@ -120,7 +120,7 @@ def resolve_device(name: str) -> torch.device:
             warnings.warn(
                 f"device=auto: this machine has an NVIDIA GPU but CUDA is not usable ({problem}): training on the CPU"
             )
-        return D.local_device(torch.device("cpu" if problem else "cuda"))
+        return distributed.local_device(torch.device("cpu" if problem else "cuda"))
     check(problem is None, f"device={name} but CUDA is not usable ({problem}): use device=cpu or auto")
     try:
         device = torch.device(name)
@@ -131,7 +131,7 @@ def resolve_device(name: str) -> torch.device:
         device.index is None or device.index < torch.cuda.device_count(),
         f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}",
     )
-    return D.local_device(device)
+    return distributed.local_device(device)
 
 
 def _gpu_present() -> bool:
@@ -239,7 +239,7 @@ def batch_inputs(
             x,
             train_gen,
             batch=batch,
-            rows=slice(D.rank(), None, D.world()) if batch else slice(None),
+            rows=slice(distributed.rank(), None, distributed.world()) if batch else slice(None),
         )
     if part.eps is not None:
         x = torch.cat([x, part.eps[idx]], dim=1)
@@ -267,7 +267,7 @@ def _loss(
     """Mean loss over the global batch, whose size (or weight sum) is `total`. Times the number of ranks, because
     DistributedDataParallel averages the ranks' gradients: the sum over shards / total, as one process computes."""
     per = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
-    return (per.sum() if w is None else (per * w).sum()) * (D.world() / total)
+    return (per.sum() if w is None else (per * w).sum()) * (distributed.world() / total)
 
 
 @torch.inference_mode()
@@ -293,7 +293,7 @@ def evaluate(
     """loss and accuracy of `model` on `part`. `sharded`: under torchrun each rank scores its share and the sums
     are all-reduced, so every rank returns the numbers of the whole split."""
     rows = torch.arange(len(part))
-    rows = D.shard(rows) if sharded else rows
+    rows = distributed.shard(rows) if sharded else rows
     y = part.labels.cpu()[rows]
     logits = predict(model, part, norm, batch_size, rows) if len(rows) else torch.zeros(0, 1)
     sums = (
@@ -302,7 +302,7 @@ def evaluate(
         torch.tensor(len(rows)),
     )
     loss_sum, correct, count = (
-        D.all_sum(*sums) if sharded else sums
+        distributed.all_sum(*sums) if sharded else sums
     )  # unsharded: no collective (rank 0 alone may call it)
     n = float(count)
     return (
@@ -358,22 +358,26 @@ def fit(
     """
     cfg.validate()  # again: tune and bias_eval reach fit without the train command
     check(
-        D.world() == 1 or input_hook is None,
+        distributed.world() == 1 or input_hook is None,
         "a train-batch hook (channel dropout) does not run under torchrun: start without it",
     )
     check(
-        cfg.batch_size >= D.world(),
-        f"batch_size={cfg.batch_size} is smaller than the {D.world()} torchrun processes: "
+        cfg.batch_size >= distributed.world(),
+        f"batch_size={cfg.batch_size} is smaller than the {distributed.world()} torchrun processes: "
         "use batch_size >= nproc_per_node",
     )
     device = next(model.parameters()).device
     model = model.to(memory_format=torch.channels_last)
     train, val = train.to(device), val.to(device)
-    batches = D.batch_bounds(len(train), cfg.batch_size, D.world())  # the same global batches on every rank
+    batches = distributed.batch_bounds(
+        len(train), cfg.batch_size, distributed.world()
+    )  # the same global batches on every rank
     set_determinism(cfg.deterministic)  # here, so every entry point (train, tune, bias_eval) gets the setting
     optim = _optim(model, cfg, device, total_steps=len(batches) * cfg.epochs)
     state = FitState()
-    if D.agree(checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"):
+    if distributed.agree(
+        checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"
+    ):
         assert checkpoint is not None  # agreed on True only with one
         state = _restore(checkpoint, device, model, optim)
 
@@ -382,7 +386,7 @@ def fit(
     t_start = time.perf_counter() - state.wall_s
     diverged = False
     saver = _Saver(
-        checkpoint if D.is_main() else None, cfg.checkpoint_every_s, device
+        checkpoint if distributed.is_main() else None, cfg.checkpoint_every_s, device
     )  # the ranks hold the same state: one writer
     bar = tqdm(
         range(state.epoch, cfg.epochs),
@@ -391,7 +395,7 @@ def fit(
         leave=False,
         initial=state.epoch,
         total=cfg.epochs,
-        **({} if D.is_main() else {"disable": True}),
+        **({} if distributed.is_main() else {"disable": True}),
     )  # one bar, rank 0's; TQDM_DISABLE still works
     epochs = _Epochs(model, optim, train, val, batches, cfg, norm, input_hook, on_epoch, saver, bar, t_start)
     try:
@@ -444,7 +448,7 @@ class _Epochs:
         )
         self.train_s.append(time.perf_counter() - t0)
         state.train_s += self.train_s[-1]
-        D.sync_buffers(model)
+        distributed.sync_buffers(model)
         v = evaluate(model, self.val, self.norm, sharded=True)
         metrics = {
             "train_loss": train_loss,
@@ -517,7 +521,7 @@ def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
     return _Optim(
-        step_model=model if D.world() == 1 else D.wrap(model),
+        step_model=model if distributed.world() == 1 else distributed.wrap(model),
         opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total_steps)),
         order_gen=torch.Generator().manual_seed(cfg.seed),
@@ -538,15 +542,17 @@ def _train_epoch(
     """One pass of SGD steps over `train` in a fresh random order; returns (mean train loss, train accuracy)."""
     model.train()
     device = train.images.device
-    if D.world() > 1:  # dropout masks: each rank its own stream, a function of (seed, epoch, rank), so resume-safe
-        torch.manual_seed(hash((cfg.seed, epoch, D.rank())) & 0xFFFF_FFFF)
+    if (
+        distributed.world() > 1
+    ):  # dropout masks: each rank its own stream, a function of (seed, epoch, rank), so resume-safe
+        torch.manual_seed(hash((cfg.seed, epoch, distributed.rank())) & 0xFFFF_FFFF)
     n = len(train)
     perm = torch.randperm(n, generator=optim.order_gen).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for start, end in batches:
         batch = perm[start:end]
-        idx = D.shard(batch)  # all of it without torchrun
+        idx = distributed.shard(batch)  # all of it without torchrun
         x = batch_inputs(train, idx, norm, optim.aug_gen if cfg.augment else None, batch=len(batch))
         if input_hook is not None:
             x = input_hook(x, idx, optim.aug_gen)
@@ -560,9 +566,11 @@ def _train_epoch(
         loss.backward()
         optim.opt.step()
         optim.sched.step()
-        loss_sum += loss.detach() * (len(batch) / D.world())  # summed over ranks: batch mean x batch size
+        loss_sum += loss.detach() * (len(batch) / distributed.world())  # summed over ranks: batch mean x batch size
         correct += (logits.argmax(1) == y).sum()
-    loss_sum, correct = D.all_sum(loss_sum, correct)  # one device sync (and collective) per epoch, not per step
+    loss_sum, correct = distributed.all_sum(
+        loss_sum, correct
+    )  # one device sync (and collective) per epoch, not per step
     return float(loss_sum) / n, float(correct) / n
 
 

@@ -18,8 +18,7 @@ import mlflow
 import pytest
 import torch
 
-from bias_lab import distributed as D
-from bias_lab import loop
+from bias_lab import distributed, loop
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig
 from bias_lab.errors import UserError
 from bias_lab.loop import FitResult, device_info, fit, resolve_device, seed_everything
@@ -262,8 +261,8 @@ def test_torchrun_with_more_processes_than_gpus_is_refused(monkeypatch: pytest.M
     if gpus >= 2:
         pytest.skip("this machine has 2 GPUs")
     with pytest.raises(UserError, match=f"needs its own GPU \\(cuda:1\\) but {gpus} GPU\\(s\\) are visible"):
-        D.local_device(torch.device("cuda"))
-    assert D.local_device(torch.device("cpu")).type == "cpu"
+        distributed.local_device(torch.device("cuda"))
+    assert distributed.local_device(torch.device("cpu")).type == "cpu"
 
 
 def test_bench_ddp_refuses_more_processes_than_gpus() -> None:
