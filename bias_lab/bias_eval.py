@@ -586,8 +586,7 @@ def _log_comparison(
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    mlflow.log_text(table.to_csv(index=False), "comparison.csv")
-    mlflow.log_table(table, "comparison.json")
+    tracking.log_table(table, "comparison")
     mlflow.log_text(markdown_table(rows) + "\n", "comparison.md")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: p0={bias_cfg.p0:g}, p1={bias_cfg.p1:g}, sigma={bias_cfg.sigma:g}"
     tracking.log_figure(plots.bias_comparison(rows, title), "comparison")

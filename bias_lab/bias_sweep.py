@@ -108,7 +108,7 @@ def _log_sweep(
         "train_time_s",
     ]
     table = table[[c for c in keep if c in table]]
-    mlflow.log_text(table.to_csv(index=False), "sweep.csv")
+    tracking.log_table(table, "sweep")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: model_2 over p1-p0 and sigma (p0=(1-gap)/2, p1=(1+gap)/2)"
     tracking.log_figure(plots.sweep_heatmaps(gaps, sigmas, {k: grid(m) for k, m in SHOWN.items()}, title), "sweep")
     head = [

@@ -237,6 +237,20 @@ FIGURES_FILE = "figures.html"
 _figures: dict[str, dict[str, Any]] = {}  # run id -> {artifact name: figure}, in the order they were logged
 
 
+def log_table(table: Any, name: str) -> None:
+    """A pandas table twice: `name`.csv for spreadsheets and `name`.json, which the MLflow UI browses as a table.
+    Times become text and durations seconds (`<column>_s`): the JSON table has no type for either."""
+    mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
+    table = table.copy()
+    for col in table.columns:
+        if str(table[col].dtype).startswith("timedelta"):
+            table[col] = table[col].dt.total_seconds()
+            table = table.rename(columns={col: f"{col}_s"})
+        elif str(table[col].dtype).startswith("datetime"):
+            table[col] = table[col].astype(str)
+    mlflow.log_table(table, f"{name}.json")
+
+
 def log_figure(fig: Any, name: str) -> None:
     """Add a plotly figure to the active run: its JSON as `figures/<name>.json` now (what `bias-lab report` rebuilds
     figures from), and a place in the run's one `figures.html`, written when the run ends.

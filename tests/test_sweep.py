@@ -62,7 +62,9 @@ def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.Ml
         for key in ("decorrelated_test_di", "decorrelated_test_accuracy", "test_accuracy", "saliency_eps_share"):
             assert key in r.data.metrics, key
     assert parent.data.metrics["threshold_gap_sigma_1"] == pytest.approx(out["threshold_gap_sigma_1"], nan_ok=True)
-    assert {"sweep.csv", "sweep.md", "figures.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.csv", "sweep.json", "sweep.md", "figures.html"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     figures_page(client, parent.info.run_id, {"sweep"})
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/sweep.csv"))
     assert list(table.gap) == [0.0, 1.0]

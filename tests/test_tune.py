@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,8 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     )  # the run page's Description
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv").splitlines()
     assert len(table) == 4 and "params_lr" in table[0] and "PRUNED" in table[2]
+    browsable = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.json"))  # mlflow.log_table
+    assert len(browsable["data"]) == 3 and "duration_s" in browsable["columns"]  # seconds: JSON has no timedelta
 
     mv = client.get_model_version_by_alias("bias-lab", "champion")  # first model on this data: champion
     # the model is logged on the tune run itself: its page lists the registered version
