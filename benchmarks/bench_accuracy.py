@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -286,7 +287,7 @@ def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra
         curve.append((cum, v))
     return Result(
         "bias_lab",
-        name,
+        " ".join([name, *extra]),
         epochs=int(met.get("epochs_run", epochs)),
         train_s=met["train_time_s"],
         wall_s=wall,
@@ -353,7 +354,8 @@ def main() -> int:
         "--recipes",
         nargs="+",
         default=["lenet", "resnet18"],
-        help="architectures; lenet and resnet18 run on both sides, alexnet/resnet34 on bias_lab's only",
+        help="bias_lab recipes: an architecture, optionally followed by train options in one quoted argument "
+        "(e.g. 'resnet18 --stem imagenet --tta true'); the textbook loop runs once per lenet/resnet18 architecture",
     )
     ap.add_argument("--textbook-lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
@@ -378,16 +380,19 @@ def main() -> int:
             f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start (other jobs share this machine)",
             flush=True,
         )
-        for name in recipes:
+        textbook_done: set[str] = set()
+        for recipe in recipes:
+            name, *extra = shlex.split(recipe)
             calib_epochs = 2 if name == "lenet" else 1
-            calib = run_bias_lab(name, root, calib_epochs, args.seed, tmp, [])
+            calib = run_bias_lab(name, root, calib_epochs, args.seed, tmp, extra)
             n_ep = epochs_for(calib, budget)
             print(
                 f"  bias_lab {name} calibration: {calib_epochs} epoch(s) in {calib.train_s:.1f} s -> {n_ep} epochs "
                 f"({time.perf_counter() - t_start:.0f} s)",
                 flush=True,
             )
-            if name in ("lenet", "resnet18"):
+            if name in ("lenet", "resnet18") and name not in textbook_done:
+                textbook_done.add(name)
                 r = run_textbook(name, files, y, split, budget, args.seed, args.textbook_lr)
                 results.append(r)
                 print(
@@ -395,10 +400,10 @@ def main() -> int:
                     f"({time.perf_counter() - t_start:.0f} s)",
                     flush=True,
                 )
-            r = calib if n_ep == calib_epochs else run_bias_lab(name, root, n_ep, args.seed, tmp, [])
+            r = calib if n_ep == calib_epochs else run_bias_lab(name, root, n_ep, args.seed, tmp, extra)
             results.append(r)
             print(
-                f"  bias_lab {name}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
+                f"  bias_lab {recipe}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
                 f"({time.perf_counter() - t_start:.0f} s)",
                 flush=True,
             )

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 
 from bias_lab import bias as biasmod
-from bias_lab import config, explain, metrics, mitigation, plots, registry, tracking
+from bias_lab import config, explain, metrics, mitigation, plots, pretrained, registry, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
@@ -490,6 +490,7 @@ def run_bias_eval(
 ) -> dict[str, float]:
     """The `bias_eval` command: parent run + one child per (model, seed); returns the parent's comparison metrics."""
     config.validate("bias_eval", data_cfg, train_cfg, bias_cfg, eval_cfg)  # before any data is read or run opened
+    pretrained.ensure(train_cfg.model, train_cfg.weights)
     tracking.setup()
     ds = load(data_cfg)
     check_classes(ds)
@@ -556,6 +557,10 @@ def run_bias_eval(
         rows = table_rows(summary, descriptions, eval_cfg.seeds, _mean(chance), notes)
         tracking.log_metrics(summary)
         text = conclusion(summary, rows, bias_cfg, classes, _mean(chance), bases, eval_cfg.seeds, notes)
+        if train_cfg.weights != "none":  # said under the heading, where no reader can miss it
+            title, rest = text.split("\n\n", 1)
+            text = f"{title}\n\n**Weights:** every model here {pretrained.CAVEAT}.\n\n{rest}"
+            mlflow.set_tag("pretrained", pretrained.CAVEAT)
         _log_comparison(rows, text, bias_cfg, classes, train_cfg.model)
         print(f"\n{short_table(rows)}\n\n{verdicts(text)}", file=sys.stderr)
         print(tracking.ui_hint(parent), file=sys.stderr)

@@ -16,7 +16,7 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import config, explain, metrics, plots, tracking
+from bias_lab import config, explain, metrics, plots, pretrained, tracking
 from bias_lab import markdown as md
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
@@ -49,6 +49,7 @@ def threshold(gaps: list[float], dis: list[float]) -> float:
 def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConfig) -> dict[str, float]:
     """The `bias_sweep` command: a parent run, one nested run per grid cell; returns the thresholds."""
     config.validate("bias_sweep", data_cfg, train_cfg, sweep_cfg)  # before any data is read or run opened
+    pretrained.ensure(train_cfg.model, train_cfg.weights)
     gaps, sigmas = sweep_cfg.gap_values(), sweep_cfg.sigma_values()
     tracking.setup()
     ds = load(data_cfg)

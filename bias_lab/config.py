@@ -26,6 +26,9 @@ SCHEDULES = ("none", "cosine", "step", "onecycle")
 PRUNERS = ("median", "hyperband", "none")
 MITIGATIONS = ("none", "reweigh", "adversarial", "channel_dropout")
 MODEL_1_MODES = ("clean", "decorrelated")
+STEMS = ("auto", "small", "imagenet")
+WEIGHTS = ("none", "imagenet")
+PRETRAINED = ("alexnet", "resnet18", "resnet34")  # the models torchvision has ImageNet-1k weights for
 SEED_LIMIT = 2**32  # numpy's and torch's generators both take seeds below it; seed+1 etc. stay in int64
 
 
@@ -96,6 +99,23 @@ class TrainConfig(Settings):
     schedule: str = knob("cosine", "learning-rate schedule over the epochs", SCHEDULES)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing in [0, 1)")
     augment: bool = knob(True, "batched random resized crop + horizontal flip on the train split")
+    crop_scale: float = knob(0.7, "augment: smallest crop area, as a share of the image (ImageNet recipes use 0.08)")
+    tta: bool = knob(
+        False, "test-time augmentation: every prediction (val, test, kaggle_submit) averages the image and its mirror"
+    )
+    stem: str = knob(
+        "auto",
+        "first layers of alexnet/resnet: 'imagenet' = torchvision's (ResNet 7x7 stride 2 + pool, AlexNet 11x11 "
+        "stride 4), 'small' = for small inputs (ResNet 3x3 stride 1, AlexNet 5x5 stride 2); auto = imagenet from 128 px",
+        STEMS,
+    )
+    weights: str = knob(
+        "none",
+        "'imagenet' starts alexnet/resnet from torchvision's ImageNet-1k weights (downloaded once into torch's hub "
+        "cache); not comparable with training from scratch: ImageNet-1k holds the competition's classes",
+        WEIGHTS,
+    )
+    freeze_epochs: int = knob(0, "weights=imagenet: train only the new output layer for this many first epochs")
     seed: int = knob(0, "seed of splits, init, batches, augmentation and the bias channel")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
     threads: int = knob(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
@@ -127,6 +147,24 @@ class TrainConfig(Settings):
             not self.nesterov or self.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false"
         )
         check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: use a value in [0, 1)")
+        check(0 < self.crop_scale <= 1, f"crop_scale={self.crop_scale}: use a share of the image in (0, 1], e.g. 0.7")
+        check(
+            self.weights == "none" or self.model in PRETRAINED,
+            f"weights={self.weights}: torchvision has no ImageNet weights for {self.model}; use one of "
+            f"{', '.join(PRETRAINED)} or weights=none",
+        )
+        check(
+            self.weights == "none" or self.stem != "small",
+            f"weights={self.weights} needs the stem the weights were trained with: use stem=imagenet or auto",
+        )
+        check(
+            0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
+            f"freeze_epochs={self.freeze_epochs}: use 0 or fewer than epochs={self.epochs} (the backbone must train)",
+        )
+        check(
+            self.freeze_epochs == 0 or self.weights != "none",
+            f"freeze_epochs={self.freeze_epochs} freezes pretrained layers: set weights=imagenet or freeze_epochs=0",
+        )
         check(0 <= self.seed < SEED_LIMIT, f"seed={self.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
         check(self.threads >= 0, f"threads={self.threads}: use 0 (torch's default) or a positive thread count")
         check(

@@ -97,7 +97,9 @@ def predict_labels(
     with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            logits = predict(model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size)
+            logits = predict(
+                model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size, tta=meta.tta
+            )
             check(bool(logits.isfinite().all()), diverged(uri))
             preds.append(logits.argmax(1))
             bar.update(len(chunk))

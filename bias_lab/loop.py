@@ -228,7 +228,12 @@ def set_determinism(deterministic: bool) -> None:
 
 
 def batch_inputs(
-    part: Part, idx: torch.Tensor, norm: Norm, train_gen: torch.Generator | None = None, batch: int | None = None
+    part: Part,
+    idx: torch.Tensor,
+    norm: Norm,
+    train_gen: torch.Generator | None = None,
+    batch: int | None = None,
+    crop_scale: float = 0.7,
 ) -> torch.Tensor:
     """The model input for samples `idx`: normalised image (augmented when train_gen is given) [+ eps].
 
@@ -238,6 +243,7 @@ def batch_inputs(
         x = augment(
             x,
             train_gen,
+            (crop_scale, 1.0),
             batch=batch,
             rows=slice(distributed.rank(), None, distributed.world()) if batch else slice(None),
         )
@@ -272,30 +278,40 @@ def _loss(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, rows: torch.Tensor | None = None
+    model: nn.Module,
+    part: Part,
+    norm: Norm,
+    batch_size: int = 512,
+    rows: torch.Tensor | None = None,
+    tta: bool = False,
 ) -> torch.Tensor:
-    """Logits (float32, on the CPU) for the samples `rows` of `part` (default all), in order."""
+    """Logits (float32, on the CPU) for the samples `rows` of `part` (default all), in order. `tta`: the log of the
+    mean of the softmax over the image and its mirror (the whole input flipped, eps too: its law is symmetric)."""
     model.eval()
     device = next(model.parameters()).device
     rows = torch.arange(len(part)) if rows is None else rows.cpu()
     out = []
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size].to(part.images.device)
-        x = batch_inputs(part, idx, norm).to(device, non_blocking=True)
+        x = channels_last(batch_inputs(part, idx, norm).to(device, non_blocking=True))
         with autocast(device):
-            out.append(model(channels_last(x)).float().cpu())
+            logits = model(x).float()
+            if tta:
+                both = torch.stack([logits.log_softmax(1), model(x.flip(-1)).float().log_softmax(1)])
+                logits = both.logsumexp(0) - math.log(2)
+        out.append(logits.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def evaluate(
-    model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sharded: bool = False
+    model: nn.Module, part: Part, norm: Norm, batch_size: int = 512, sharded: bool = False, tta: bool = False
 ) -> dict[str, float]:
     """loss and accuracy of `model` on `part`. `sharded`: under torchrun each rank scores its share and the sums
     are all-reduced, so every rank returns the numbers of the whole split."""
     rows = torch.arange(len(part))
     rows = distributed.shard(rows) if sharded else rows
     y = part.labels.cpu()[rows]
-    logits = predict(model, part, norm, batch_size, rows) if len(rows) else torch.zeros(0, 1)
+    logits = predict(model, part, norm, batch_size, rows, tta) if len(rows) else torch.zeros(0, 1)
     sums = (
         F.cross_entropy(logits, y, reduction="sum") if len(rows) else torch.zeros(()),
         (logits.argmax(1) == y).sum(),
@@ -347,6 +363,7 @@ def fit(
     on_epoch: EpochHook | None = None,
     input_hook: InputHook | None = None,
     checkpoint: Path | None = None,
+    frozen: list[nn.Parameter] | None = None,
 ) -> FitResult:
     """Train `model` with SGD on `train`, evaluating on `val` after every epoch; keeps the best-val weights.
 
@@ -354,7 +371,8 @@ def fit(
     batch (e.g. channel dropout). A model may set `model.aux_loss` during forward (e.g. an adversary) and it
     is added to the loss. With `checkpoint`, state is saved after an epoch every cfg.checkpoint_every_s seconds (0: every
     epoch), after the last epoch, and when an exception stops training (the last completed epoch); when cfg.resume is
-    set, training continues from it, reaching the same weights as an uninterrupted run.
+    set, training continues from it, reaching the same weights as an uninterrupted run. `frozen` parameters (a
+    pretrained backbone) do not train in the first cfg.freeze_epochs epochs.
     """
     cfg.validate()  # again: tune and bias_eval reach fit without the train command
     check(
@@ -365,6 +383,10 @@ def fit(
         cfg.batch_size >= distributed.world(),
         f"batch_size={cfg.batch_size} is smaller than the {distributed.world()} torchrun processes: "
         "use batch_size >= nproc_per_node",
+    )
+    check(
+        distributed.world() == 1 or not (frozen and cfg.freeze_epochs),
+        "freeze_epochs does not run under torchrun (DDP fixes the trained parameters at the start): use freeze_epochs=0",
     )
     device = next(model.parameters()).device
     model = model.to(memory_format=torch.channels_last)
@@ -397,7 +419,9 @@ def fit(
         total=cfg.epochs,
         **({} if distributed.is_main() else {"disable": True}),
     )  # one bar, rank 0's; TQDM_DISABLE still works
-    epochs = _Epochs(model, optim, train, val, batches, cfg, norm, input_hook, on_epoch, saver, bar, t_start)
+    epochs = _Epochs(
+        model, optim, train, val, batches, cfg, norm, input_hook, on_epoch, saver, bar, t_start, frozen or []
+    )
     try:
         for epoch in bar:
             if epochs.run(epoch, state):
@@ -437,11 +461,14 @@ class _Epochs:
     saver: "_Saver"
     bar: Any  # tqdm
     t_start: float  # perf_counter at the start of the (un-resumed) fit
+    frozen: list[nn.Parameter]  # trained from epoch cfg.freeze_epochs on (a function of the epoch: resume-safe)
     train_s: list[float] = field(default_factory=list)  # this process's epochs: the first pays the warm-up
 
     def run(self, epoch: int, state: FitState) -> bool:
         """Train, evaluate, report and (maybe) checkpoint epoch `epoch`; True when the loss diverged."""
         model, optim = self.model, self.optim
+        for p in self.frozen:  # SGD skips a parameter without a gradient: no decay, no momentum while frozen
+            p.requires_grad_(epoch >= self.cfg.freeze_epochs)
         t0 = time.perf_counter()
         train_loss, train_accuracy = _train_epoch(
             model, optim, self.train, self.batches, self.cfg, self.norm, epoch, self.input_hook
@@ -449,7 +476,7 @@ class _Epochs:
         self.train_s.append(time.perf_counter() - t0)
         state.train_s += self.train_s[-1]
         distributed.sync_buffers(model)
-        v = evaluate(model, self.val, self.norm, sharded=True)
+        v = evaluate(model, self.val, self.norm, sharded=True, tta=self.cfg.tta)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": train_accuracy,
@@ -553,7 +580,7 @@ def _train_epoch(
     for start, end in batches:
         batch = perm[start:end]
         idx = distributed.shard(batch)  # all of it without torchrun
-        x = batch_inputs(train, idx, norm, optim.aug_gen if cfg.augment else None, batch=len(batch))
+        x = batch_inputs(train, idx, norm, optim.aug_gen if cfg.augment else None, len(batch), cfg.crop_scale)
         if input_hook is not None:
             x = input_hook(x, idx, optim.aug_gen)
         y = train.labels[idx]

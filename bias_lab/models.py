@@ -1,12 +1,11 @@
 """The architectures, for grayscale (1 channel) or grayscale + eps (2 channels) inputs of 32-224 px.
 
-Pure: builds modules and describes them; no I/O. AlexNet and ResNet are torchvision's own, with the stem and
-head adapted to small inputs so that every size keeps a sensible feature-map resolution:
+Pure: builds modules, adapts given weights and describes them; no I/O. AlexNet and ResNet are torchvision's own,
+with one of two stems (the `stem` setting; `auto` picks imagenet from 128 px, and whenever ImageNet weights are used):
 
-    image_size   ResNet stem                     AlexNet stem / head
-    >= 128       7x7 stride 2 + max-pool (/4)   11x11 stride 4, 6x6 pool, 4096-wide head (the original)
-    64..127      3x3 stride 1 + max-pool (/2)   5x5 stride 2, 3x3 pool, 1024-wide head
-    < 64         3x3 stride 1 (/1, CIFAR-style)  as above
+    stem       ResNet                                         AlexNet stem / head
+    imagenet   7x7 stride 2 + max-pool (/4), torchvision's    11x11 stride 4, 6x6 pool, 4096-wide head (the original)
+    small      3x3 stride 1 + max-pool (/2); no pool < 64 px  5x5 stride 2, 3x3 pool, 1024-wide head
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from bias_lab import markdown as md
-from bias_lab.config import MODELS
+from bias_lab.config import MODELS, PRETRAINED
 from bias_lab.errors import check
 
 
@@ -50,9 +49,16 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _alexnet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+def resolve_stem(stem: str, image_size: int, pretrained: bool = False) -> str:
+    """'imagenet' or 'small': `auto` is imagenet from 128 px (or with ImageNet weights, which need it), else small."""
+    if stem != "auto":
+        return stem
+    return "imagenet" if image_size >= 128 or pretrained else "small"
+
+
+def _alexnet(in_channels: int, num_classes: int, image_size: int, stem: str) -> nn.Module:
     m = tvm.alexnet(weights=None, num_classes=num_classes)
-    if image_size >= 128:
+    if stem == "imagenet":
         m.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
         return m
     m.features[0] = nn.Conv2d(in_channels, 64, kernel_size=5, stride=2, padding=2)
@@ -69,10 +75,10 @@ def _alexnet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return m
 
 
-def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int, stem: str) -> nn.Module:
     ctor = {18: tvm.resnet18, 34: tvm.resnet34}[depth]
     m = ctor(weights=None, num_classes=num_classes, zero_init_residual=True)  # residual branches start as identity
-    if image_size >= 128:
+    if stem == "imagenet":
         m.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     else:
         m.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -81,8 +87,9 @@ def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int) -> 
     return m
 
 
-def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialised model (seed torch first for identical weights)."""
+def build(name: str, in_channels: int, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
+    """A freshly initialised model (seed torch first for identical weights). `stem`: 'auto', 'small' or 'imagenet'
+    (alexnet and resnet; LeNet has one)."""
     check(name in MODELS, f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     check(
         in_channels >= 1 and num_classes >= 2,
@@ -92,8 +99,36 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.
     if name == "lenet":
         return LeNet(in_channels, num_classes)
     if name == "alexnet":
-        return _alexnet(in_channels, num_classes, image_size)
-    return _resnet(int(name.removeprefix("resnet")), in_channels, num_classes, image_size)
+        return _alexnet(in_channels, num_classes, image_size, resolve_stem(stem, image_size))
+    return _resnet(
+        int(name.removeprefix("resnet")), in_channels, num_classes, image_size, resolve_stem(stem, image_size)
+    )
+
+
+def output_layer(name: str) -> str:
+    """The qualified name of the last Linear layer, the one a pretrained model gets anew for its classes."""
+    return {"lenet": "classifier.5", "alexnet": "classifier.6"}.get(name, "fc")
+
+
+def adapt_imagenet(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load torchvision's ImageNet `state` of `name` into `model` (built with stem='imagenet'): the first
+    convolution's RGB filters summed into the grayscale channel (a gray image through them gives what the RGB
+    network computed for that image in colour), the filters of any further channel (eps) zero, so that the network
+    starts as the pretrained one and learns from eps only what training teaches it. The output layer keeps its
+    fresh initialisation (other classes). Returns the names of the parameters taken from `state` (the backbone)."""
+    check(name in PRETRAINED, f"weights=imagenet: there are no ImageNet weights for {name}")
+    first = "features.0.weight" if name == "alexnet" else "conv1.weight"
+    head = output_layer(name)
+    own = model.state_dict()
+    rgb = state[first]
+    conv = torch.zeros_like(own[first])
+    conv[:, :1] = rgb.sum(dim=1, keepdim=True)
+    loaded = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    loaded[first] = conv
+    wrong = [k for k, v in loaded.items() if k not in own or own[k].shape != v.shape]
+    check(not wrong, f"weights=imagenet: the {name} weights do not fit this model ({', '.join(wrong[:3])})")
+    model.load_state_dict(loaded, strict=False)
+    return [k for k, _ in model.named_parameters() if k in loaded]
 
 
 @dataclass

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from bias_lab import bias as biasmod
-from bias_lab import metrics, plots, tracking
+from bias_lab import metrics, plots, pretrained, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
 from bias_lab.loop import EpochHook, InputHook, Norm, Part, device_info, fit, predict, resolve_device, seed_everything
-from bias_lab.models import build, finite_weights, summarize
+from bias_lab.models import adapt_imagenet, build, finite_weights, resolve_stem, summarize
 from bias_lab.registry import ModelMeta
 
 
@@ -59,6 +59,9 @@ class Prepared:
             eps_channel=self.eps,
             bias=dataclasses.asdict(self.bias) if self.binary else None,
             dataset_digest=self.dataset.digest,
+            stem=resolve_stem(cfg.stem, int(self.dataset.images.shape[-1]), cfg.weights != "none"),
+            tta=cfg.tta,
+            weights=cfg.weights,
         )
 
 
@@ -118,16 +121,19 @@ def prepare(
 
 
 def measure(
-    model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int = 0
+    model: nn.Module, prep: Prepared, bootstrap: int = 1000, seed: int = 0, tta: bool = False
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Final numbers on the held-out test split (the only place test data is read). Returns (metrics, confusion)."""
-    logits = predict(model, prep.test, prep.norm)
+    """Final numbers on the held-out test split (the only place test data is read). Returns (metrics, confusion).
+    With `tta`, predictions average the image and its mirror; test_accuracy_no_tta says what that changed."""
+    logits = predict(model, prep.test, prep.norm, tta=tta)
     y = prep.test.labels.numpy()
     pred = logits.argmax(1).numpy()
     out = {
         "test_accuracy": metrics.accuracy(y, pred),
         "test_loss": float(torch.nn.functional.cross_entropy(logits, prep.test.labels)) if len(y) else math.nan,
     }
+    if tta:
+        out["test_accuracy_no_tta"] = metrics.accuracy(y, predict(model, prep.test, prep.norm).argmax(1).numpy())
     dec = prep.test_decorrelated
     if prep.binary and prep.test.s is not None and dec is not None and dec.s is not None:  # binary: all three are set
         out.update(
@@ -137,7 +143,7 @@ def measure(
                 if k != "accuracy"
             }
         )
-        dpred = predict(model, dec, prep.norm).argmax(1).numpy()
+        dpred = predict(model, dec, prep.norm, tta=tta).argmax(1).numpy()
         out.update(
             {f"decorrelated_test_{k}": v for k, v in metrics.fairness(y, dpred, dec.s.numpy(), bootstrap, seed).items()}
         )
@@ -164,9 +170,13 @@ def train_model(
     """
     seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
     device = resolve_device(cfg.device)
-    net = build(cfg.model, prep.channels, len(prep.dataset.classes), int(prep.dataset.images.shape[-1]))
-    summary = summarize(net, prep.channels, int(prep.dataset.images.shape[-1]))
+    meta = prep.meta(cfg)
+    net = build(cfg.model, prep.channels, len(prep.dataset.classes), meta.image_size, meta.stem)
+    backbone = adapt_imagenet(net, cfg.model, pretrained.state_dict(cfg.model)) if cfg.weights == "imagenet" else []
+    summary = summarize(net, prep.channels, meta.image_size)
     model = (wrap(net) if wrap else net).to(device)
+    if log and backbone:
+        mlflow.set_tag("pretrained", pretrained.CAVEAT)
     if log:
         mlflow.log_text(summary.markdown(), "model_summary.md")
         mlflow.log_text(summary.csv(), "model_summary.csv")
@@ -179,7 +189,18 @@ def train_model(
         if on_epoch is not None:
             on_epoch(epoch, m)
 
-    res = fit(model, prep.train, prep.val, cfg, prep.norm, on_epoch=hook, input_hook=input_hook, checkpoint=checkpoint)
+    frozen = [p for n, p in net.named_parameters() if n in backbone]  # before the first cfg.freeze_epochs
+    res = fit(
+        model,
+        prep.train,
+        prep.val,
+        cfg,
+        prep.norm,
+        on_epoch=hook,
+        input_hook=input_hook,
+        checkpoint=checkpoint,
+        frozen=frozen,
+    )
     out = {
         "train_time_s": res.train_time_s,
         "images_per_s": res.images_per_s,
@@ -191,7 +212,7 @@ def train_model(
     cm = None
     no_test = test and len(prep.test) == 0  # test_fraction=0 (or a class too small to lend one): nothing to measure
     if test and not no_test:
-        m, cm = measure(net, prep, bootstrap, cfg.seed)
+        m, cm = measure(net, prep, bootstrap, cfg.seed, cfg.tta)
         out.update(m)
     if log:
         tracking.log_metrics(out)
@@ -221,7 +242,7 @@ def train_model(
                 "no model was logged; " + divergence_cause(cfg),
             )
         if log_model and finite:
-            tracking.log_model(net, prep.meta(cfg))
+            tracking.log_model(net, meta)
     return net, out
 
 

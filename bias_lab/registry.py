@@ -39,6 +39,9 @@ class ModelMeta:
     bias: dict[str, Any] | None = None  # the BiasConfig of a binary model
     dataset_digest: str = ""
     grayscale: bool = True
+    stem: str = "auto"  # models.build's stem, resolved ('imagenet' or 'small'); 'auto' in models logged before it
+    tta: bool = False  # predictions average the image and its mirror, as the model's val/test numbers did
+    weights: str = "none"  # 'imagenet': started from ImageNet-1k weights (see pretrained.CAVEAT)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow
 
-from bias_lab import config, distributed, pipeline, tracking
+from bias_lab import config, distributed, pipeline, pretrained, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
 from bias_lab.errors import UserError
@@ -48,6 +48,7 @@ def checkpoint_path(
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
     config.validate("train", data_cfg, train_cfg, bias_cfg)  # before any data is decoded or run opened
+    pretrained.ensure(train_cfg.model, train_cfg.weights)
     device = resolve_device(train_cfg.device)  # device=cuda without a usable GPU: a one-line error, before any work
     with distributed.session(device):
         if distributed.is_main():

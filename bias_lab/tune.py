@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
-from bias_lab import config, pipeline, registry, studies, tracking
+from bias_lab import config, pipeline, pretrained, registry, studies, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import check, first_line
@@ -383,6 +383,8 @@ def final_model(
             "tune_run_id": parent,
             "final_run_id": child.info.run_id,
             "test_accuracy": out.get("test_accuracy", math.nan),
+            "weights": cfg.weights,
+            **({"pretrained": pretrained.CAVEAT} if cfg.weights != "none" else {}),
         },
     )
     MlflowClient().set_tag(
@@ -431,6 +433,7 @@ def run_tune(
     t_start = time.perf_counter()
     _quiet_optuna()
     config.validate("tune", data_cfg, train_cfg, bias_cfg, tune_cfg)  # before the storage, the data or a run
+    pretrained.ensure(train_cfg.model, train_cfg.weights)
     storage, storage_desc = studies.open_storage(tune_cfg.storage)
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
