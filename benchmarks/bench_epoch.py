@@ -271,7 +271,7 @@ def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int)
         for on in (False, True):
             with tracking.run("benchmark-logging" if on else "benchmark-no-logging"):
                 t0 = time.perf_counter()
-                _, out = pipeline.train_model(prep, cfg, log=on, log_model=False, test=False)
+                _, out = pipeline.train_model(prep, cfg, pipeline.Outputs(mlflow=on, test=False, model=False))
                 wall = time.perf_counter() - t0
                 if on:
                     metrics = {

@@ -28,7 +28,7 @@ from bias_lab.data import Dataset, check_classes, load
 from bias_lab.errors import UserError
 from bias_lab.loop import InputHook
 from bias_lab.markdown import fmt
-from bias_lab.pipeline import Prepared, log_setup, prepare, train_model
+from bias_lab.pipeline import Outputs, Prepared, log_setup, prepare, train_model
 
 TESTS = {"in distribution": "test_", "decorrelated": "decorrelated_test_"}  # table label -> metric prefix
 MEASURES = (
@@ -132,7 +132,7 @@ def train_arm(
         if arm.note:
             mlflow.set_tag("note", arm.note)
         net, out = train_model(
-            arm.prep, train_cfg, bootstrap=eval_cfg.bootstrap, wrap=arm.wrap, input_hook=arm.input_hook
+            arm.prep, train_cfg, Outputs(bootstrap=eval_cfg.bootstrap), wrap=arm.wrap, input_hook=arm.input_hook
         )
         out.update(explain.log_explanations(net, arm.prep, seed))
     return out

@@ -22,7 +22,7 @@ from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
 from bias_lab.data import check_classes, load
 from bias_lab.markdown import fmt
-from bias_lab.pipeline import log_setup, prepare, train_model
+from bias_lab.pipeline import Outputs, log_setup, prepare, train_model
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",
@@ -70,7 +70,7 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                     log_setup(prep, data_cfg, train_cfg, bias, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"role": "model_2", "gap": gap})
                     net, out = train_model(
-                        prep, train_cfg, bootstrap=sweep_cfg.bootstrap, log_model=sweep_cfg.log_models
+                        prep, train_cfg, Outputs(model=sweep_cfg.log_models, bootstrap=sweep_cfg.bootstrap)
                     )
                     ex, _ = explain.explain(net, prep, seed)
                     tracking.log_metrics(ex)

@@ -150,24 +150,32 @@ def measure(
     return out, metrics.confusion(y, pred, len(prep.dataset.classes))
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What train_model records besides training the model: each caller's choice, named."""
+
+    mlflow: bool = True  # params, metrics and figures to the active run (False: a torchrun rank other than 0)
+    test: bool = True  # measure on the test split (False: tune's trials, which must never read it)
+    model: bool = True  # log the model, registrable (False: tune logs its final model itself, a sweep many)
+    bootstrap: int = 1000  # resamples of the DI confidence interval
+
+
 def train_model(
     prep: Prepared,
     cfg: TrainConfig,
+    outputs: Outputs = Outputs(),
     *,
-    log: bool = True,
     on_epoch: EpochHook | None = None,
     input_hook: InputHook | None = None,
     checkpoint: Path | None = None,
-    log_model: bool = True,
-    bootstrap: int = 1000,
-    test: bool = True,
     wrap: Any = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train one model on `prep` inside the active MLflow run; return (model with best-val weights, metrics).
 
-    `test=False` skips the test split entirely (tune's trials). `wrap(model) -> model` lets a caller add
-    modules around the network (e.g. an adversarial head) before training.
+    `wrap(model) -> model` lets a caller add modules around the network (e.g. an adversarial head) before
+    training; `on_epoch`, `input_hook` and `checkpoint` go to loop.fit.
     """
+    log, test = outputs.mlflow, outputs.test
     seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
     device = resolve_device(cfg.device)
     meta = prep.meta(cfg)
@@ -212,7 +220,7 @@ def train_model(
     cm = None
     no_test = test and len(prep.test) == 0  # test_fraction=0 (or a class too small to lend one): nothing to measure
     if test and not no_test:
-        m, cm = measure(net, prep, bootstrap, cfg.seed, cfg.tta)
+        m, cm = measure(net, prep, outputs.bootstrap, cfg.seed, cfg.tta)
         out.update(m)
     if log:
         tracking.log_metrics(out)
@@ -235,13 +243,13 @@ def train_model(
         if res.diverged:
             mlflow.set_tag("diverged", f"loss became non-finite at epoch {res.epochs_run}: {divergence_cause(cfg)}")
         finite = finite_weights(net)
-        if log_model and not finite:  # a NaN model would predict one class for every image, yet be registrable
+        if outputs.model and not finite:  # a NaN model would predict one class for every image, yet be registrable
             mlflow.set_tag(
                 "model_not_logged",
                 "the weights are not finite (training diverged before any good epoch): "
                 "no model was logged; " + divergence_cause(cfg),
             )
-        if log_model and finite:
+        if outputs.model and finite:
             tracking.log_model(net, meta)
     return net, out
 

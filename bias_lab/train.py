@@ -59,7 +59,7 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
             prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
         ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest, device.type)
         if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
-            pipeline.train_model(prep, train_cfg, log=False, checkpoint=ck, test=False)
+            pipeline.train_model(prep, train_cfg, pipeline.Outputs(mlflow=False, test=False), checkpoint=ck)
             return {}
         return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
 

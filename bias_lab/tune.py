@@ -182,7 +182,9 @@ class Search:
             )
             state, why = "complete", ""
             try:
-                _, out = pipeline.train_model(self.prep, cfg, test=False, log_model=False, on_epoch=report)
+                _, out = pipeline.train_model(
+                    self.prep, cfg, pipeline.Outputs(test=False, model=False), on_epoch=report
+                )
                 epochs = int(out["epochs_run"])
                 if out["diverged"]:
                     state, why = "pruned", f"loss became non-finite at epoch {epochs}: {pipeline.divergence_cause(cfg)}"
@@ -358,7 +360,7 @@ def final_model(
     }
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags, system_metrics=True) as child:
         pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
-        net, out = pipeline.train_model(prep, cfg, log_model=False)
+        net, out = pipeline.train_model(prep, cfg, pipeline.Outputs(model=False))  # logged on the tune run below
     check(
         finite_weights(net),
         f"the retrained best configuration (trial {best.number}) diverged: nothing was "

@@ -170,11 +170,11 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, clien
     )
     real, calls = pipeline.train_model, []
 
-    def ctrl_c_in_third_trial(prep, cfg, **kw):
+    def ctrl_c_in_third_trial(prep, cfg, *args, **kw):
         calls.append(cfg)
         if len(calls) == 3:
             kw["on_epoch"] = lambda epoch, m: (_ for _ in ()).throw(KeyboardInterrupt())
-        return real(prep, cfg, **kw)
+        return real(prep, cfg, *args, **kw)
 
     monkeypatch.setattr(pipeline, "train_model", ctrl_c_in_third_trial)
     code, out = invoke(*args, "--n-trials", "3")
