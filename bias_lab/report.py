@@ -38,6 +38,10 @@ KEY_PARAMS = (
     "lr",
     "momentum",
     "seed",
+    "crop_scale",
+    "tta",
+    "stem",
+    "weights",
     "best_lr",
     "best_momentum",
     "best_batch_size",
@@ -158,6 +162,8 @@ def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section
     tags = run.data.tags
     title = f"{tags.get('mlflow.runName', rid)} ({tags.get('entry_point', 'run')}{', ' + tags['role'] if 'role' in tags else ''})"
     sec = Section(title)
+    if "pretrained" in tags:  # first, before any number it qualifies
+        sec.markdown.append(f"**Pretrained:** this run {tags['pretrained']}.")
     params = {k: run.data.params[k] for k in KEY_PARAMS if k in run.data.params}
     if params:
         sec.markdown.append(md.table(["parameter", "value"], params.items()))

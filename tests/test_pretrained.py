@@ -77,7 +77,9 @@ def test_frozen_backbone_trains_only_after_freeze_epochs(hub: dict[str, torch.Te
     assert all(p.requires_grad for p in net.parameters())
 
 
-def test_train_with_imagenet_weights_is_tagged_and_logs_its_model(kaggle_data: Path, hub: dict, client) -> None:
+def test_train_with_imagenet_weights_is_tagged_and_logs_its_model(
+    kaggle_data: Path, hub: dict, client, tmp_path: Path
+) -> None:
     code, out = invoke(
         "train", "--data", str(kaggle_data), "--image-size", "32", "--model", "resnet18", "--epochs", "2",
         "--batch-size", "32", "--lr", "0.02", "--weights", "imagenet", "--freeze-epochs", "1",
@@ -88,6 +90,12 @@ def test_train_with_imagenet_weights_is_tagged_and_logs_its_model(kaggle_data: P
     assert "not comparable with training from scratch" in run.data.tags["pretrained"]
     model, meta = tracking.load_model(f"runs:/{run.info.run_id}/model", torch.device("cpu"))  # rebuilt from meta
     assert (meta.weights, meta.stem, model.conv1.kernel_size) == ("imagenet", "imagenet", (7, 7))
+    code, out = invoke("report", "--output", str(tmp_path / "report.html"))
+    assert code == 0, out
+    assert (
+        "**Pretrained:** this run started from torchvision's ImageNet-1k weights"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 def test_offline_without_the_file_is_one_line_before_any_work(
