@@ -114,7 +114,7 @@ def naive_dataset(root: Path, size: int, norm: Norm, classes: list[str]) -> torc
     tf = T.Compose(
         [
             T.Grayscale(),
-            T.RandomResizedCrop(size, scale=(0.7, 1.0)),  # the same crop area range as data.augment
+            T.RandomResizedCrop(size, scale=(TrainConfig.crop_scale, 1.0)),  # the same crop area range as data.augment
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize([norm.mean], [norm.std]),

@@ -99,9 +99,13 @@ class TrainConfig(Settings):
     schedule: str = knob("cosine", "learning-rate schedule over the epochs", SCHEDULES)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing in [0, 1)")
     augment: bool = knob(True, "batched random resized crop + horizontal flip on the train split")
-    crop_scale: float = knob(0.7, "augment: smallest crop area, as a share of the image (ImageNet recipes use 0.08)")
+    # measured on tiny4 (README, Performance): LeNet 60 epochs, test accuracy 0.65 / 0.69 / 0.71 at 0.7 / 0.35 /
+    # 0.08 without tta, 0.67 / 0.69 / 0.73 with it; 0.08 is also torchvision's RandomResizedCrop default
+    crop_scale: float = knob(
+        0.08, "augment: smallest area of the random resized crop, as a share of the image (0.08-1, as torchvision)"
+    )
     tta: bool = knob(
-        False, "test-time augmentation: every prediction (val, test, kaggle_submit) averages the image and its mirror"
+        True, "test-time augmentation: every prediction (val, test, kaggle_submit) averages the image and its mirror"
     )
     stem: str = knob(
         "auto",

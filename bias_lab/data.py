@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from bias_lab.config import DataConfig
+from bias_lab.config import DataConfig, TrainConfig
 from bias_lab.errors import UserError, check
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -576,7 +576,7 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def augment(
     x: torch.Tensor,
     gen: torch.Generator,
-    scale: tuple[float, float] = (0.7, 1.0),
+    scale: tuple[float, float] = (TrainConfig.crop_scale, 1.0),
     *,
     batch: int | None = None,
     rows: slice = slice(None),

@@ -233,7 +233,7 @@ def batch_inputs(
     norm: Norm,
     train_gen: torch.Generator | None = None,
     batch: int | None = None,
-    crop_scale: float = 0.7,
+    crop_scale: float = TrainConfig.crop_scale,
 ) -> torch.Tensor:
     """The model input for samples `idx`: normalised image (augmented when train_gen is given) [+ eps].
 

@@ -130,7 +130,7 @@ def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(
     # the logged val metrics are the whole val split's (all-reduced over the 2 shards), not rank 0's half
     model, meta = load_model(f"runs:/{run.info.run_id}/model")
     prep = prepare(DataConfig(data=str(kaggle_data), image_size=32), BiasConfig(), seed=0)
-    v = evaluate(model, prep.val, prep.norm)
+    v = evaluate(model, prep.val, prep.norm, tta=meta.tta)
     best = int(run.data.metrics["best_epoch"])
     assert v["accuracy"] == pytest.approx(_history(client, run.info.run_id, "val_accuracy")[best - 1], abs=1e-9)
     assert v["loss"] == pytest.approx(_history(client, run.info.run_id, "val_loss")[best - 1], rel=1e-5)

@@ -48,7 +48,9 @@ def expected_labels(model_uri: str, data_dir: Path) -> dict[str, str]:
     model, meta = load_model(model_uri)
     ds = data.load(data.DataConfig(data=str(data_dir), image_size=meta.image_size))
     with torch.no_grad():
-        pred = model(data.normalize(ds.test_images, meta.mean, meta.std)).argmax(1).tolist()
+        x = data.normalize(ds.test_images, meta.mean, meta.std)
+        p = model(x).softmax(1) + (model(x.flip(-1)).softmax(1) if meta.tta else 0)  # tta: with the mirror
+        pred = p.argmax(1).tolist()
     return {i: meta.classes[p] for i, p in zip(ds.test_ids, pred)}
 
 
