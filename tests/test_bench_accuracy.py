@@ -32,7 +32,10 @@ def test_bench_accuracy_quick_prints_table_targets_and_offline_figure(tmp_path: 
     assert re.search(r"^\| bias_lab lenet \| \d+ \| \d+ \| [01]\.\d{3} \|", text, re.M), text
     assert re.search(r"^TARGET bias_lab_best - textbook_best >= \+5 pts .* (PASS|FAIL)$", text, re.M), text
     assert re.search(
-        r"^TARGET bias_lab >= 0\.75 test accuracy within 600 training s: SKIP \(needs --budget 600\)$", text, re.M
+        r"^TARGET bias_lab >= 0\.75 test accuracy within 600 training s: .+ "
+        r"(PASS|SKIP \(not reached at this budget; run --budget 600\))$",
+        text,
+        re.M,
     ), text
     assert "load average" in text
     page = out.read_text()
