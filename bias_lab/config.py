@@ -99,8 +99,9 @@ class TrainConfig(Settings):
     schedule: str = knob("cosine", "learning-rate schedule over the epochs", SCHEDULES)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing in [0, 1)")
     augment: bool = knob(True, "batched random resized crop + horizontal flip on the train split")
-    # measured on tiny4 (README, Performance): LeNet 60 epochs, test accuracy 0.65 / 0.69 / 0.71 at 0.7 / 0.35 /
-    # 0.08 without tta, 0.67 / 0.69 / 0.73 with it; 0.08 is also torchvision's RandomResizedCrop default
+    # measured on tiny4 (benchmarks/README.md, Recipe study): LeNet 60 epochs, test accuracy 0.65 / 0.69 / 0.71 at
+    # crop_scale 0.7 / 0.35 / 0.08 without tta, 0.67 / 0.69 / 0.73 with it (tta helped in 11 runs of 11, +1.7 points
+    # on average); 0.08 is also torchvision's RandomResizedCrop default
     crop_scale: float = knob(
         0.08, "augment: smallest area of the random resized crop, as a share of the image (0.08-1, as torchvision)"
     )
@@ -151,7 +152,7 @@ class TrainConfig(Settings):
             not self.nesterov or self.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false"
         )
         check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: use a value in [0, 1)")
-        check(0 < self.crop_scale <= 1, f"crop_scale={self.crop_scale}: use a share of the image in (0, 1], e.g. 0.7")
+        check(0 < self.crop_scale <= 1, f"crop_scale={self.crop_scale}: use a share of the image in (0, 1], e.g. 0.08")
         check(
             self.weights == "none" or self.model in PRETRAINED,
             f"weights={self.weights}: torchvision has no ImageNet weights for {self.model}; use one of "
