@@ -134,7 +134,7 @@ def train_arm(
         net, out = train_model(
             arm.prep, train_cfg, Outputs(bootstrap=eval_cfg.bootstrap), wrap=arm.wrap, input_hook=arm.input_hook
         )
-        out.update(explain.log_explanations(net, arm.prep, seed))
+        out.update(explain.log_explanations(net, arm.prep, seed, train_cfg.tta))
     return out
 
 

@@ -72,7 +72,7 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                     net, out = train_model(
                         prep, train_cfg, Outputs(model=sweep_cfg.log_models, bootstrap=sweep_cfg.bootstrap)
                     )
-                    ex, _ = explain.explain(net, prep, seed)
+                    ex, _ = explain.explain(net, prep, seed, train_cfg.tta)
                     tracking.log_metrics(ex)
                 cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **out, **ex})
         summary = _log_sweep(cells, gaps, sigmas, train_cfg.model, (a, b))

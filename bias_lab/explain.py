@@ -35,10 +35,10 @@ def ablate(part: Part, mode: str, seed: int) -> Part:
     return dataclasses.replace(part, eps=part.eps[perm.to(part.eps.device)])
 
 
-def accuracy(model: nn.Module, part: Part, norm: Norm) -> float:
+def accuracy(model: nn.Module, part: Part, norm: Norm, tta: bool = False) -> float:
     if len(part) == 0:
         return float("nan")
-    return float((predict(model, part, norm).argmax(1) == part.labels.cpu()).float().mean())
+    return float((predict(model, part, norm, tta=tta).argmax(1) == part.labels.cpu()).float().mean())
 
 
 def saliency(model: nn.Module, part: Part, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,20 +73,21 @@ def figure_samples(part: Part, seed: int, k: int = N_FIGURE) -> list[int]:
     return out
 
 
-def explain(model: nn.Module, prep: Prepared, seed: int) -> tuple[dict[str, float], object]:
-    """The explanation metrics of one model on the in-distribution test split, and its saliency figure."""
+def explain(model: nn.Module, prep: Prepared, seed: int, tta: bool = False) -> tuple[dict[str, float], object]:
+    """The explanation metrics of one model on the in-distribution test split, and its saliency figure. `tta`: predict
+    as the model's test_accuracy was measured, so an ablation's accuracy compares with it."""
     test = prep.test
     x, g = saliency(model, test, prep.norm)
     total = float(g.sum()) if g.numel() else 0.0
     share = float(g[:, 1:].sum()) / total if total > 0 and g.shape[1] > 1 else 0.0
     metrics = {
-        "ablation_zero_eps_test_accuracy": accuracy(model, ablate(test, "zero", seed), prep.norm),
-        "ablation_shuffle_eps_test_accuracy": accuracy(model, ablate(test, "shuffle", seed), prep.norm),
+        "ablation_zero_eps_test_accuracy": accuracy(model, ablate(test, "zero", seed), prep.norm, tta),
+        "ablation_shuffle_eps_test_accuracy": accuracy(model, ablate(test, "shuffle", seed), prep.norm, tta),
         "saliency_eps_share": share,
     }
     pick = figure_samples(test, seed) if len(test) else []
     with torch.no_grad():
-        pred = predict(model, test, prep.norm).argmax(1) if pick else torch.zeros(0, dtype=torch.long)
+        pred = predict(model, test, prep.norm, tta=tta).argmax(1) if pick else torch.zeros(0, dtype=torch.long)
     classes = prep.dataset.classes
     samples = [
         {
@@ -99,9 +100,9 @@ def explain(model: nn.Module, prep: Prepared, seed: int) -> tuple[dict[str, floa
     return metrics, plots.saliency_maps(samples, share)
 
 
-def log_explanations(model: nn.Module, prep: Prepared, seed: int) -> dict[str, float]:
+def log_explanations(model: nn.Module, prep: Prepared, seed: int, tta: bool = False) -> dict[str, float]:
     """Log the explanation metrics and the saliency figure on the active run; return the metrics."""
-    metrics, fig = explain(model, prep, seed)
+    metrics, fig = explain(model, prep, seed, tta)
     tracking.log_metrics(metrics)
     tracking.log_figure(fig, "saliency")
     return metrics

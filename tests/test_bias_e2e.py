@@ -113,6 +113,9 @@ def test_two_seeds_end_to_end_mean_and_std(pair: Path, client: mlflow.MlflowClie
         ch["model_1"][0].data.metrics["test_accuracy"] != ch["model_1"][1].data.metrics["test_accuracy"]
         or ch["model_1"][0].data.metrics["best_val_accuracy"] != ch["model_1"][1].data.metrics["best_val_accuracy"]
     )  # really two seeds
+    for run in ch["model_1"]:  # no eps channel to ablate: the ablation is the test accuracy, predicted the same way
+        m = run.data.metrics
+        assert m["ablation_zero_eps_test_accuracy"] == m["test_accuracy"] == m["ablation_shuffle_eps_test_accuracy"]
     text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.md")
     assert "±" in text
 
