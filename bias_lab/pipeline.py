@@ -59,7 +59,7 @@ class Prepared:
             eps_channel=self.eps,
             bias=dataclasses.asdict(self.bias) if self.binary else None,
             dataset_digest=self.dataset.digest,
-            stem=resolve_stem(cfg.stem, int(self.dataset.images.shape[-1]), cfg.weights != "none"),
+            stem=resolve_stem(cfg.model, cfg.stem, int(self.dataset.images.shape[-1]), cfg.weights != "none"),
             tta=cfg.tta,
             weights=cfg.weights,
         )

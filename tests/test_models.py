@@ -48,7 +48,9 @@ def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
     torch.manual_seed(1)
     b = build("resnet18", 1, 4, 64)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert build("resnet18", 2, 4, 64).conv1.weight.shape == (64, 2, 3, 3)
+    assert build("resnet18", 2, 4, 64).conv1.weight.shape == (64, 2, 7, 7)  # auto: torchvision's stem at every size
+    assert build("resnet18", 2, 4, 64, "small").conv1.weight.shape == (64, 2, 3, 3)
+    assert build("alexnet", 1, 4, 64).features[0].kernel_size == (5, 5)  # auto: AlexNet's small stem below 128 px
     assert build("resnet18", 1, 4, 128).conv1.weight.shape == (64, 1, 7, 7)  # the original stem at >= 128 px
 
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from bias_lab import pretrained, tracking
-from bias_lab.config import TrainConfig
+from bias_lab import explain, pretrained, tracking
+from bias_lab.config import BiasConfig, DataConfig, TrainConfig
+from bias_lab.data import load
 from bias_lab.errors import UserError
 from bias_lab.kaggle_submit import predict_labels
 from bias_lab.loop import Norm, Part, batch_inputs, fit, predict, seed_everything
 from bias_lab.models import adapt_imagenet, build, resolve_stem
+from bias_lab.pipeline import prepare
 from bias_lab.registry import ModelMeta
 
 from .conftest import all_runs, invoke, run_cli
@@ -39,7 +41,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tens
 
 
 def test_adapt_sums_rgb_filters_zeroes_eps_and_keeps_a_fresh_head(hub: dict[str, torch.Tensor]) -> None:
-    net = build("resnet18", 2, 4, 64, resolve_stem("auto", 64, pretrained=True))
+    net = build("resnet18", 2, 4, 64, resolve_stem("resnet18", "auto", 64, pretrained=True))
     fresh_fc = net.fc.weight.detach().clone()
     backbone = adapt_imagenet(net, "resnet18", pretrained.state_dict("resnet18"))
     assert torch.equal(net.conv1.weight[:, 0], hub["conv1.weight"].sum(dim=1))  # gray = R + G + B filters
@@ -167,3 +169,15 @@ def test_kaggle_submit_predicts_with_the_models_tta() -> None:
     plain = predict_labels(LeftVsRight(), dataclasses.replace(meta, tta=False), images, batch_size=16)
     assert set(plain) == {"a", "b"}  # each image leans one way
     assert predict_labels(LeftVsRight(), meta, images, batch_size=16) == ["a"] * 64  # with its mirror: no lean
+
+
+def test_explain_ablations_predict_with_the_models_tta(kaggle_data: Path) -> None:
+    """An ablation's accuracy sits beside test_accuracy: both must be measured the same way (with tta or without)."""
+    data = DataConfig(data=str(kaggle_data), image_size=32)
+    prep = prepare(data, BiasConfig(classes="1,3", p0=0.0, p1=1.0), 0, binary=True, eps=True, ds=load(data))
+    model, zero = LeftVsRight(), explain.ablate(prep.test, "zero", 0)
+    with_tta, _ = explain.explain(model, prep, seed=0, tta=True)
+    plain, _ = explain.explain(model, prep, seed=0)
+    key = "ablation_zero_eps_test_accuracy"
+    assert with_tta[key] == explain.accuracy(model, zero, prep.norm, tta=True)
+    assert with_tta[key] != plain[key]  # this model's mirror average changes its predictions
