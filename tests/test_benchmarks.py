@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,23 @@ def test_bench_ddp_quick_compares_one_and_two_processes() -> None:
     assert re.search(
         r"^1 -> 2 processes \(median of 1, cpu\): [\d,.]+ -> [\d,.]+ images/s \([\d.]+x\)", proc.stdout, re.M
     )
+
+
+def test_bench_recipes_prints_one_line_per_recipe(kaggle_data: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_recipes.py"),
+            "--data",
+            str(kaggle_data),
+            "lenet 1",
+            "lenet 1 --tta false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["recipe"] for r in lines] == ["lenet 1", "lenet 1 --tta false"]
+    assert 0 <= lines[0]["test_no_tta"] <= 1 and lines[1]["test_no_tta"] != lines[1]["test_no_tta"]  # NaN: no tta
