@@ -321,7 +321,10 @@ def log_summary(study: optuna.Study, t_start: float, seed: int) -> dict[str, flo
         mlflow.set_tag("best_trial", "none: no trial completed (all pruned or failed); re-run to add trials")
     tracking.log_metrics(out)
     if trials:
-        tracking.log_table(study.trials_dataframe(), "trials")
+        table = study.trials_dataframe()
+        # Optuna gives a pruned trial its last intermediate value, here a negative val_loss: not an accuracy
+        table["value"] = table["value"].where(table["state"] == "COMPLETE")
+        tracking.log_table(table, "trials")
     need = {"optimization_history": 1, "parallel_coordinate": 2, "contour_lr_momentum": 2, "param_importances": 2}
     for name, make in _figures(study, seed).items():
         if name == "intermediate_values" and not any(t.intermediate_values for t in trials):

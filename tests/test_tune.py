@@ -101,6 +101,8 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert len(table) == 4 and "params_lr" in table[0] and "PRUNED" in table[2]
     browsable = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.json"))  # mlflow.log_table
     assert len(browsable["data"]) == 3 and "duration_s" in browsable["columns"]  # seconds: JSON has no timedelta
+    value, state = browsable["columns"].index("value"), browsable["columns"].index("state")
+    assert all((row[value] is None) == (row[state] != "COMPLETE") for row in browsable["data"])  # no loss as accuracy
 
     mv = client.get_model_version_by_alias("bias-lab", "champion")  # first model on this data: champion
     # the model is logged on the tune run itself: its page lists the registered version
