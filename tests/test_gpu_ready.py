@@ -21,12 +21,11 @@ import torch
 from bias_lab import distributed, loop
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig
 from bias_lab.errors import UserError
-from bias_lab.loop import FitResult, device_info, fit, resolve_device, seed_everything
-from bias_lab.models import build
+from bias_lab.loop import device_info, resolve_device, seed_everything
 from bias_lab.train import checkpoint_path
 
 from .conftest import FAST, REPO, all_runs, invoke
-from .test_train import NORM, TRAIN, VAL, Interrupt, numbers, same_weights, stop_at
+from .test_train import Interrupt, numbers, run_fit, same_weights, stop_at
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,33 +42,6 @@ def default_determinism():
     seed_everything(0)
     yield
     seed_everything(0)
-
-
-def run_fit(
-    epochs: int,
-    seed: int = 0,
-    init_seed: int | None = None,
-    checkpoint: Path | None = None,
-    resume: bool = False,
-    on_epoch: Callable | None = None,
-    input_hook: Callable | None = None,
-    **cfg: object,
-) -> tuple[torch.nn.Module, FitResult]:
-    torch.manual_seed(seed if init_seed is None else init_seed)
-    model = build("lenet", 1, 4, 32)
-    config = TrainConfig(
-        **{
-            "model": "lenet",
-            "epochs": epochs,
-            "batch_size": 32,
-            "lr": 0.05,
-            "seed": seed,
-            "device": "cpu",
-            "resume": resume,
-            **cfg,
-        }
-    )
-    return model, fit(model, TRAIN, VAL, config, NORM, on_epoch=on_epoch, input_hook=input_hook, checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ 1. resume across devices

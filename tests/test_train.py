@@ -70,6 +70,7 @@ def run_fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     on_epoch: Callable | None = None,
+    input_hook: Callable | None = None,
     **cfg: object,
 ) -> tuple[torch.nn.Module, FitResult]:
     seed_everything(seed if init_seed is None else init_seed)
@@ -86,7 +87,7 @@ def run_fit(
             **cfg,
         }
     )
-    return model, fit(model, TRAIN, VAL, config, NORM, on_epoch=on_epoch, checkpoint=checkpoint)
+    return model, fit(model, TRAIN, VAL, config, NORM, on_epoch=on_epoch, input_hook=input_hook, checkpoint=checkpoint)
 
 
 def numbers(res: FitResult) -> list[dict[str, float]]:
