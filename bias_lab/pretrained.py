@@ -7,6 +7,7 @@ there on first use, and checked before any data is read: offline, the error name
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -35,15 +36,20 @@ def cached_file(name: str) -> Path:
 
 def state_dict(name: str) -> dict[str, torch.Tensor]:
     """The ImageNet-1k state_dict of torchvision's `name`, from the hub cache, downloaded there when missing.
-    A one-line UserError when it can be neither read nor downloaded."""
-    weights, path = _weights(name), cached_file(name)
+    A one-line UserError when it can be neither read nor downloaded. Read once per file and process: `ensure` and
+    every tune trial ask again (callers copy from it, never into it)."""
+    return _read(_weights(name).url, cached_file(name))
+
+
+@functools.lru_cache(maxsize=2)
+def _read(url: str, path: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, map_location="cpu", weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu", weights_only=True)
     except Exception as e:  # offline (URLError), a proxy, a truncated file...
         where = "cannot read it" if path.exists() else "it is not there and the download failed"
         raise UserError(
             f"weights=imagenet needs {path.name} in torch's hub cache {path.parent} ({where}: {first_line(e, 120)}): "
-            f"download {weights.url} to {path}, or use weights=none"
+            f"download {url} to {path}, or use weights=none"
         ) from None
 
 
