@@ -75,7 +75,6 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         s = (self._base_seed * 1_000_003 + trial.number) % 2**32
-        pass  # planted
         self._random_sampler._rng.rng.seed(s)  # the startup trials' random draws
         super().before_trial(study, trial)
 
