@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bias_lab import plots, tracking
+from bias_lab import metrics, plots, tracking
 from bias_lab.loop import Norm, Part, batch_inputs, predict
 from bias_lab.pipeline import Prepared
 
@@ -36,9 +36,10 @@ def ablate(part: Part, mode: str, seed: int) -> Part:
 
 
 def accuracy(model: nn.Module, part: Part, norm: Norm, tta: bool = False) -> float:
+    """Share of `part` predicted right, computed as the run's test_accuracy is (a float32 mean differs in the last bits)."""
     if len(part) == 0:
         return float("nan")
-    return float((predict(model, part, norm, tta=tta).argmax(1) == part.labels.cpu()).float().mean())
+    return metrics.accuracy(part.labels.cpu().numpy(), predict(model, part, norm, tta=tta).argmax(1).numpy())
 
 
 def saliency(model: nn.Module, part: Part, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
