@@ -45,6 +45,14 @@ class LeNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(84, num_classes),
         )
+        # He init of the convolutions: torch's default draws them with a third of the variance ReLU needs, and SGD
+        # then sat at chance for the first 4-8 epochs on shapes no pixel statistic gives away (demo data, 10 epochs:
+        # val 0.53 -> 0.99). On tiny4's photos it changed little: test 0.58 -> 0.59 at 10 epochs, 0.709 -> 0.700 at
+        # 60 (mean of three seeds). He init of the linear layers as well cost 2 points on tiny4: they keep the default.
+        for conv in (self.features[0], self.features[3]):
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -2,9 +2,9 @@
 and the reweigh / channel_dropout mitigations. Plus the guards `python -m tests.mutate` found missing (the val
 split kept out of training, label smoothing used, the report's plotly.js inlined once).
 
-Data: the demo generator's disc-vs-cross at 32 px with LeNet for a few epochs. The images are not learned in that
-budget, while the eps channel (present exactly when y = 1 at p0=0, p1=1) is learned at once: a model that can use
-eps takes the shortcut completely, one that cannot stays near chance. Everything is seeded: the numbers are the
+Data: the demo generator's disc-vs-cross at 32 px with LeNet for 8 epochs. The images are learned only in part in
+that budget, while the eps channel (present exactly when y = 1 at p0=0, p1=1) is learned at once: a model that can
+use eps takes the shortcut completely, one that cannot does no better than the images allow. Everything is seeded: the numbers are the
 same on every run of one torch build.
 """
 
@@ -29,7 +29,7 @@ BASE = [
     "--model",
     "lenet",
     "--epochs",
-    "4",
+    "8",
     "--batch-size",
     "16",
     "--lr",
@@ -131,20 +131,21 @@ def test_two_seeds_end_to_end_mean_and_std(pair: Path, client: mlflow.MlflowClie
 def test_mitigations_end_to_end(
     pair: Path, client: mlflow.MlflowClient, method: str, p: tuple[str, str], seed: str
 ) -> None:
-    """model_3 trained on model_2's biased data with the mitigation stops taking the shortcut: its decorrelated
-    DI is back in the band while model_2's is far below it. (reweigh at p0=0.1, p1=0.9: every (S, y) cell is
-    populated, so the weights can make S independent of y; at p0=0, p1=1 it cannot, and says so.)
-    channel_dropout runs at seed 1: at seed 0 its model_3 stays at chance on the images and its predictions still
-    depend on whether eps is present (decorrelated DI 0.23), which eps re-drawn independently of y cannot teach but
-    an untrained network can show; seeds 1 and 2 give 0.96 and 1.13."""
+    """model_3 trained on model_2's biased data with the mitigation stops taking the shortcut: by the tool's own rule
+    it is not biased (its decorrelated DI's 95% interval meets the four-fifths band) while model_2 is (its interval
+    lies wholly below the band). (reweigh at p0=0.1, p1=0.9: every (S, y) cell is populated, so the weights can make
+    S independent of y; at p0=0, p1=1 it cannot, and says so.) The interval, not the point: on 90 test images a
+    mitigated model's point estimate scatters widely around 1 (0.80 and 1.54 here; 0.23 to 1.13 over seeds before
+    LeNet's He init), while a model that kept the shortcut has DI near 0."""
     parent, ch = _bias_eval(
         client, "--data", str(pair), *BASE, "--p0", p[0], "--p1", p[1], "--mitigation", method, "--seed", seed
     )
     [m2], [m3] = ch["model_2"], ch["model_3"]
     assert "note" not in m3.data.tags
     b, c = m2.data.metrics, m3.data.metrics
-    assert b["decorrelated_test_di"] < BAND[0], b["decorrelated_test_di"]
-    assert BAND[0] <= c["decorrelated_test_di"] <= BAND[1], c["decorrelated_test_di"]
+    assert b["decorrelated_test_di_ci_high"] < BAND[0], b["decorrelated_test_di_ci_high"]
+    di = (c["decorrelated_test_di_ci_low"], c["decorrelated_test_di"], c["decorrelated_test_di_ci_high"])
+    assert di[0] <= BAND[1] and di[2] >= BAND[0], di
     assert parent.data.metrics["model_3_decorrelated_test_di"] == pytest.approx(c["decorrelated_test_di"])
     if method == "channel_dropout":  # eps re-drawn for every train sample: training cannot fit the shortcut either
         assert b["train_accuracy"] >= 0.95 and c["train_accuracy"] <= b["train_accuracy"] - 0.2, (

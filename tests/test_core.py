@@ -210,15 +210,13 @@ def test_corrupt_checkpoint_with_resume_is_one_line(
 
 
 def test_demo_data_is_learnable(client: mlflow.MlflowClient) -> None:
-    """LeNet gets well above chance (0.25) on the synthetic demo data in a few epochs. A property of the data, so the
-    recipe is pinned: the demo's shapes fill about a third of the image side, and the default crop (down to 8% of the
-    area, made for photos) often cuts them out: 0.46 after these 6 epochs instead of > 0.5."""
-    code, out = invoke(
-        "train", "--image-size", "32", "--epochs", "6", "--lr", "0.1", "--batch-size", "32", "--crop-scale", "0.7"
-    )
+    """LeNet with the default recipe learns the synthetic demo data in a few epochs: what the README's first
+    command shows: val 0.96 after these 8 epochs. Before, 0.37: demo version 3 (shapes a third of the side,
+    off-centre) lost its shapes to the default crop, and LeNet with torch's default init sat at chance for epochs."""
+    code, out = invoke("train", "--image-size", "32", "--epochs", "8")
     assert code == 0, out
     [run] = all_runs(client)
-    assert run.data.metrics["best_val_accuracy"] > 0.5
+    assert run.data.metrics["best_val_accuracy"] > 0.8
     assert run.data.tags["synthetic_data"] == "true" and run.data.params["data_source"] == "demo (synthetic)"
 
 
