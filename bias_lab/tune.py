@@ -59,19 +59,45 @@ def suggest(trial: optuna.Trial, base: TrainConfig, tune_cfg: TuneConfig) -> Tra
     )
 
 
+def start_point(base: TrainConfig, tune_cfg: TuneConfig) -> dict[str, Any] | None:
+    """`train`'s defaults as a point of the search space, or None when they lie outside it."""
+    inside = (
+        tune_cfg.lr_min <= base.lr <= tune_cfg.lr_max
+        and tune_cfg.momentum_min <= base.momentum <= tune_cfg.momentum_max
+        and base.batch_size in tune_cfg.batch_size_choices()
+    )
+    return {k: getattr(base, k) for k in SEARCHED} if inside else None
+
+
 class TrialSeededTPE(optuna.samplers.TPESampler):
-    """TPE whose random draws for trial k depend only on (seed, k).
+    """TPE whose random draws for trial k depend only on (seed, k), and whose trial 0 is `first` when given.
 
     A plain seeded sampler restarts its random stream in every process: a resumed study would re-draw the
     points it already tried, and parallel workers would all propose the same ones. Re-seeding per trial
     number keeps a study reproducible from its seed and its history, and makes every trial's draw distinct.
+
+    `first` (train's defaults): the search starts from a known point, and its best trial is never one that did
+    worse on val than the defaults. Tied to the trial number, which the storage hands out once, so several workers
+    opening a new study together try it once (Optuna's enqueue_trial checks and adds in two steps: they raced).
     """
 
-    def __init__(self, seed: int, n_startup_trials: int) -> None:
+    def __init__(self, seed: int, n_startup_trials: int, first: dict[str, Any] | None = None) -> None:
         # constant_liar: a trial still running elsewhere counts as a poor result, so parallel workers spread out
         # instead of all proposing the point next to the current best
         super().__init__(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
         self._base_seed = seed
+        self._first = first or {}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        if trial.number == 0 and param_name in self._first:
+            return self._first[param_name]
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         s = (self._base_seed * 1_000_003 + trial.number) % 2**32
@@ -79,11 +105,11 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def make_sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(seed: int, n_trials: int, first: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
     # Optuna's 10 random startup trials would be most of a 12-trial study: use a third of it, 3..10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
-        return TrialSeededTPE(seed, n_startup_trials=min(10, max(3, n_trials // 3)))
+        return TrialSeededTPE(seed, n_startup_trials=min(10, max(3, n_trials // 3)), first=first)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -251,7 +277,12 @@ def fixed_settings(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasC
 
 
 def open_study(
-    storage: optuna.storages.BaseStorage, name: str, tune_cfg: TuneConfig, fixed: dict[str, Any], seed: int
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    tune_cfg: TuneConfig,
+    fixed: dict[str, Any],
+    seed: int,
+    first: dict[str, Any] | None = None,
 ) -> optuna.Study:
     """Create or resume the study; refuse to resume one run with other fixed settings (its values would not compare)."""
     with warnings.catch_warnings():
@@ -261,7 +292,7 @@ def open_study(
             study_name=name,
             direction="maximize",
             load_if_exists=True,
-            sampler=make_sampler(seed, tune_cfg.n_trials),
+            sampler=make_sampler(seed, tune_cfg.n_trials, first),
             pruner=make_pruner(tune_cfg.pruner, int(fixed["epochs"])),
         )
     before = study.user_attrs.get("fixed_settings")
@@ -442,8 +473,16 @@ def run_tune(
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
     name = tune_cfg.study_name.strip() or f"bias-lab-{train_cfg.model}-{prep.dataset.digest}"
-    study = open_study(storage, name, tune_cfg, fixed_settings(data_cfg, train_cfg, bias_cfg), train_cfg.seed)
+    study = open_study(
+        storage,
+        name,
+        tune_cfg,
+        fixed_settings(data_cfg, train_cfg, bias_cfg),
+        train_cfg.seed,
+        start_point(train_cfg, tune_cfg),
+    )
     resumed = count(study, FINISHED)
+    first = start_point(train_cfg, tune_cfg)
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags, system_metrics=True) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
@@ -457,7 +496,13 @@ def run_tune(
         )
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
         print(
-            f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}",
+            f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}"
+            + (
+                f"; trial 0 is the defaults (lr={train_cfg.lr:g}, momentum={train_cfg.momentum:g}, "
+                f"batch_size={train_cfg.batch_size})"
+                if first and resumed == 0
+                else ""
+            ),
             file=sys.stderr,
         )
         search = Search(prep, train_cfg, tune_cfg, name, parent.info.run_id)

@@ -67,6 +67,9 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
 
     study = study_at(tmp_path / "optuna.journal", "s")  # default storage: next to the MLflow db
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    d = config.TrainConfig()
+    assert study.trials[0].params == {"lr": d.lr, "momentum": d.momentum, "batch_size": d.batch_size}  # the defaults
+    assert len({tuple(t.params.values()) for t in study.trials}) == 3 and "trial 0 is the defaults" in out
     assert [t.user_attrs["mlflow_run_id"] for t in study.trials] == [trials[n].info.run_id for n in (0, 1, 2)]
     for t in study.trials:  # each child logs its trial's sampled params
         p = trials[t.number].data.params
@@ -453,6 +456,22 @@ def test_pruning_benchmark_runs(capsys) -> None:
         "TARGET pruning keeps best val accuracy within 1 point" in out
         and "TARGET pruning trains >= 2x fewer epochs" in out
     )
+
+
+def test_trial_0_is_the_defaults_and_only_inside_the_search_space() -> None:
+    base, space = config.TrainConfig(lr=0.05, momentum=0.9, batch_size=32), config.TuneConfig()
+    first = tune.start_point(base, space)
+    assert first == {"lr": 0.05, "momentum": 0.9, "batch_size": 32}
+    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(0, 20, first))
+    points = []
+    for _ in range(3):
+        t = study.ask()
+        tune.suggest(t, base, space)
+        points.append(t.params)
+        study.tell(t, 0.5)
+    assert points[0] == first and first not in points[1:]
+    for outside in (dict(lr_max=0.01), dict(momentum_max=0.5), dict(batch_sizes="64,128")):
+        assert tune.start_point(base, dataclasses.replace(space, **outside)) is None
 
 
 def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
