@@ -473,16 +473,9 @@ def run_tune(
     tracking.setup()
     prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
     name = tune_cfg.study_name.strip() or f"bias-lab-{train_cfg.model}-{prep.dataset.digest}"
-    study = open_study(
-        storage,
-        name,
-        tune_cfg,
-        fixed_settings(data_cfg, train_cfg, bias_cfg),
-        train_cfg.seed,
-        start_point(train_cfg, tune_cfg),
-    )
-    resumed = count(study, FINISHED)
     first = start_point(train_cfg, tune_cfg)
+    study = open_study(storage, name, tune_cfg, fixed_settings(data_cfg, train_cfg, bias_cfg), train_cfg.seed, first)
+    resumed = count(study, FINISHED)
     tags = {"entry_point": "tune", "optuna_study": name, "optuna_storage": storage_desc, "worker": WORKER}
     with tracking.run(f"tune-{train_cfg.model}", tags=tags, system_metrics=True) as parent:
         # the storage as described (password redacted): a URL's password must not become a run param
