@@ -4,8 +4,8 @@ split kept out of training, label smoothing used, the report's plotly.js inlined
 
 Data: the demo generator's disc-vs-cross at 32 px with LeNet for 8 epochs. The images are learned only in part in
 that budget, while the eps channel (present exactly when y = 1 at p0=0, p1=1) is learned at once: a model that can
-use eps takes the shortcut completely, one that cannot does no better than the images allow. Everything is seeded: the numbers are the
-same on every run of one torch build.
+use eps takes the shortcut completely, one that cannot does no better than the images allow. Everything is seeded:
+the numbers are the same on every run of one torch build.
 """
 
 from __future__ import annotations
