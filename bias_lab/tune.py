@@ -491,8 +491,7 @@ def run_tune(
         print(
             f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}"
             + (
-                f"; trial 0 is the defaults (lr={train_cfg.lr:g}, momentum={train_cfg.momentum:g}, "
-                f"batch_size={train_cfg.batch_size})"
+                f"; trial 0 is the defaults ({', '.join(f'{k}={v}' for k, v in first.items())})"
                 if first and resumed == 0
                 else ""
             ),
