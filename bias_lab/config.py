@@ -98,6 +98,17 @@ class TrainConfig(Settings):
     nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
     schedule: str = knob("cosine", "learning-rate schedule over the epochs", SCHEDULES)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing in [0, 1)")
+    ema: float = knob(
+        0.0,
+        "decay per SGD step of an exponential moving average of the weights, which is then what is evaluated, kept "
+        "and logged (e.g. 0.99: a horizon of about 100 steps); 0 = off",
+    )
+    mixup: float = knob(
+        0.0, "alpha of mixup's Beta(alpha, alpha): train on blends of two images and their labels; 0 = off"
+    )
+    cutmix: float = knob(
+        0.0, "alpha of cutmix's Beta(alpha, alpha): paste a box of another image and mix labels by area; 0 = off"
+    )
     augment: bool = knob(True, "batched random resized crop + horizontal flip on the train split")
     # measured on tiny4 (benchmarks/README.md, Recipe study): LeNet 60 epochs, test accuracy 0.65 / 0.69 / 0.71 at
     # crop_scale 0.7 / 0.35 / 0.08 without tta, 0.67 / 0.69 / 0.73 with it (tta helped in 11 runs of 11, +1.7 points
@@ -153,6 +164,10 @@ class TrainConfig(Settings):
             not self.nesterov or self.momentum > 0, "nesterov=true needs momentum > 0: set momentum or nesterov=false"
         )
         check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: use a value in [0, 1)")
+        check(0 <= self.ema < 1, f"ema={self.ema}: use a decay per step in [0, 1), e.g. 0.99, or 0 for off")
+        for name in ("mixup", "cutmix"):
+            alpha = getattr(self, name)
+            check(math.isfinite(alpha) and alpha >= 0, f"{name}={alpha}: use an alpha >= 0 (e.g. 0.2; 0 turns it off)")
         check(0 < self.crop_scale <= 1, f"crop_scale={self.crop_scale}: use a share of the image in (0, 1], e.g. 0.08")
         check(
             self.weights == "none" or self.model in PRETRAINED,
@@ -379,6 +394,11 @@ def validate(command: str, *groups: Settings) -> None:
         check(
             data.test_fraction > 0,
             f"test_fraction={data.test_fraction}: {command} measures on the test split; use a share > 0, e.g. 0.15",
+        )
+    if command == "tune" and data is not None:
+        check(
+            data.val_fraction > 0,
+            f"val_fraction={data.val_fraction}: tune scores every trial on the val split; use a share > 0, e.g. 0.15",
         )
     if train is not None and evaluate is not None:
         check(

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bias_lab import distributed
 from bias_lab.config import TrainConfig
@@ -78,7 +79,7 @@ class Norm:
 class FitResult:
     history: list[dict[str, float]]  # one dict of metrics per epoch
     best_epoch: int  # 1-based epoch of the best val_accuracy; its weights are loaded at the end
-    best_val_accuracy: float
+    best_val_accuracy: float  # NaN without a val split (the last epoch's weights are kept)
     train_time_s: float  # wall time of the whole fit, evaluation included
     images_per_s: float  # training throughput (train steps only)
     diverged: bool = False  # loss became NaN/inf; training stopped early
@@ -352,6 +353,8 @@ class _Optim:
     sched: torch.optim.lr_scheduler.LambdaLR
     order_gen: torch.Generator  # batch order, on the CPU: identical across devices
     aug_gen: torch.Generator  # augmentation draws, on the data's device
+    ema: AveragedModel | None = None  # cfg.ema > 0: the weights' moving average, what is evaluated and kept
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # mixup / cutmix
 
 
 def fit(
@@ -395,7 +398,7 @@ def fit(
         len(train), cfg.batch_size, distributed.world()
     )  # the same global batches on every rank
     set_determinism(cfg.deterministic)  # here, so every entry point (train, tune, bias_eval) gets the setting
-    optim = _optim(model, cfg, device, total_steps=len(batches) * cfg.epochs)
+    optim = _optim(model, cfg, device, len(batches) * cfg.epochs, int(train.labels.max()) + 1 if len(train) else 1)
     state = FitState()
     if distributed.agree(
         checkpoint is not None and cfg.resume and checkpoint.exists(), "resume=true found the checkpoint"
@@ -436,7 +439,7 @@ def fit(
     return FitResult(
         history=state.history,
         best_epoch=state.best[1],
-        best_val_accuracy=max(state.best[0], 0.0),
+        best_val_accuracy=max(state.best[0], 0.0) if len(val) else math.nan,
         train_time_s=time.perf_counter() - t_start,
         images_per_s=len(train) * len(state.history) / max(state.train_s, 1e-9),
         diverged=diverged,
@@ -476,7 +479,10 @@ class _Epochs:
         self.train_s.append(time.perf_counter() - t0)
         state.train_s += self.train_s[-1]
         distributed.sync_buffers(model)
-        v = evaluate(model, self.val, self.norm, sharded=True, tta=self.cfg.tta)
+        judged = model if optim.ema is None else optim.ema.module  # the weights that are kept are those evaluated
+        if optim.ema is not None:
+            distributed.sync_buffers(judged)
+        v = evaluate(judged, self.val, self.norm, sharded=True, tta=self.cfg.tta)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": train_accuracy,
@@ -490,9 +496,9 @@ class _Epochs:
         if not math.isfinite(train_loss):
             self.bar.close()
             return True
-        if v["accuracy"] > state.best[0]:
-            state.best = (v["accuracy"], epoch + 1)
-            state.best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        if v["accuracy"] > state.best[0] or (not len(self.val) and state.epoch == self.cfg.epochs):
+            state.best = (v["accuracy"], epoch + 1)  # no val split: the last epoch
+            state.best_state = {k: t.detach().clone() for k, t in judged.state_dict().items()}
         state.wall_s = time.perf_counter() - self.t_start
         self.bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{v['accuracy']:.3f}")
         if self.on_epoch is not None:  # before the checkpoint: a resumed run re-logs an epoch at worst, never skips
@@ -540,7 +546,7 @@ class _Saver:
         self.last_write = self.clock()
 
 
-def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int) -> _Optim:
+def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int, num_classes: int) -> _Optim:
     """SGD with the schedule over `total_steps`, and the seeded generators of batch order and augmentation.
     Under torchrun each rank steps its shard of every batch and DDP all-reduces the gradients; rank 0's buffers
     (BatchNorm statistics) are sent to the others before each evaluation rather than before each step."""
@@ -553,7 +559,18 @@ def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total_steps)),
         order_gen=torch.Generator().manual_seed(cfg.seed),
         aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None,
+        mix=_mixer(cfg, num_classes),
     )
+
+
+def _mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    """torchvision's batch MixUp / CutMix (each batch one of them when both are on): (x, y) -> (x mixed with the
+    batch rolled by one, soft targets). Their draws use torch's global generator, seeded and checkpointed by fit."""
+    from torchvision.transforms import v2
+
+    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
+    return None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def _train_epoch(
@@ -584,15 +601,22 @@ def _train_epoch(
         if input_hook is not None:
             x = input_hook(x, idx, optim.aug_gen)
         y = train.labels[idx]
+        target: torch.Tensor = y
+        if optim.mix is not None:
+            x, target = optim.mix(x, y)  # soft targets: the two labels weighed by their share of the image
         total = len(batch) if train.weights is None else train.weights[batch].sum()  # a tensor: no sync per step
         with autocast(device):
             logits = optim.step_model(channels_last(x))
-            loss = _loss(logits, y, None if train.weights is None else train.weights[idx], cfg.label_smoothing, total)
+            loss = _loss(
+                logits, target, None if train.weights is None else train.weights[idx], cfg.label_smoothing, total
+            )
             loss = loss + getattr(model, "aux_loss", 0.0)  # set by the forward just run (mitigation's adversary)
         optim.opt.zero_grad(set_to_none=True)
         loss.backward()
         optim.opt.step()
         optim.sched.step()
+        if optim.ema is not None:
+            optim.ema.update_parameters(model)
         loss_sum += loss.detach() * (len(batch) / distributed.world())  # summed over ranks: batch mean x batch size
         correct += (logits.argmax(1) == y).sum()
     loss_sum, correct = distributed.all_sum(
@@ -623,6 +647,8 @@ def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) 
     optim.sched.load_state_dict(ck["scheduler"])
     optim.order_gen.set_state(ck["order_gen"])
     optim.aug_gen.set_state(ck["aug_gen"])
+    if optim.ema is not None:  # the checkpoint's file name is a digest of the settings, ema included
+        optim.ema.load_state_dict(ck["ema"])
     torch.set_rng_state(ck["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in ck:  # dropout masks (AlexNet) on the GPU
         torch.cuda.set_rng_state(ck["cuda_rng"], device)
@@ -674,6 +700,8 @@ def _checkpoint_blob(model: nn.Module, optim: _Optim, state: FitState, device: t
     }
     if device.type == "cuda":
         blob["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if optim.ema is not None:
+        blob["ema"] = {k: clone(t) for k, t in optim.ema.state_dict().items()}
     if copy:
         blob["history"] = list(state.history)  # appended to later; best_state is replaced, never changed in place
     return blob

@@ -191,9 +191,11 @@ def train_model(
         tracking.log_params(device_info(device))  # the device actually used: `auto` says nothing (train logs it first)
         tracking.log_metrics({"total_params": summary.total_params, "macs_per_image": summary.macs})
 
+    no_val = len(prep.val) == 0  # val_fraction=0 (train on train+val): the last epoch is kept, nothing to log
+
     def hook(epoch: int, m: dict[str, float]) -> None:
         if log:
-            tracking.log_metrics(m, step=epoch)
+            tracking.log_metrics({k: v for k, v in m.items() if not (no_val and k.startswith("val_"))}, step=epoch)
         if on_epoch is not None:
             on_epoch(epoch, m)
 
@@ -212,8 +214,7 @@ def train_model(
     out = {
         "train_time_s": res.train_time_s,
         "images_per_s": res.images_per_s,
-        "best_val_accuracy": res.best_val_accuracy,
-        "best_epoch": float(res.best_epoch),
+        **({} if no_val else {"best_val_accuracy": res.best_val_accuracy, "best_epoch": float(res.best_epoch)}),
         "epochs_run": float(res.epochs_run),
         "diverged": float(res.diverged),
     }
@@ -228,6 +229,11 @@ def train_model(
             tracking.log_figure(plots.learning_curves(res.history, f"{cfg.model}: learning curves"), "learning_curves")
         if cm is not None:
             tracking.log_figure(plots.confusion_matrix(cm, prep.dataset.classes), "confusion_matrix")
+        if no_val:
+            mlflow.set_tag(
+                "no_val_split",
+                "the val split is empty (val_fraction=0): the last epoch's weights were kept, no val metrics were logged",
+            )
         if no_test:
             mlflow.set_tag(
                 "no_test_split",

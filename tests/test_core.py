@@ -183,6 +183,19 @@ def test_no_test_split_trains_and_logs_no_test_metrics(kaggle_data: Path, client
     assert "figures/learning_curves.json" in arts and "figures/confusion_matrix.json" not in arts
 
 
+def test_no_val_split_keeps_the_last_epoch_and_logs_no_val_numbers(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
+    """val_fraction=0 (the final fit on train + val): no val metric at all, rather than a best_val_accuracy of 0."""
+    code, out = invoke("train", "--data", str(kaggle_data), *FAST, "--val-fraction", "0")
+    assert code == 0, out
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED" and "val_fraction=0" in run.data.tags["no_val_split"]
+    assert not [k for k in run.data.metrics if k.startswith(("val_", "best_val", "best_epoch"))], run.data.metrics
+    assert run.data.metrics["n_val"] == 0 and 0 <= run.data.metrics["test_accuracy"] <= 1
+    load_model(f"runs:/{run.info.run_id}/model")  # the model is logged
+
+
 def test_unwritable_checkpoint_folder_only_costs_the_resume(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
     """A read-only or full cache: the run still finishes (root ignores chmod, so a file blocks the folder instead)."""
     Path("cache").mkdir()

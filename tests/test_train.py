@@ -110,13 +110,15 @@ def stop_at(epoch: int) -> Callable[[int, dict], None]:
 # ------------------------------------------------------------------------------------------ in-process
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path) -> None:
-    ref_model, ref = run_fit(4)
+@pytest.mark.parametrize("recipe", [{}, {"ema": 0.9, "mixup": 0.4, "cutmix": 1.0}], ids=["plain", "ema_mixup_cutmix"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, recipe: dict) -> None:
+    """Also with the moving average (its state is checkpointed) and mixup / cutmix (their draws: torch's generator)."""
+    ref_model, ref = run_fit(4, **recipe)
     ck = tmp_path / "ck.pt"
     with pytest.raises(Interrupt):
-        run_fit(4, checkpoint=ck, on_epoch=stop_at(3))
+        run_fit(4, checkpoint=ck, on_epoch=stop_at(3), **recipe)
     assert torch.load(ck, weights_only=True)["epoch"] == 2  # the hook runs before the checkpoint of its epoch
-    model, res = run_fit(4, init_seed=99, checkpoint=ck, resume=True)  # other init: weights come from the checkpoint
+    model, res = run_fit(4, init_seed=99, checkpoint=ck, resume=True, **recipe)  # weights come from the checkpoint
     assert len(res.history) == 4 and numbers(res) == numbers(ref)
     assert (res.best_epoch, res.best_val_accuracy) == (ref.best_epoch, ref.best_val_accuracy)
     assert same_weights(model, ref_model)
@@ -157,6 +159,40 @@ def test_short_training_beats_chance() -> None:
     assert evaluate(model, VAL, NORM)["accuracy"] == res.best_val_accuracy  # the best-val weights are kept
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
     assert res.images_per_s > 0 and res.epochs_run == 6 and not res.diverged
+
+
+def test_ema_evaluates_and_keeps_the_moving_average() -> None:
+    """With a decay close to 1 the average barely leaves the initial weights: those are what fit evaluates and
+    returns, not the trained ones."""
+    seed_everything(0)
+    init = build("lenet", 1, 4, 32).state_dict()
+    slow, res = run_fit(2, ema=0.999999)
+    trained, _ = run_fit(2)
+    drift = lambda m: max(float((m.state_dict()[k] - v).abs().max()) for k, v in init.items())  # noqa: E731
+    assert drift(slow) < 1e-3 < drift(trained), (drift(slow), drift(trained))
+    assert evaluate(slow, VAL, NORM, tta=True)["accuracy"] == res.best_val_accuracy
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_train_on_blended_batches_and_still_learn(mix: str) -> None:
+    _, plain = run_fit(6, lr=0.02, batch_size=16)
+    _, mixed = run_fit(6, lr=0.02, batch_size=16, **{mix: 0.4})
+    assert numbers(mixed) != numbers(plain)
+    assert mixed.history[0]["train_loss"] > plain.history[0]["train_loss"]  # soft targets: a higher loss floor
+    assert mixed.best_val_accuracy > 0.6, mixed.best_val_accuracy  # chance is 0.25
+
+
+def test_without_a_val_split_the_last_epoch_is_kept(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.pt"
+    _, ref = run_fit(3, checkpoint=ck)  # the checkpoint after the last epoch holds that epoch's weights
+    last = torch.load(ck, weights_only=True)["model"]
+    seed_everything(0)
+    model = build("lenet", 1, 4, 32)
+    cfg = TrainConfig(model="lenet", epochs=3, batch_size=32, lr=0.05, seed=0, device="cpu")
+    res = fit(model, TRAIN, Part(VAL.images[:0], VAL.labels[:0]), cfg, NORM)
+    assert (res.best_epoch, res.epochs_run) == (3, 3) and math.isnan(res.best_val_accuracy)
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in ref.history]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in last.items())
 
 
 def test_divergence_stops_training() -> None:
