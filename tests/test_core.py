@@ -145,6 +145,9 @@ def test_finished_run_deletes_its_checkpoint_unless_kept(kaggle_data: Path) -> N
         ("--seed", str(2**65), f"seed={2**65}"),
         ("--label-smoothing", "1", "label_smoothing=1"),
         ("--label-smoothing", "-0.1", "label_smoothing=-0.1"),
+        ("--ema", "1", "ema=1"),
+        ("--mixup", "-0.2", "mixup=-0.2"),
+        ("--cutmix", "nan", "cutmix=nan"),
     ],
 )
 def test_invalid_settings_fail_before_any_work(
@@ -156,6 +159,13 @@ def test_invalid_settings_fail_before_any_work(
     monkeypatch.setattr(pipeline, "prepare", no_data)
     code, out = invoke("train", "--data", str(kaggle_data), *FAST, option, value)
     assert code == 2 and out.startswith("error: ") and message in out and len(out.strip().splitlines()) == 1, out
+    assert all_runs(client) == []
+
+
+def test_tune_without_a_val_split_is_refused_before_any_work(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """tune's objective is the val accuracy: val_fraction=0 would score every trial NaN."""
+    code, out = invoke("tune", "--data", str(kaggle_data), "--val-fraction", "0")
+    assert code == 2 and out.startswith("error: val_fraction=0") and "use a share > 0" in out, out
     assert all_runs(client) == []
 
 
