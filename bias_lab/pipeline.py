@@ -22,7 +22,18 @@ from bias_lab import bias as biasmod
 from bias_lab import metrics, plots, pretrained, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
-from bias_lab.loop import EpochHook, InputHook, Norm, Part, device_info, fit, predict, resolve_device, seed_everything
+from bias_lab.loop import (
+    EpochHook,
+    FitResult,
+    InputHook,
+    Norm,
+    Part,
+    device_info,
+    fit,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 from bias_lab.models import adapt_imagenet, build, finite_weights, resolve_stem, summarize
 from bias_lab.registry import ModelMeta
 
@@ -160,6 +171,16 @@ class Outputs:
     bootstrap: int = 1000  # resamples of the DI confidence interval
 
 
+@dataclass
+class Trained:
+    """A fit already done with these settings and seed: its kept weights (on the CPU) and result. train_model records
+    it instead of training again (tune's final run: its best trial, trained in this process, is what a retrain would
+    reproduce bit for bit)."""
+
+    state: dict[str, torch.Tensor]
+    result: FitResult
+
+
 def train_model(
     prep: Prepared,
     cfg: TrainConfig,
@@ -169,11 +190,13 @@ def train_model(
     input_hook: InputHook | None = None,
     checkpoint: Path | None = None,
     wrap: Any = None,
+    reuse: Trained | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train one model on `prep` inside the active MLflow run; return (model with best-val weights, metrics).
 
     `wrap(model) -> model` lets a caller add modules around the network (e.g. an adversarial head) before
-    training; `on_epoch`, `input_hook` and `checkpoint` go to loop.fit.
+    training; `on_epoch`, `input_hook` and `checkpoint` go to loop.fit. With `reuse`, its weights and per-epoch
+    metrics are recorded as this run's, with no training.
     """
     log, test = outputs.mlflow, outputs.test
     seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
@@ -200,17 +223,23 @@ def train_model(
             on_epoch(epoch, m)
 
     frozen = [p for n, p in net.named_parameters() if n in backbone]  # before the first cfg.freeze_epochs
-    res = fit(
-        model,
-        prep.train,
-        prep.val,
-        cfg,
-        prep.norm,
-        on_epoch=hook,
-        input_hook=input_hook,
-        checkpoint=checkpoint,
-        frozen=frozen,
-    )
+    if reuse is not None:
+        net.load_state_dict(reuse.state)
+        res = reuse.result
+        for epoch, m in enumerate(res.history, 1):
+            hook(epoch, m)
+    else:
+        res = fit(
+            model,
+            prep.train,
+            prep.val,
+            cfg,
+            prep.norm,
+            on_epoch=hook,
+            input_hook=input_hook,
+            checkpoint=checkpoint,
+            frozen=frozen,
+        )
     out = {
         "train_time_s": res.train_time_s,
         "images_per_s": res.images_per_s,

@@ -36,6 +36,7 @@ from bias_lab import config, pipeline, pretrained, registry, studies, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig, flat
 from bias_lab.errors import check, first_line
+from bias_lab.loop import FitResult
 from bias_lab.markdown import fmt
 from bias_lab.models import finite_weights
 from bias_lab.workers import WORKER
@@ -161,6 +162,7 @@ class Search:
     study_name: str
     parent_run_id: str
     full: bool = False  # set when another worker filled the study first
+    kept: tuple[int, float, pipeline.Trained] | None = None  # (trial, val accuracy, fit) of this process's best trial
 
     def __call__(self, trial: optuna.Trial) -> float:
         earlier = [
@@ -184,6 +186,7 @@ class Search:
             "state": "running",
         }
         best, lowest_loss, epochs = -math.inf, math.inf, 0
+        history: list[dict[str, float]] = []
 
         def report(epoch: int, m: dict[str, float]) -> None:
             """Report -(lowest val_loss so far) and prune on it. The objective is val accuracy, but accuracy sits at
@@ -191,6 +194,7 @@ class Search:
             while the loss already separates them: pruning on accuracy there prunes at random."""
             nonlocal best, lowest_loss, epochs
             best, epochs = max(best, m["val_accuracy"]), epoch
+            history.append(m)
             if math.isfinite(m["val_loss"]):
                 lowest_loss = min(lowest_loss, m["val_loss"])
                 trial.report(-lowest_loss, epoch)
@@ -207,12 +211,14 @@ class Search:
             )
             state, why = "complete", ""
             try:
-                _, out = pipeline.train_model(
+                net, out = pipeline.train_model(
                     self.prep, cfg, pipeline.Outputs(test=False, model=False), on_epoch=report
                 )
                 epochs = int(out["epochs_run"])
                 if out["diverged"]:
                     state, why = "pruned", f"loss became non-finite at epoch {epochs}: {pipeline.divergence_cause(cfg)}"
+                elif self.kept is None or out["best_val_accuracy"] > self.kept[1]:
+                    self.keep(trial.number, net, out, history)
             except optuna.TrialPruned as e:
                 state, why = "pruned", str(e)
                 tracking.log_metrics(
@@ -254,6 +260,19 @@ class Search:
         if state == "pruned":
             raise optuna.TrialPruned(why)
         return value
+
+    def keep(self, number: int, net: torch.nn.Module, out: dict[str, float], history: list[dict[str, float]]) -> None:
+        """Hold this trial's kept weights, so that the final run records them rather than training them again."""
+        result = FitResult(
+            history=history,
+            best_epoch=int(out["best_epoch"]),
+            best_val_accuracy=out["best_val_accuracy"],
+            train_time_s=out["train_time_s"],
+            images_per_s=out["images_per_s"],
+            epochs_run=int(out["epochs_run"]),
+        )
+        state = {k: t.detach().to("cpu", copy=True) for k, t in net.state_dict().items()}
+        self.kept = (number, out["best_val_accuracy"], pipeline.Trained(state, result))
 
 
 def optimize(study: optuna.Study, search: Search, tune_cfg: TuneConfig) -> None:
@@ -378,9 +397,12 @@ def final_model(
     tune_cfg: TuneConfig,
     best: FrozenTrial,
     study_name: str,
+    reuse: pipeline.Trained | None = None,
 ) -> dict[str, float]:
-    """Retrain the best configuration (train split, best-val epoch kept), test it once, log and register it in a
-    child run tagged role=final; record test measures and the champion decision on the parent."""
+    """Test the best configuration once, log and register it in a child run tagged role=final; record test measures
+    and the champion decision on the parent. Its weights are `reuse`, the best trial's own when this process
+    trained it (same settings, same seed: a retrain would give the same numbers); otherwise (another worker's
+    trial, or a resumed study) it is retrained (train split, best-val epoch kept)."""
     cfg = dataclasses.replace(train_cfg, **best.params)
     parent = tracking.active_run_id()
     digest = prep.dataset.digest
@@ -390,10 +412,13 @@ def final_model(
         "optuna_study": study_name,
         "optuna_trial": str(best.number),
         "worker": WORKER,
+        "final_weights": f"trial {best.number}'s own, not retrained (same settings, same seed)"
+        if reuse
+        else f"retrained: trial {best.number} was trained by another worker or an earlier run",
     }
     with tracking.run(f"final-{cfg.model}", nested=True, tags=tags, system_metrics=True) as child:
         pipeline.log_setup(prep, data_cfg, cfg, bias_cfg, skip=TRAIN_ONLY)
-        net, out = pipeline.train_model(prep, cfg, pipeline.Outputs(model=False))  # logged on the tune run below
+        net, out = pipeline.train_model(prep, cfg, pipeline.Outputs(model=False), reuse=reuse)  # model: on the parent
     check(
         finite_weights(net),
         f"the retrained best configuration (trial {best.number}) diverged: nothing was "
@@ -509,7 +534,9 @@ def run_tune(
         tracking.log_metrics({"search_time_s": out["search_time_s"]})
         complete = count(study, (TrialState.COMPLETE,))
         if complete and tune_cfg.final_model:
-            out.update(final_model(prep, data_cfg, train_cfg, bias_cfg, tune_cfg, study.best_trial, name))
+            best = study.best_trial
+            reuse = search.kept[2] if search.kept and search.kept[0] == best.number else None
+            out.update(final_model(prep, data_cfg, train_cfg, bias_cfg, tune_cfg, best, name, reuse))
         elif not complete:
             print(
                 "no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
@@ -22,6 +23,7 @@ from bias_lab import config, pipeline, registry, studies, tracking, tune, worker
 from bias_lab.data import load
 from bias_lab.errors import UserError
 from bias_lab.models import build
+from bias_lab.tracking import load_model
 
 from .conftest import all_runs, figures_page, invoke
 
@@ -115,9 +117,33 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     assert (
         mv.tags["data_digest"] == digest and float(mv.tags["val_accuracy"]) == final.data.metrics["best_val_accuracy"]
     )
-    assert final.data.metrics["best_val_accuracy"] == study.best_value  # the retrain reproduces the best trial (CPU)
+    assert final.data.metrics["best_val_accuracy"] == study.best_value
+    assert "not retrained" in final.data.tags["final_weights"]  # trial 2's own weights and curves
+    best = trials[study.best_trial.number].info.run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(final.info.run_id, "val_loss")] == [
+        (m.step, m.value) for m in client.get_metric_history(best, "val_loss")
+    ]
     hp, uri = registry.champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
     assert hp == study.best_params and uri == "models:/bias-lab/1"
+
+
+def test_the_final_model_is_the_best_trials_own_and_a_retrain_gives_the_same_weights(
+    kaggle_data: Path, client, tmp_path: Path
+) -> None:
+    """The final run records the best trial's weights instead of training them again; when the trial was trained by
+    an earlier run (a re-run of a full study), it retrains, to the same weights (same settings, seed and threads)."""
+    args = tiny(kaggle_data, "--epochs", "2", "--n-trials", "1", "--study-name", "again")
+    assert invoke(*args)[0] == 0
+    assert invoke(*args)[0] == 0  # the study is full: no trial, only the final model, retrained
+    finals = sorted(
+        (r for r in all_runs(client) if r.data.tags.get("role") == "final"), key=lambda r: r.info.start_time
+    )
+    assert ["not retrained" in r.data.tags["final_weights"] for r in finals] == [True, False]
+    assert "trained by another worker or an earlier run" in finals[1].data.tags["final_weights"]
+    (a, _), (b, _) = load_model("models:/bias-lab/1"), load_model("models:/bias-lab/2")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    history = lambda r: [m.value for m in client.get_metric_history(r.info.run_id, "val_loss")]  # noqa: E731
+    assert history(finals[0]) == history(finals[1]) and len(history(finals[0])) == 2
 
 
 def test_diverged_trial_is_pruned_not_a_crash(kaggle_data: Path, client, tmp_path: Path) -> None:
