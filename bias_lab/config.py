@@ -227,7 +227,9 @@ class TuneConfig(Settings):
     batch_sizes: str = knob("32,64,128,256", "comma-separated batch sizes to choose from")
     registered_model: str = knob("bias-lab", "Model Registry name the best model is registered under")
     final_model: bool = knob(
-        True, "retrain the best configuration, test it once and register it; false for extra parallel workers"
+        True,
+        "test the best trial's model once and register it (retrained when another worker trained it); false for "
+        "extra parallel workers",
     )
 
     def batch_size_choices(self) -> list[int]:

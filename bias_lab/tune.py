@@ -4,9 +4,9 @@ One parent run per invocation (the run `mlflow run` created, or a new one) and o
 tagged with its trial number and state (complete / pruned / failed). The study lives in Optuna storage: a
 journal file next to the MLflow store by default, an RDB URL for several machines; re-running the same command
 resumes it and several workers share it, `n_trials` counting every trial of the study. Once the study holds
-its trials, the best configuration is retrained, tested once (the only time the test split is read),
-registered in the Model Registry, and becomes `champion` only if it beats the current champion's val accuracy
-on the same data.
+its trials, the best trial's model (its own weights when this process trained it, else retrained) is tested
+once (the only time the test split is read), registered in the Model Registry, and becomes `champion` only if it
+beats the current champion's val accuracy on the same data.
 
 Recovery: a worker that died (SIGKILL, power loss) leaves its trial RUNNING and its MLflow runs RUNNING. On
 start and before every trial, RUNNING trials of dead workers on this machine (pid gone) are failed, their
@@ -421,7 +421,7 @@ def final_model(
         net, out = pipeline.train_model(prep, cfg, pipeline.Outputs(model=False), reuse=reuse)  # model: on the parent
     check(
         finite_weights(net),
-        f"the retrained best configuration (trial {best.number}) diverged: nothing was "
+        f"the best configuration (trial {best.number}) has non-finite weights: nothing was "
         f"registered; {pipeline.divergence_cause(cfg)}, or narrow the lr range (lr_max)",
     )
     # the model is logged on the tune run itself, so its page in the MLflow UI lists the registered version
