@@ -121,7 +121,8 @@ def test_torchrun_bad_input_stops_every_process_with_one_line_each(tmp_path: Pat
 def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(
     kaggle_data: Path, client: mlflow.MlflowClient
 ) -> None:
-    done = _torchrun("train", "--data", str(kaggle_data), *ARGS)
+    ema = ("--ema", "0.9")  # the moving average too: every rank averages the same all-reduced steps
+    done = _torchrun("train", "--data", str(kaggle_data), *ARGS, *ema)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = all_runs(client)  # rank 1 wrote nothing
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
@@ -138,7 +139,7 @@ def test_torchrun_two_cpu_processes_log_one_run_of_all_reduced_metrics(
 
     # the same command in one process takes the same SGD steps (LeNet has no BatchNorm): the same curves
     single = subprocess.run(
-        [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, "--threads", "1"],
+        [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *ARGS, *ema, "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=300,
