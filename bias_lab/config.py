@@ -132,6 +132,7 @@ class TrainConfig(Settings):
         "cache); not comparable with training from scratch: ImageNet-1k holds the competition's classes",
         WEIGHTS,
     )
+    width: int = knob(1, "lenet: channel multiplier of every layer (1 = LeNet-5's 6-16-120-84, 2 = 12-32-240-168)")
     freeze_epochs: int = knob(0, "weights=imagenet: train only the new output layer for this many first epochs")
     seed: int = knob(0, "seed of splits, init, batches, augmentation and the bias channel")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
@@ -185,6 +186,11 @@ class TrainConfig(Settings):
         check(
             self.freeze_epochs == 0 or self.weights != "none",
             f"freeze_epochs={self.freeze_epochs} freezes pretrained layers: set weights=imagenet or freeze_epochs=0",
+        )
+        check(1 <= self.width <= 8, f"width={self.width}: use a channel multiplier in 1..8")
+        check(
+            self.width == 1 or self.model == "lenet",
+            f"width={self.width} widens lenet only ({self.model} is torchvision's, at its own width): use width=1",
         )
         check(0 <= self.seed < SEED_LIMIT, f"seed={self.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
         check(self.threads >= 0, f"threads={self.threads}: use 0 (torch's default) or a positive thread count")

@@ -23,27 +23,29 @@ from bias_lab.errors import check
 
 
 class LeNet(nn.Module):
-    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling; an adaptive pool makes it size-agnostic."""
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling; an adaptive pool makes it size-agnostic. `width`
+    multiplies every layer's channels / units (1: the original 6-16-120-84)."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 1):
         super().__init__()
+        c1, c2, f1, f2 = 6 * width, 16 * width, 120 * width, 84 * width
         # pool before ReLU: the same function and gradients (max and ReLU commute), ReLU on 4x fewer values
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2),
+            nn.Conv2d(in_channels, c1, 5, padding=2),
             nn.MaxPool2d(2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(6, 16, 5),
+            nn.Conv2d(c1, c2, 5),
             nn.MaxPool2d(2),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(5),  # 5x5 at the classic 32 px input; averages larger maps down to it
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120),
+            nn.Linear(c2 * 5 * 5, f1),
             nn.ReLU(inplace=True),
-            nn.Linear(120, 84),
+            nn.Linear(f1, f2),
             nn.ReLU(inplace=True),
-            nn.Linear(84, num_classes),
+            nn.Linear(f2, num_classes),
         )
         # He init of the convolutions: torch's default draws them with a third of the variance ReLU needs, and SGD
         # then sat at chance for the first 4-8 epochs on shapes no pixel statistic gives away (demo data, 10 epochs:
@@ -98,9 +100,11 @@ def _resnet(depth: int, in_channels: int, num_classes: int, image_size: int, ste
     return m
 
 
-def build(name: str, in_channels: int, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
+def build(
+    name: str, in_channels: int, num_classes: int, image_size: int, stem: str = "auto", width: int = 1
+) -> nn.Module:
     """A freshly initialised model (seed torch first for identical weights). `stem`: 'auto', 'small' or 'imagenet'
-    (alexnet and resnet; LeNet has one)."""
+    (alexnet and resnet; LeNet has one). `width`: LeNet's channel multiplier (torchvision's models have theirs)."""
     check(name in MODELS, f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     check(
         in_channels >= 1 and num_classes >= 2,
@@ -108,7 +112,7 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int, stem: 
     )
     check(32 <= image_size <= 224, f"image_size={image_size} is out of range: use a value in 32..224")
     if name == "lenet":
-        return LeNet(in_channels, num_classes)
+        return LeNet(in_channels, num_classes, width)
     if name == "alexnet":
         return _alexnet(in_channels, num_classes, image_size, resolve_stem(name, stem, image_size))
     return _resnet(

@@ -73,6 +73,7 @@ class Prepared:
             stem=resolve_stem(cfg.model, cfg.stem, int(self.dataset.images.shape[-1]), cfg.weights != "none"),
             tta=cfg.tta,
             weights=cfg.weights,
+            width=cfg.width,
         )
 
 
@@ -202,7 +203,7 @@ def train_model(
     seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
     device = resolve_device(cfg.device)
     meta = prep.meta(cfg)
-    net = build(cfg.model, prep.channels, len(prep.dataset.classes), meta.image_size, meta.stem)
+    net = build(cfg.model, prep.channels, len(prep.dataset.classes), meta.image_size, meta.stem, meta.width)
     backbone = adapt_imagenet(net, cfg.model, pretrained.state_dict(cfg.model)) if cfg.weights == "imagenet" else []
     summary = summarize(net, prep.channels, meta.image_size)
     model = (wrap(net) if wrap else net).to(device)

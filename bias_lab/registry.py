@@ -42,6 +42,7 @@ class ModelMeta:
     stem: str = "auto"  # models.build's stem, resolved ('imagenet' or 'small'); 'auto' in models logged before it
     tta: bool = False  # predictions average the image and its mirror, as the model's val/test numbers did
     weights: str = "none"  # 'imagenet': started from ImageNet-1k weights (see pretrained.CAVEAT)
+    width: int = 1  # LeNet's channel multiplier (models.build); 1 in models logged before it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

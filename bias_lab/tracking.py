@@ -357,7 +357,7 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
                 f"the {META_FILE} of '{model_uri}' lacks {e.args[0]}: it is not a bias_lab model "
                 f"this version can read; {redo}"
             ) from None
-        model = build(meta.arch, meta.in_channels, len(meta.classes), meta.image_size, meta.stem)
+        model = build(meta.arch, meta.in_channels, len(meta.classes), meta.image_size, meta.stem, int(meta.width))
     except (OSError, ValueError, TypeError) as e:  # broken JSON, not UTF-8, a value of the wrong type
         raise UserError(
             f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "

@@ -146,6 +146,8 @@ def test_finished_run_deletes_its_checkpoint_unless_kept(kaggle_data: Path) -> N
         ("--label-smoothing", "1", "label_smoothing=1"),
         ("--label-smoothing", "-0.1", "label_smoothing=-0.1"),
         ("--ema", "1", "ema=1"),
+        ("--width", "0", "width=0"),
+        ("--model resnet18 --width", "2", "width=2 widens lenet only"),
         ("--mixup", "-0.2", "mixup=-0.2"),
         ("--cutmix", "nan", "cutmix=nan"),
     ],
@@ -157,7 +159,7 @@ def test_invalid_settings_fail_before_any_work(
         raise AssertionError("data decoded before the settings were checked")
 
     monkeypatch.setattr(pipeline, "prepare", no_data)
-    code, out = invoke("train", "--data", str(kaggle_data), *FAST, option, value)
+    code, out = invoke("train", "--data", str(kaggle_data), *FAST, *option.split(), value)
     assert code == 2 and out.startswith("error: ") and message in out and len(out.strip().splitlines()) == 1, out
     assert all_runs(client) == []
 
@@ -191,6 +193,14 @@ def test_no_test_split_trains_and_logs_no_test_metrics(kaggle_data: Path, client
     assert not [k for k in run.data.metrics if "test_" in k and k != "n_test"] and run.data.metrics["n_test"] == 0
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert "figures/learning_curves.json" in arts and "figures/confusion_matrix.json" not in arts
+
+
+def test_a_wider_lenet_is_logged_and_loads_back_at_its_width(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    assert invoke("train", "--data", str(kaggle_data), *FAST, "--width", "2")[0] == 0
+    [run] = all_runs(client)
+    model, meta = load_model(f"runs:/{run.info.run_id}/model")  # rebuilt from its meta: the weights must fit
+    assert meta.width == 2 and model.features[0].out_channels == 12 and run.data.params["width"] == "2"
+    assert run.data.metrics["total_params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_no_val_split_keeps_the_last_epoch_and_logs_no_val_numbers(

@@ -42,6 +42,16 @@ def test_lenet_macs_match_the_hand_count() -> None:
     ]
 
 
+def test_lenet_width_multiplies_every_layer_and_width_1_is_lenet_5() -> None:
+    s1, s2 = (summarize(build("lenet", 1, 4, 32, width=w), 1, 32) for w in (1, 2))
+    assert [layer.output_shape for layer in s2.layers if layer.name in ("features.0", "features.3")] == [
+        "12x32x32",
+        "32x12x12",
+    ]
+    assert s1.total_params == 61_196  # LeNet-5 with a 4-class head: width 1 is the original
+    assert 3.5 < s2.total_params / s1.total_params < 4.1 and 3 < s2.macs / s1.macs < 4.1
+
+
 def test_same_seed_same_weights_and_second_channel_changes_first_conv() -> None:
     torch.manual_seed(1)
     a = build("resnet18", 1, 4, 64)
