@@ -1,7 +1,8 @@
 """Mini-batch SGD on tensors already in memory: the loop every entry point trains with.
 
 The whole split sits on the device as uint8; each step gathers a batch by index, normalises it, augments it
-with one batched grid_sample, appends the eps channel when the task has one, and takes an SGD step. No
+with one batched grid_sample, appends the eps channel when the task has one, optionally blends the batch (mixup /
+cutmix), takes an SGD step and, with `ema`, updates a moving average of the weights (then what is evaluated). No
 DataLoader, no worker processes, no per-image Python: on 2 CPU cores LeNet @64 px trains ~2x more images per
 CPU-second than the textbook torchvision pipeline and ResNet-18 ~1.2x, at 0.9-1.0 of the pure compute bound
 (benchmarks/README.md).
@@ -566,7 +567,8 @@ def _optim(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps
 
 def _mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
     """torchvision's batch MixUp / CutMix (each batch one of them when both are on): (x, y) -> (x mixed with the
-    batch rolled by one, soft targets). Their draws use torch's global generator, seeded and checkpointed by fit."""
+    batch rolled by one, soft targets). Their draws use torch's global generator: seeded with the run (seed_everything)
+    and saved in every checkpoint, so a resumed run draws what the uninterrupted one did."""
     from torchvision.transforms import v2
 
     mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
