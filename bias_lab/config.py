@@ -98,6 +98,8 @@ class TrainConfig(Settings):
     nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
     schedule: str = knob("cosine", "learning-rate schedule over the epochs", SCHEDULES)
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing in [0, 1)")
+    # ema / mixup / cutmix measured on tiny4 (benchmarks/README.md, "Weight averaging..."): LeNet 60 epochs, mean test
+    # accuracy over three splits 0.700 without; ema 0.99 0.685, mixup 0.2 0.679, cutmix 1.0 0.650 (one split): all off
     ema: float = knob(
         0.0,
         "decay per SGD step of an exponential moving average of the weights, which is then what is evaluated, kept "
@@ -132,6 +134,8 @@ class TrainConfig(Settings):
         "cache); not comparable with training from scratch: ImageNet-1k holds the competition's classes",
         WEIGHTS,
     )
+    # width 2 measured on tiny4: mean test 0.719 vs 0.700 at 60 epochs, 0.746 vs 0.720 at 120 with label smoothing 0.1,
+    # for 2x the seconds per epoch: recommended for a submission, not the default (tune's time would double)
     width: int = knob(1, "lenet: channel multiplier of every layer (1 = LeNet-5's 6-16-120-84, 2 = 12-32-240-168)")
     freeze_epochs: int = knob(0, "weights=imagenet: train only the new output layer for this many first epochs")
     seed: int = knob(0, "seed of splits, init, batches, augmentation and the bias channel")
