@@ -475,9 +475,8 @@ def render_readme_tables() -> str:
             d = f.default
             d = "''" if d == "" else str(d).lower() if isinstance(d, bool) else d
             choices = f.metadata.get("choices")
-            out.append(
-                f"| `{f.name}` | `{d}` | {f.metadata['help']}{' (' + ' / '.join(choices) + ')' if choices else ''} |"
-            )
+            meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the cell: P(S=1 | y=0)
+            out.append(f"| `{f.name}` | `{d}` | {meaning}{' (' + ' / '.join(choices) + ')' if choices else ''} |")
         out.append("")
     return "\n".join(out).strip()
 

@@ -20,3 +20,11 @@ def test_check_fails_on_a_stale_file(tmp_path, monkeypatch) -> None:
     assert config.main(["--check"]) == 1
     assert config.main(["--write"]) == 0 and config.main(["--check"]) == 0
     assert "| `lr` |" in (tmp_path / "README.md").read_text()
+
+
+def test_every_table_in_the_readmes_has_the_same_number_of_cells_in_every_row() -> None:
+    """A bare `|` inside a cell (the generated help 'P(S=1 | y=0)') splits it in two: GitHub shows a broken row."""
+    from .test_quickstart import assert_tables_well_formed
+
+    for name in ("README.md", "benchmarks/README.md"):
+        assert assert_tables_well_formed((config.REPO / name).read_text(), name) >= 5
