@@ -162,7 +162,7 @@ class Search:
     study_name: str
     parent_run_id: str
     full: bool = False  # set when another worker filled the study first
-    kept: tuple[int, float, pipeline.Trained] | None = None  # (trial, val accuracy, fit) of this process's best trial
+    kept: tuple[int, pipeline.Trained] | None = None  # (trial number, fit) of this process's best trial
 
     def __call__(self, trial: optuna.Trial) -> float:
         earlier = [
@@ -217,7 +217,7 @@ class Search:
                 epochs = int(out["epochs_run"])
                 if out["diverged"]:
                     state, why = "pruned", f"loss became non-finite at epoch {epochs}: {pipeline.divergence_cause(cfg)}"
-                elif self.kept is None or out["best_val_accuracy"] > self.kept[1]:
+                elif self.kept is None or out["best_val_accuracy"] > self.kept[1].result.best_val_accuracy:
                     self.keep(trial.number, net, out, history)
             except optuna.TrialPruned as e:
                 state, why = "pruned", str(e)
@@ -272,7 +272,7 @@ class Search:
             epochs_run=int(out["epochs_run"]),
         )
         state = {k: t.detach().to("cpu", copy=True) for k, t in net.state_dict().items()}
-        self.kept = (number, out["best_val_accuracy"], pipeline.Trained(state, result))
+        self.kept = (number, pipeline.Trained(state, result))
 
 
 def optimize(study: optuna.Study, search: Search, tune_cfg: TuneConfig) -> None:
@@ -535,7 +535,7 @@ def run_tune(
         complete = count(study, (TrialState.COMPLETE,))
         if complete and tune_cfg.final_model:
             best = study.best_trial
-            reuse = search.kept[2] if search.kept and search.kept[0] == best.number else None
+            reuse = search.kept[1] if search.kept and search.kept[0] == best.number else None
             out.update(final_model(prep, data_cfg, train_cfg, bias_cfg, tune_cfg, best, name, reuse))
         elif not complete:
             print(
