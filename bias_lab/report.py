@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import plotly.io as pio
+from markdown_it import MarkdownIt
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from bias_lab import config, tracking
 from bias_lab import markdown as md
-from bias_lab import tracking
 from bias_lab.config import ReportConfig
 from bias_lab.data import atomic_write
 from bias_lab.errors import UserError, check
@@ -56,6 +58,7 @@ KEY_PARAMS = (
     "n_trials",
     "pruner",
 )
+WHERE = ("data", "cache_dir", "storage", "study_name")  # where files and the study were, not how it trained
 TEXT_ARTIFACTS = ("conclusion.md", "comparison.md", "sweep.md", "model_summary.md")
 MAX_TABLE_ROWS = 40  # the trials table of a long study is cut here; the CSV artifact has it all
 STEP_ONLY = ("scheduled_lr", "best_val_accuracy_so_far")  # curves: their last value alone means little
@@ -157,6 +160,36 @@ def _load_text(run_id: str, path: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
 
 
+def _same(logged: str, default: object) -> bool:
+    """Whether a logged param string is `default`: `mlflow run` logs its -P text ('10' or '10.0' for an int,
+    "''" for an empty string), bias_lab logs str(value)."""
+    text = logged.strip()
+    if isinstance(default, bool):
+        return text.lower() in (("true", "1") if default else ("false", "0"))
+    if isinstance(default, int | float):
+        try:
+            return float(text) == float(default)
+        except ValueError:
+            return False
+    return text.strip("'\"") == str(default)
+
+
+def changed_settings(params: dict[str, str], entry_point: str) -> dict[str, str]:
+    """The settings a run of `entry_point` changed from that command's defaults, beyond KEY_PARAMS: its recipe
+    (width, label_smoothing, ema, ...) at a glance, which the parameter table alone would hide among 40 params."""
+    ep = config.ENTRY_POINTS.get(entry_point)
+    if ep is None:
+        return {}
+    return {
+        f.name: params[f.name]
+        for f in ep.fields()
+        if f.name in params
+        and f.name not in KEY_PARAMS
+        and f.name not in WHERE
+        and not _same(params[f.name], ep.default(f))
+    }
+
+
 def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section]:
     rid = run.info.run_id
     tags = run.data.tags
@@ -167,6 +200,9 @@ def _run_section(client: MlflowClient, run: Run, depth: int = 0) -> list[Section
     params = {k: run.data.params[k] for k in KEY_PARAMS if k in run.data.params}
     if params:
         sec.markdown.append(md.table(["parameter", "value"], params.items()))
+    changed = changed_settings(run.data.params, tags.get("entry_point", ""))
+    if changed:
+        sec.markdown.append("**Changed from the defaults:** " + ", ".join(f"`{k}={v}`" for k, v in changed.items()))
     metrics = {k: v for k, v in sorted(run.data.metrics.items()) if not k.startswith("n_") and k not in STEP_ONLY}
     if metrics:
         sec.markdown.append(md.table(["metric", "value"], ((k, md.fmt(v)) for k, v in metrics.items())))
@@ -203,37 +239,12 @@ def to_markdown(sections: list[Section]) -> str:
     return "\n".join(out)
 
 
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")  # raw HTML in an artifact stays text
+
+
 def _md_block(text: str) -> str:
-    """Markdown tables -> HTML tables; anything else -> paragraphs (no markdown library needed)."""
-    lines = text.strip().splitlines()
-    if len(lines) >= 2 and lines[0].startswith("|") and set(lines[1].replace("|", "").strip()) <= set("-: "):
-        row = lambda l: [html.escape(c).replace("**", "") for c in md.split_row(l)]  # noqa: E731
-        head = "".join(f"<th>{c}</th>" for c in row(lines[0]))
-        body = "".join(
-            "<tr>" + "".join(f"<td>{c}</td>" for c in row(l)) + "</tr>" for l in lines[2:] if l.startswith("|")
-        )
-        rest = [l for l in lines[2:] if not l.startswith("|")]
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" + (
-            _md_block("\n".join(rest)) if rest else ""
-        )
-    out = []
-    for para in text.strip().split("\n\n"):
-        p = para.strip()
-        if p.startswith("|"):
-            out.append(_md_block(p))
-        elif p.startswith("#"):
-            out.append(f"<h4>{html.escape(p.lstrip('#').strip())}</h4>")
-        elif p:
-            items = p.splitlines()
-            if all(i.lstrip().startswith(("- ", "* ")) for i in items):
-                out.append(
-                    "<ul>"
-                    + "".join(f"<li>{html.escape(i.lstrip()[2:]).replace('**', '')}</li>" for i in items)
-                    + "</ul>"
-                )
-            else:
-                out.append(f"<p>{html.escape(p).replace('**', '')}</p>")
-    return "\n".join(out)
+    """One markdown block -> HTML, headings moved under the run's <h2> (an artifact's '# x' is an <h4> here)."""
+    return re.sub(r"<(/?)h([1-6])>", lambda m: f"<{m[1]}h{min(int(m[2]) + 3, 6)}>", MARKDOWN.render(text))
 
 
 def render_html(sections: list[Section]) -> str:
@@ -241,6 +252,7 @@ def render_html(sections: list[Section]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>bias_lab report</title><style>",
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}",
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}",
+        "code{background:#f3f3f3;padding:0 3px;border-radius:3px}",
         "h2{border-bottom:2px solid #333;margin-top:2em}</style></head><body>",
         "<h1>bias_lab report</h1>",
         f"<p>Generated from <code>{html.escape(mlflow.get_tracking_uri())}</code>.</p>",

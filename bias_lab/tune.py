@@ -334,7 +334,9 @@ def _figures(study: optuna.Study, seed: int) -> dict[str, Callable[[], Any]]:
     v = optuna.visualization
     return {
         "optimization_history": lambda: v.plot_optimization_history(study),
-        "intermediate_values": lambda: v.plot_intermediate_values(study),
+        "intermediate_values": lambda: v.plot_intermediate_values(study).update_layout(
+            yaxis_title="−(lowest val loss so far): what the pruner compares"  # see Search.__call__'s report()
+        ),
         "parallel_coordinate": lambda: v.plot_parallel_coordinate(study),
         "contour_lr_momentum": lambda: v.plot_contour(study, params=["lr", "momentum"]),
         "param_importances": lambda: v.plot_param_importances(study, evaluator=_importance_evaluator(seed)),

@@ -93,6 +93,8 @@ def test_quickstart_runs_land_in_bias_lab_and_report_needs_no_flags(project: tup
     assert (
         "0 days" not in text and "\n| lr |" not in tune_section and "\n| best_lr |" in tune_section
     )  # tune used no single lr
+    # `mlflow run` logs every -P as text ('10', "''", 'False'): none of that reads as a change from the defaults
+    assert "Changed from the defaults" not in text, text[text.find("Changed from") - 500 :][:1000]
     assert assert_tables_well_formed(text, "report.md") >= 8
 
 

@@ -9,7 +9,7 @@ from .conftest import FAST, invoke
 
 
 def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
-    assert invoke("train", "--data", str(kaggle_data), *FAST)[0] == 0
+    assert invoke("train", "--data", str(kaggle_data), *FAST, "--width", "2", "--label-smoothing", "0.1")[0] == 0
     code, out = invoke("report", "--output", str(tmp_path / "out" / "report.html"))
     assert code == 0, out
     page = (tmp_path / "out" / "report.html").read_text()
@@ -21,6 +21,10 @@ def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
     assert "learning curves" in page and "confusion matrix" in page
     assert "test_accuracy" in md and "MACs per image" in md  # metrics and the layer table
     assert not list((tmp_path / "out").glob(".*.tmp"))
+    # the recipe beyond the key params, and nothing left at its default (ema=0.0, tta=True, ...)
+    assert "**Changed from the defaults:** `label_smoothing=0.1`, `width=2`\n" in md + "\n"
+    assert "<strong>Changed from the defaults:</strong> <code>label_smoothing=0.1</code>" in page  # markdown rendered
+    assert '<td style="text-align:right">' in page, "the layer table's numbers are not right-aligned"
 
 
 def test_report_errors_are_one_line(tmp_path: Path) -> None:
