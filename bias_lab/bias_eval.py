@@ -288,7 +288,7 @@ def conclusion(
         "",
         f"Binary task: label {a} is y=0, label {b} is y=1. eps is present (S=1) with P(S=1|y=0)={bias_cfg.p0:g}, "
         f"P(S=1|y=1)={bias_cfg.p1:g}, std sigma={bias_cfg.sigma:g}. The decorrelated test uses the same test images "
-        f"with S drawn at p0=p1=0.5. Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
+        f"with S = 1 on a random half of each class (S independent of y in the sample). Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
         f"chance (majority class of the test split) is {p(chance)}.",
         "",
         (
@@ -336,8 +336,14 @@ def conclusion(
         "",
         f"In distribution the labels themselves have DI = {fmt(base_di['in distribution'])} "
         "(P(y=1|S=0)/P(y=1|S=1) on the test split): a perfect classifier that never looks at eps would score that, so "
-        "there DI measures the data as much as the model. On the decorrelated test the labels' DI is "
-        f"{fmt(base_di['decorrelated'])}, so a DI outside the band there comes from the model.",
+        "there DI measures the data as much as the model. "
+        + (
+            f"On the decorrelated test the labels' DI is {fmt(base_di['decorrelated'])}, so a DI outside the band there "
+            "comes from the model."
+            if metrics.FOUR_FIFTHS[0] <= base_di["decorrelated"] <= metrics.FOUR_FIFTHS[1]
+            else f"On the decorrelated test the labels' DI is {fmt(base_di['decorrelated'])}, not inside the band "
+            "itself (too few test images per class to split evenly by S): compare each model's DI with that number."
+        ),
         "",
         "## Q4. Which model is biased, and why?",
         "",

@@ -48,7 +48,7 @@ class Prepared:
     train: Part
     val: Part
     test: Part  # in-distribution test: S drawn with (p0, p1)
-    test_decorrelated: Part | None  # binary only: same images, S drawn with p0 = p1 = 0.5
+    test_decorrelated: Part | None  # binary only: same images, S = 1 on half of each class
     binary: bool
     eps: bool  # whether the model input carries the eps channel
     bias: BiasConfig
@@ -116,7 +116,9 @@ def prepare(
     if binary:
         ch = biasmod.draw(ds.labels, bias_cfg.p0, bias_cfg.p1, bias_cfg.sigma, seed, size)
         ch_train = ch if train_p is None else biasmod.draw(ds.labels, *train_p, bias_cfg.sigma, seed, size)
-        ch_dec = biasmod.draw(ds.labels, 0.5, 0.5, bias_cfg.sigma, seed + biasmod.DECORRELATED_SEED_OFFSET, size)
+        ch_dec = biasmod.draw_decorrelated(
+            ds.labels, split.test, bias_cfg.sigma, seed + biasmod.DECORRELATED_SEED_OFFSET, size
+        )
     mean, std = pixel_stats(ds.images[torch.from_numpy(split.train)])
     return Prepared(
         dataset=ds,

@@ -68,8 +68,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "decorrelated_test_not_half",
         "bias_lab/pipeline.py",
-        "biasmod.draw(ds.labels, 0.5, 0.5,",
-        "biasmod.draw(ds.labels, 0.25, 0.75,",
+        "biasmod.draw_decorrelated(\n            ds.labels, split.test,",
+        "biasmod.draw(\n            ds.labels, 0.25, 0.75,",
         ("tests/test_claims.py::test_the_decorrelated_test_draws_s_at_one_half_in_each_class",),
         "the decorrelated test drawn at p0=0.25, p1=0.75 (S still depends on y)",
     ),
