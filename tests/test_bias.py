@@ -451,3 +451,21 @@ def test_bias_eval_with_an_empty_group_tags_the_reason(kaggle_data: Path, client
     parent = next(r for r in runs if "role" not in r.data.tags)
     assert parent.data.params["hparams_source"] == "command line"
     assert "undefined" in mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/conclusion.md")
+
+
+def test_bias_eval_without_a_val_split_logs_no_val_numbers(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+    """val_fraction=0 in bias_eval: every model keeps its last epoch and no run logs a val number it never had."""
+    data = config.DataConfig(data=str(kaggle_data), image_size=32, val_fraction=0.0)
+    train = config.TrainConfig(model="lenet", epochs=2, batch_size=16)
+    out = bias_eval.run_bias_eval(
+        data, train, config.BiasConfig(), config.BiasEvalConfig(bootstrap=50, use_champion=False)
+    )
+    assert 0 <= out["model_2_test_accuracy"] <= 1 and not [k for k in out if "val_" in k or "best_epoch" in k], out
+    runs = all_runs(client)
+    assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 3
+    for r in runs:
+        assert not [k for k in r.data.metrics if "val_" in k or "best_epoch" in k], (
+            r.data.tags.get("role"),
+            r.data.metrics,
+        )
+    assert {r.data.tags.get("role") for r in runs if "no_val_split" in r.data.tags} == {"model_1", "model_2"}
