@@ -288,7 +288,8 @@ def conclusion(
         "",
         f"Binary task: label {a} is y=0, label {b} is y=1. eps is present (S=1) with P(S=1|y=0)={bias_cfg.p0:g}, "
         f"P(S=1|y=1)={bias_cfg.p1:g}, std sigma={bias_cfg.sigma:g}. The decorrelated test uses the same test images "
-        f"with S = 1 on a random half of each class (S independent of y in the sample). Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
+        "with S = 1 on a random half of each class (S independent of y in the sample). "
+        f"Numbers are {'means over ' + str(seeds) + ' seeds' if seeds > 1 else 'from one seed'}; "
         f"chance (majority class of the test split) is {p(chance)}.",
         "",
         (
