@@ -28,3 +28,22 @@ def test_every_table_in_the_readmes_has_the_same_number_of_cells_in_every_row() 
 
     for name in ("README.md", "benchmarks/README.md"):
         assert assert_tables_well_formed((config.REPO / name).read_text(), name) >= 5
+
+
+def test_every_mlflow_run_command_in_the_readmes_names_an_entry_point_and_its_parameters() -> None:
+    """A README command with a misspelt entry point or -P name fails in the user's terminal, after the install."""
+    import re
+
+    checked = 0
+    for name in ("README.md", "benchmarks/README.md"):
+        for line in (config.REPO / name).read_text().splitlines():
+            m = re.search(r"mlflow run \. -e (\w+)(.*)", line)
+            if not m:
+                continue
+            ep = config.ENTRY_POINTS.get(m[1])
+            assert ep is not None, f"{name}: no entry point '{m[1]}' in: {line}"
+            known = {f.name for f in ep.fields()}
+            for key in re.findall(r"-P (\w+)=", m[2].split("#")[0]):
+                assert key in known, f"{name}: entry point {m[1]} has no parameter '{key}': {line}"
+            checked += 1
+    assert checked >= 10
