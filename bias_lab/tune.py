@@ -335,7 +335,9 @@ def _figures(study: optuna.Study, seed: int) -> dict[str, Callable[[], Any]]:
     return {
         "optimization_history": lambda: v.plot_optimization_history(study),
         "intermediate_values": lambda: v.plot_intermediate_values(study).update_layout(
-            yaxis_title="−(lowest val loss so far): what the pruner compares"  # see Search.__call__'s report()
+            title_text="What the pruner compares: −(lowest val loss so far) per epoch",  # Search.__call__'s report()
+            xaxis_title="epoch",
+            yaxis_title="−(lowest val loss so far)",
         ),
         "parallel_coordinate": lambda: v.plot_parallel_coordinate(study),
         "contour_lr_momentum": lambda: v.plot_contour(study, params=["lr", "momentum"]),
