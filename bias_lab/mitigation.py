@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,11 +170,13 @@ class Adversarial(nn.Module):
 
 
 def decorrelated_val(prep: Prepared, sigma: float, seed: int) -> Prepared:
-    """`prep` with the val split's S and eps re-drawn at p0=p1=1/2 (same images, labels and test splits).
+    """`prep` with the val split's S and eps re-drawn as the decorrelated test's are (S = 1 on a random half of each
+    class; same images, labels and test splits).
 
     fit keeps the best-val epoch; on model_2's val split, where eps predicts y, that is the epoch that uses the
     shortcut most, the one a mitigation fights. The methods that know eps is suspect select on this instead."""
-    ch = biasmod.draw(prep.val.labels, 0.5, 0.5, sigma, seed + VAL_SEED_OFFSET, int(prep.val.images.shape[-1]))
+    n, size = len(prep.val.labels), int(prep.val.images.shape[-1])
+    ch = biasmod.draw_decorrelated(prep.val.labels, np.arange(n), sigma, seed + VAL_SEED_OFFSET, size)
     return dataclasses.replace(prep, val=dataclasses.replace(prep.val, eps=ch.eps, s=ch.s))
 
 

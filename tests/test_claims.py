@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bias_lab import config, metrics
+from bias_lab import config, metrics, mitigation
 from bias_lab.loop import predict
 from bias_lab.pipeline import prepare
 from bias_lab.tracking import load_model
@@ -52,6 +52,9 @@ def test_the_decorrelated_test_draws_s_at_one_half_in_each_class(kaggle_data: Pa
     for label in (0, 1):
         assert s[y == label].sum() == (y == label).sum() // 2, (label, s[y == label].sum(), (y == label).sum())
     assert metrics.base_rate_di(y, s) == pytest.approx(1.0)
+    val = mitigation.decorrelated_val(prep, 1.0, 0).val  # what model_3's epoch is selected on: drawn the same way
+    for label in (0, 1):
+        assert val.s[val.labels == label].sum() == (val.labels == label).sum() // 2
     eps = prep.test_decorrelated.eps  # eps exactly where S = 1
     assert bool((eps.flatten(1).abs().sum(1) > 0).eq(torch.from_numpy(s)).all())
     s_in = prep.test.s.numpy()  # and the in-distribution test follows p0, p1
