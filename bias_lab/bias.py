@@ -68,16 +68,15 @@ def draw(labels: torch.Tensor, p0: float, p1: float, sigma: float, seed: int, si
     gen = torch.Generator().manual_seed(seed)
     p = torch.where(labels.cpu() == 1, p1, p0).double()
     s = torch.rand(len(labels), generator=gen, dtype=torch.float64) < p
-    noise = torch.randn(len(labels), 1, size, size, generator=gen) * sigma
-    return Channel(s=s, eps=noise * s.view(-1, 1, 1, 1).float())
+    return _with_eps(s, sigma, size, gen)
 
 
 def draw_decorrelated(labels: torch.Tensor, idx: np.ndarray, sigma: float, seed: int, size: int) -> Channel:
     """The decorrelated test's channel: S = 1 on a random half (rounded down) of each class among `idx`, so S is
     independent of y in the test split itself, not only in expectation, and a perfect image-only classifier scores
     DI = 1 (up to rounding). Drawing S ~ Bernoulli(0.5) instead left that to chance: 90 test images of the demo
-    gave the labels a DI of 1.45, outside the four-fifths band before any model was involved. eps as in draw();
-    samples outside `idx` get S = 0."""
+    gave the labels a DI of 1.45, outside the four-fifths band before any model was involved. Samples outside
+    `idx` get S = 0."""
     gen = torch.Generator().manual_seed(seed)
     members = torch.as_tensor(idx, dtype=torch.long)
     y = labels.cpu()[members]
@@ -85,5 +84,10 @@ def draw_decorrelated(labels: torch.Tensor, idx: np.ndarray, sigma: float, seed:
     for c in (0, 1):
         in_c = members[y == c]
         s[in_c[torch.randperm(len(in_c), generator=gen)[: len(in_c) // 2]]] = True
-    noise = torch.randn(len(labels), 1, size, size, generator=gen) * sigma
+    return _with_eps(s, sigma, size, gen)
+
+
+def _with_eps(s: torch.Tensor, sigma: float, size: int, gen: torch.Generator) -> Channel:
+    """eps ~ N(0, sigma^2) drawn for every sample from `gen`, kept where S = 1 and exactly zero elsewhere."""
+    noise = torch.randn(len(s), 1, size, size, generator=gen) * sigma
     return Channel(s=s, eps=noise * s.view(-1, 1, 1, 1).float())
