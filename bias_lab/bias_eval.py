@@ -338,12 +338,12 @@ def conclusion(
         f"In distribution the labels themselves have DI = {fmt(base_di['in distribution'])} "
         "(P(y=1|S=0)/P(y=1|S=1) on the test split): a perfect classifier that never looks at eps would score that, so "
         "there DI measures the data as much as the model. "
+        f"On the decorrelated test the labels' DI is {fmt(base_di['decorrelated'])}, "
         + (
-            f"On the decorrelated test the labels' DI is {fmt(base_di['decorrelated'])}, so a DI outside the band there "
-            "comes from the model."
+            "so a DI outside the band there comes from the model."
             if metrics.FOUR_FIFTHS[0] <= base_di["decorrelated"] <= metrics.FOUR_FIFTHS[1]
-            else f"On the decorrelated test the labels' DI is {fmt(base_di['decorrelated'])}, not inside the band "
-            "itself (too few test images per class to split evenly by S): compare each model's DI with that number."
+            else "not inside the band itself (too few test images per class to split evenly by S): compare each "
+            "model's DI with that number."
         ),
         "",
         "## Q4. Which model is biased, and why?",
