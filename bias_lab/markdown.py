@@ -48,25 +48,3 @@ def table(head: Sequence[Any], rows: Iterable[Sequence[Any]], align: Sequence[st
             raise ValueError(f"table row has {len(r)} cells for {len(head)} columns: {r}")
         lines.append("| " + " | ".join(cell(v) for v in r) + " |")
     return "\n".join(lines)
-
-
-def split_row(line: str) -> list[str]:
-    """The cells of one markdown table row, honouring `\\|` escapes (the inverse of `table`)."""
-    cells, cur, i, s = [], [], 0, line.strip()
-    if s.startswith("|"):
-        s = s[1:]
-    if s.endswith("|") and not s.endswith("\\|"):
-        s = s[:-1]
-    while i < len(s):
-        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "|\\":
-            cur.append(s[i + 1])
-            i += 2
-            continue
-        if s[i] == "|":
-            cells.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(s[i])
-        i += 1
-    cells.append("".join(cur).strip())
-    return cells

@@ -29,12 +29,34 @@ def quickstart_command() -> list[str]:
     return line[line.index("mlflow run") :].split("#")[0].split()
 
 
+def split_row(line: str) -> list[str]:
+    """The cells of one markdown table row, honouring `\\|` escapes (the inverse of bias_lab.markdown.table)."""
+    cells, cur, i, s = [], [], 0, line.strip()
+    if s.startswith("|"):
+        s = s[1:]
+    if s.endswith("|") and not s.endswith("\\|"):
+        s = s[:-1]
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "|\\":
+            cur.append(s[i + 1])
+            i += 2
+            continue
+        if s[i] == "|":
+            cells.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(s[i])
+        i += 1
+    cells.append("".join(cur).strip())
+    return cells
+
+
 def tables(text: str) -> list[list[list[str]]]:
     """Every markdown table in `text`, as rows of cells."""
     out, cur = [], []
     for line in [*text.splitlines(), ""]:
         if line.lstrip().startswith("|"):
-            cur.append(md.split_row(line))
+            cur.append(split_row(line))
         elif cur:
             out.append(cur)
             cur = []
