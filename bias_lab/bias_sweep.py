@@ -16,13 +16,14 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import config, explain, metrics, plots, pretrained, tracking
+from bias_lab import config, explain, metrics, pipeline, plots, pretrained, recorder, tracking
 from bias_lab import markdown as md
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
 from bias_lab.data import check_classes, load
+from bias_lab.device import resolve_device, seed_everything
 from bias_lab.markdown import fmt
-from bias_lab.pipeline import Outputs, log_setup, prepare, train_model
+from bias_lab.pipeline import prepare
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",
@@ -51,7 +52,9 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
     config.validate("bias_sweep", data_cfg, train_cfg, sweep_cfg)  # before any data is read or run opened
     pretrained.ensure(train_cfg.model, train_cfg.weights)
     gaps, sigmas = sweep_cfg.gap_values(), sweep_cfg.sigma_values()
+    device = resolve_device(train_cfg.device)  # device=cuda without a usable GPU: one line, before any work
     tracking.setup()
+    seed_everything(train_cfg.seed, train_cfg.threads, train_cfg.deterministic)
     ds = load(data_cfg)
     check_classes(ds)
     a, b = parse_classes(ds, sweep_cfg.classes)
@@ -63,18 +66,19 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                 bias = cell_bias(gap, sigma, sweep_cfg.classes)
                 prep = prepare(data_cfg, bias, seed, binary=True, eps=True, ds=ds)
                 if not cells:
-                    log_setup(prep, data_cfg, train_cfg, sweep_cfg, skip=NOT_USED_BY["bias_sweep"])
+                    recorder.setup(prep, data_cfg, train_cfg, sweep_cfg, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"label_y0": a, "label_y1": b})
                 tags = {"role": "model_2", "entry_point": "bias_sweep", "gap": f"{gap:g}", "sigma": f"{sigma:g}"}
                 with tracking.run(f"gap={gap:g} sigma={sigma:g}", nested=True, tags=tags):
-                    log_setup(prep, data_cfg, train_cfg, bias, skip=NOT_USED_BY["bias_sweep"])
+                    recorder.setup(prep, data_cfg, train_cfg, bias, skip=NOT_USED_BY["bias_sweep"])
                     tracking.log_params({"role": "model_2", "gap": gap})
-                    net, out = train_model(
-                        prep, train_cfg, Outputs(model=sweep_cfg.log_models, bootstrap=sweep_cfg.bootstrap)
+                    trained = pipeline.train(
+                        prep, train_cfg, device, bootstrap=sweep_cfg.bootstrap, on_epoch=recorder.epochs(prep)
                     )
-                    ex, _ = explain.explain(net, prep, seed, train_cfg.tta)
+                    recorder.record(trained, model=sweep_cfg.log_models)
+                    ex, _ = explain.explain(trained.model, prep, seed, train_cfg.tta)
                     tracking.log_metrics(ex)
-                cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **out, **ex})
+                cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **trained.measures, **ex})
         summary = _log_sweep(cells, gaps, sigmas, train_cfg.model, (a, b))
         print(", ".join(f"{k}={v:g}" for k, v in summary.items()), file=sys.stderr)
         print(tracking.ui_hint(parent), file=sys.stderr)

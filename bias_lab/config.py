@@ -4,17 +4,14 @@ Each dataclass below is one group of settings. The CLI builds its options from t
 `image_size`), MLproject declares the same names, and every run logs `asdict()` of the groups it used verbatim,
 so what is written here is exactly what a run in the MLflow UI says it did.
 
-After adding or changing a setting: `python -m bias_lab.config --write` regenerates MLproject and the README's
-parameter tables from this file (`--check` fails when either is stale; the tests run it).
+After adding or changing a setting: `python -m bias_lab.generate --write` regenerates MLproject and the
+parameter tables of docs/parameters.md from this file (`--check` fails when either is stale; the tests run it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -336,8 +333,11 @@ class SubmitConfig(Settings):
 # adds eps to model_2): the command does not offer them and its runs do not log them, so no run page shows a
 # value the run did not use.
 TRAIN_ONLY = ("resume", "keep_checkpoint", "checkpoint_every_s")  # checkpoints: only `train` writes and resumes them
+# What tune searches, by name and type: the one list that tune's suggest and start point, the registered version's
+# tags, the champion's settings bias_eval reuses and every description read.
+SEARCHED: dict[str, type] = {"lr": float, "momentum": float, "batch_size": int}
 NOT_USED_BY: dict[str, tuple[str, ...]] = {
-    "tune": ("lr", "momentum", "batch_size", *TRAIN_ONLY),
+    "tune": (*SEARCHED, *TRAIN_ONLY),
     "bias_eval": ("bias", *TRAIN_ONLY),
     "bias_sweep": TRAIN_ONLY,
 }
@@ -418,92 +418,3 @@ def validate(command: str, *groups: Settings) -> None:
             train.seed + evaluate.seeds <= SEED_LIMIT,
             f"seed={train.seed} with seeds={evaluate.seeds}: the last seed, seed + seeds - 1, must stay below {SEED_LIMIT}",
         )
-
-
-def _yaml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return "''" if v == "" else v if re.fullmatch(r"[A-Za-z0-9_.-]+", v) else json.dumps(v)
-    return repr(v)
-
-
-def render_mlproject() -> str:
-    """MLproject: every setting of every command as a parameter (MLflow has no int or bool type: integers are
-    `float`, booleans `string`), passed through to entrypoints/<name>.py."""
-    out = [
-        "name: bias_lab",
-        "",
-        "# GENERATED from bias_lab/config.py by `python -m bias_lab.config --write`: edit config.py, not this file.",
-        "# Runs in the current environment: `mlflow run . -e <entry> --env-manager local` after `pip install -e .`;",
-        "# without --env-manager local, MLflow builds conda.yaml. Parameters mirror `bias-lab <command> --help`.",
-        "conda_env: conda.yaml",
-        "",
-        "entry_points:",
-    ]
-    for name, ep in ENTRY_POINTS.items():
-        out += [f"  {name}:", "    parameters:"]
-        for f in ep.fields():
-            kind = "string" if isinstance(f.default, (bool, str)) else "float"
-            out.append(f"      {f.name}: {{type: {kind}, default: {_yaml_value(ep.default(f))}}}")
-        args = " ".join(f"--{f.name.replace('_', '-')} {{{f.name}}}" for f in ep.fields())
-        out.append(f'    command: "python entrypoints/{name}.py {args}"')
-    return "\n".join(out) + "\n"
-
-
-README_BEGIN, README_END = "<!-- PARAMS:BEGIN", "<!-- PARAMS:END -->"
-_README_GROUPS = (
-    (DataConfig, "Data (every entry point)"),
-    (
-        TrainConfig,
-        "Training (train; tune and bias_eval too, less what `config.NOT_USED_BY` lists: tune searches lr / "
-        "momentum / batch_size, only train has resume / keep_checkpoint / checkpoint_every_s)",
-    ),
-    (BiasConfig, "Bias channel (train, tune, bias_eval; bias_eval always adds eps to model_2, so it has no `bias`)"),
-    (TuneConfig, "tune"),
-    (BiasEvalConfig, "bias_eval"),
-    (SweepConfig, "bias_sweep"),
-    (SubmitConfig, "kaggle_submit"),
-    (ReportConfig, "report"),
-)
-
-
-def render_readme_tables() -> str:
-    out = []
-    for cls, title in _README_GROUPS:
-        out += [f"**{title}**", "", "| parameter | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            d = f.default
-            d = "''" if d == "" else str(d).lower() if isinstance(d, bool) else d
-            choices = f.metadata.get("choices")
-            meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the cell: P(S=1 | y=0)
-            out.append(f"| `{f.name}` | `{d}` | {meaning}{' (' + ' / '.join(choices) + ')' if choices else ''} |")
-        out.append("")
-    return "\n".join(out).strip()
-
-
-def _with_readme_tables(text: str) -> str:
-    start = text.index("\n", text.index(README_BEGIN)) + 1
-    return text[:start] + "\n" + render_readme_tables() + "\n\n" + text[text.index(README_END) :]
-
-
-def generated() -> dict[Path, str]:
-    """The files this module generates, as they should read now."""
-    readme = REPO / "README.md"
-    return {REPO / "MLproject": render_mlproject(), readme: _with_readme_tables(readme.read_text())}
-
-
-def main(argv: list[str]) -> int:
-    stale = [p for p, text in generated().items() if p.read_text() != text]
-    if "--write" in argv:
-        for p in stale:
-            p.write_text(generated()[p])
-            print(f"wrote {p.name}")
-        return 0
-    for p in stale:
-        print(f"{p.name} is stale: run `python -m bias_lab.config --write`", file=sys.stderr)
-    return 1 if stale else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Does a model look at the image or at eps? Ablations and input-gradient saliency, logged on each child run.
+"""Does a model look at the image or at eps? Ablations and input-gradient saliency (recorded on each child run).
 
 - ablation: test accuracy (in distribution) with the eps channel zeroed, and with eps shuffled across the test
   samples (so it keeps its distribution but no longer belongs to its image). A model that ignores eps loses
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bias_lab import metrics, plots, tracking
+from bias_lab import metrics, plots
 from bias_lab.loop import Norm, Part, batch_inputs, predict
 from bias_lab.pipeline import Prepared
 
@@ -99,11 +99,3 @@ def explain(model: nn.Module, prep: Prepared, seed: int, tta: bool = False) -> t
         for i in pick
     ]
     return metrics, plots.saliency_maps(samples, share)
-
-
-def log_explanations(model: nn.Module, prep: Prepared, seed: int, tta: bool = False) -> dict[str, float]:
-    """Log the explanation metrics and the saliency figure on the active run; return the metrics."""
-    metrics, fig = explain(model, prep, seed, tta)
-    tracking.log_metrics(metrics)
-    tracking.log_figure(fig, "saliency")
-    return metrics

@@ -30,11 +30,12 @@ from torch import nn
 
 from bias_lab import config, registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
-from bias_lab.data import Dataset, image_id, list_files, load, natural_key, read_csv
+from bias_lab.data import Dataset, load
+from bias_lab.device import resolve_device
 from bias_lab.errors import UserError, check, first_line
-from bias_lab.loop import Norm, Part, predict, resolve_device
-from bias_lab.models import finite_weights
-from bias_lab.registry import ModelMeta
+from bias_lab.files import image_id, list_files, natural_key, read_csv
+from bias_lab.loop import Norm, Part, predict
+from bias_lab.models import ModelMeta, finite_weights
 
 SAMPLE_FILE = "sample_submission.csv"
 
@@ -270,36 +271,8 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
                 "device_resolved": str(device),
             }
         )
-        labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
-        fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
-        unreadable = set(ds.test_unreadable)
-        labels = [fallback if i in unreadable else lab for i, lab in zip(ds.test_ids, labels)]
-        _report_unreadable(ds, fallback)
-        sub = arrange(ds.test_ids, labels, Path(ds.root) / SAMPLE_FILE if ds.root else None)
-        validate(sub, ds.test_ids, ds.classes)
-
-        counts = Counter(lab for _, lab in sub.rows)
-        tracking.log_metrics(
-            {
-                "n_rows": len(sub.rows),
-                "n_unreadable_test": len(ds.test_unreadable),
-                "n_partial_test": len(ds.test_partial),
-                **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes},
-            }
-        )
-        mlflow.log_dict({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
-        mlflow.set_tags(
-            {
-                k: v
-                for k, v in {
-                    "model_uri": cfg.model_uri,
-                    "model_name": ref.name,
-                    "model_version": ref.version,
-                    "model_run_id": ref.run_id,
-                }.items()
-                if v
-            }
-        )
+        sub = _submission(model, meta, ds, cfg)
+        _record_submission(sub, ds, ref)
         _publish(sub, out, run_id)  # the file appears only once it is also in the run
         if ref.name and ref.version:
             mlflow.MlflowClient().set_model_version_tag(ref.name, ref.version, "kaggle_submit_run_id", run_id)
@@ -310,6 +283,45 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     print(f"wrote {out} ({len(sub.rows)} rows). Upload it with:", file=sys.stderr)
     print(f'kaggle competitions submit -c {shlex.quote(cfg.competition)} -f {shlex.quote(str(out))} -m "{message}"')
     return out
+
+
+def _submission(model: nn.Module, meta: ModelMeta, ds: Dataset, cfg: SubmitConfig) -> Submission:
+    """The predicted label of every test image, in the sample file's order; an unreadable image gets the most
+    frequent training label (said once, see _report_unreadable)."""
+    labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
+    fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
+    unreadable = set(ds.test_unreadable)
+    labels = [fallback if i in unreadable else lab for i, lab in zip(ds.test_ids, labels)]
+    _report_unreadable(ds, fallback)
+    sub = arrange(ds.test_ids, labels, Path(ds.root) / SAMPLE_FILE if ds.root else None)
+    validate(sub, ds.test_ids, ds.classes)
+    return sub
+
+
+def _record_submission(sub: Submission, ds: Dataset, ref: registry.ModelRef) -> None:
+    """Row and label counts, and the model the submission came from, on the active run."""
+    counts = Counter(lab for _, lab in sub.rows)
+    tracking.log_metrics(
+        {
+            "n_rows": len(sub.rows),
+            "n_unreadable_test": len(ds.test_unreadable),
+            "n_partial_test": len(ds.test_partial),
+            **{f"label_count_{_metric_safe(k)}": counts.get(k, 0) for k in ds.classes},
+        }
+    )
+    mlflow.log_dict({k: counts.get(k, 0) for k in ds.classes}, "label_counts.json")
+    mlflow.set_tags(
+        {
+            k: v
+            for k, v in {
+                "model_uri": ref.uri,
+                "model_name": ref.name,
+                "model_version": ref.version,
+                "model_run_id": ref.run_id,
+            }.items()
+            if v
+        }
+    )
 
 
 def _report_unreadable(ds: Dataset, fallback: str) -> None:

@@ -1,6 +1,6 @@
 """model_3: the biased data of model_2, trained so that the eps shortcut is not taken.
 
-Each method is a change to what pipeline.train_model already does (no second training loop):
+Each method is a change to what pipeline.train already does (no second training loop):
 - `reweigh` (Kamiran & Calders 2012): per-sample loss weights w(s, y) = P(s) P(y) / P(s, y) on the train split
   (Part.weights), so S and y are independent in the weighted training distribution. It cannot create samples
   that do not exist: when a (S, y) cell is empty (p0=0 or p1=1) it changes nothing, and says so in a tag.
@@ -37,7 +37,7 @@ VAL_SEED_OFFSET = 20_011  # model_3's decorrelated validation draw: a stream of 
 
 @dataclass
 class Mitigation:
-    """What model_3 trains on and with: data (weights), wrap and input hook, for pipeline.train_model."""
+    """What model_3 trains on and with: data (weights), wrap and input hook, for pipeline.train."""
 
     description: str
     prep: Prepared

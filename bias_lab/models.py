@@ -11,7 +11,9 @@ ImageNet weights):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,3 +210,46 @@ def finite_weights(model: nn.Module) -> bool:
     """Whether every parameter and buffer is finite: a diverged model outputs NaN, and argmax over NaN picks one
     fixed class for every input."""
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The preprocessing a logged model needs at prediction time, stored beside its weights."""
+
+    arch: str
+    in_channels: int  # 1 (grayscale) + 1 when the eps channel is appended
+    image_size: int  # side of the square input, px
+    mean: float  # pixel normalisation of the image channel
+    std: float
+    classes: list[str]  # label strings, in output order
+    task: str = "multiclass"  # or "binary" (bias_eval's pair of classes)
+    eps_channel: bool = False
+    bias: dict[str, Any] | None = None  # the BiasConfig of a binary model
+    dataset_digest: str = ""
+    grayscale: bool = True
+    stem: str = "auto"  # models.build's stem, resolved ('imagenet' or 'small'); 'auto' in models logged before it
+    tta: bool = False  # predictions average the image and its mirror, as the model's val/test numbers did
+    weights: str = "none"  # 'imagenet': started from ImageNet-1k weights (see pretrained.CAVEAT)
+    width: int = 1  # LeNet's channel multiplier (models.build); 1 in models logged before it
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelMeta:
+        """From model_meta.json. KeyError naming the missing fields it cannot do without; keys it does not know are
+        ignored (a newer version's extras)."""
+        missing = [k for k in META_REQUIRED if k not in d] if isinstance(d, dict) else list(META_REQUIRED)
+        if missing:
+            raise KeyError(", ".join(missing))
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+META_REQUIRED = (
+    "arch",
+    "in_channels",
+    "classes",
+    "image_size",
+    "mean",
+    "std",
+)  # what rebuilding and preprocessing read

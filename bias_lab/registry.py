@@ -1,13 +1,12 @@
 """The Model Registry contract: what `tune` registers and what `bias_eval` and `kaggle_submit` read back.
 
-A registered version carries tags (DIGEST_TAG, VAL_TAG, the model and the hyperparameters HPARAMS); the
+A registered version carries tags (DIGEST_TAG, VAL_TAG, the model and the hyperparameters config.SEARCHED); the
 `champion` alias points at the best version on a dataset. Every logged model carries a ModelMeta (model_meta.json):
 the preprocessing it needs at prediction time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,55 +15,12 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from bias_lab.config import SEARCHED
 from bias_lab.errors import UserError, check
 
 CHAMPION = "champion"  # the alias of the best version on a dataset
 DIGEST_TAG = "data_digest"  # the data (and task) a version was tuned on: a champion competes only on its own data
 VAL_TAG = "val_accuracy"  # the version's best val accuracy, repr() of a float: what the champion rule compares
-HPARAMS = ("lr", "momentum", "batch_size")  # what tune searches, so what a champion supplies to bias_eval
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """The preprocessing a logged model needs at prediction time, stored beside its weights."""
-
-    arch: str
-    in_channels: int  # 1 (grayscale) + 1 when the eps channel is appended
-    image_size: int  # side of the square input, px
-    mean: float  # pixel normalisation of the image channel
-    std: float
-    classes: list[str]  # label strings, in output order
-    task: str = "multiclass"  # or "binary" (bias_eval's pair of classes)
-    eps_channel: bool = False
-    bias: dict[str, Any] | None = None  # the BiasConfig of a binary model
-    dataset_digest: str = ""
-    grayscale: bool = True
-    stem: str = "auto"  # models.build's stem, resolved ('imagenet' or 'small'); 'auto' in models logged before it
-    tta: bool = False  # predictions average the image and its mirror, as the model's val/test numbers did
-    weights: str = "none"  # 'imagenet': started from ImageNet-1k weights (see pretrained.CAVEAT)
-    width: int = 1  # LeNet's channel multiplier (models.build); 1 in models logged before it
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ModelMeta:
-        """From model_meta.json. KeyError naming the missing fields it cannot do without; keys it does not know are
-        ignored (a newer version's extras)."""
-        missing = [k for k in META_REQUIRED if k not in d] if isinstance(d, dict) else list(META_REQUIRED)
-        if missing:
-            raise KeyError(", ".join(missing))
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
-
-
-META_REQUIRED = (
-    "arch",
-    "in_channels",
-    "classes",
-    "image_size",
-    "mean",
-    "std",
-)  # what rebuilding and preprocessing read
 
 
 @dataclass
@@ -185,7 +141,7 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
             run = None
         params = {**(run.data.params if run else {}), **(v.tags or {})}
         digest = params.get(DIGEST_TAG, params.get("dataset_digest"))
-        if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in HPARAMS):
+        if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in SEARCHED):
             continue
         val = float(params.get(VAL_TAG, run.data.metrics.get("best_val_accuracy", -1.0) if run else -1.0))
         key = (v.version == champion, -digests.index(digest), val, int(v.version))
@@ -194,8 +150,4 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
     if best is None:
         return None
     params, version = best
-    return {
-        "lr": float(params["lr"]),
-        "momentum": float(params["momentum"]),
-        "batch_size": int(float(params["batch_size"])),
-    }, f"models:/{name}/{version}"
+    return {k: kind(float(params[k])) for k, kind in SEARCHED.items()}, f"models:/{name}/{version}"

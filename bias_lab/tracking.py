@@ -27,8 +27,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from bias_lab.errors import UserError, first_line
-from bias_lab.models import build
-from bias_lab.registry import ModelMeta
+from bias_lab.models import ModelMeta, build
 
 DEFAULT_EXPERIMENT = "bias-lab"
 META_FILE = "bias_lab.json"

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 
-from bias_lab import config, distributed, pipeline, pretrained, tracking
+from bias_lab import config, distributed, pipeline, pretrained, recorder, tracking
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
+from bias_lab.device import resolve_device, seed_everything
 from bias_lab.errors import UserError
-from bias_lab.loop import device_info, resolve_device, seed_everything
 from bias_lab.workers import WORKER, worker_dead
 
 
@@ -58,14 +59,19 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
         with distributed.main_first():  # rank 0 decodes into the cache, the other ranks then read it
             prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
         ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest, device.type)
-        if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and logs
-            pipeline.train_model(prep, train_cfg, pipeline.Outputs(mlflow=False, test=False), checkpoint=ck)
+        if not distributed.is_main():  # torchrun: the same steps on another shard; rank 0 tests and records
+            pipeline.train(prep, train_cfg, device, test=False, checkpoint=ck)
             return {}
-        return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck)
+        return _train_tracked(prep, data_cfg, train_cfg, bias_cfg, ck, device)
 
 
 def _train_tracked(
-    prep: pipeline.Prepared, data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig, ck: Path
+    prep: pipeline.Prepared,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    bias_cfg: BiasConfig,
+    ck: Path,
+    device: torch.device,
 ) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
     owner = _read_owner(run_file)
@@ -95,12 +101,13 @@ def _train_tracked(
         if previous:
             mlflow.set_tag("resumed", "true")
         else:
-            pipeline.log_setup(prep, data_cfg, train_cfg, bias_cfg)
-        # what the run really trains on (GPU name, CUDA and driver versions...): device=auto alone says nothing
-        tracking.log_params({**device_info(resolve_device(train_cfg.device)), "world_size": distributed.world()})
+            recorder.setup(prep, data_cfg, train_cfg, bias_cfg)
+        tracking.log_params({"world_size": distributed.world()})
         if checkpoint is not None:
             mlflow.set_tag("checkpoint", str(checkpoint))
-        _, out = pipeline.train_model(prep, train_cfg, checkpoint=checkpoint)
+        trained = pipeline.train(prep, train_cfg, device, checkpoint=checkpoint, on_epoch=recorder.epochs(prep))
+        recorder.record(trained)
+        out = trained.measures
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)
     if checkpoint is not None:

@@ -91,7 +91,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "median_pruner_prunes_nothing",
-        "bias_lab/tune.py",
+        "bias_lab/search.py",
         "return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)",
         "return optuna.pruners.NopPruner()",
         ("tests/test_tune.py::test_the_default_pruner_prunes_a_clearly_worse_trial",),
@@ -171,8 +171,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "seeds_summary_first_seed_only",
-        "bias_lab/bias_eval.py",
-        'out[f"{role}_{key}"] = _mean(v)',
+        "bias_lab/comparison.py",
+        'out[f"{role}_{key}"] = nanmean(v)',
         'out[f"{role}_{key}"] = float(v[0])',
         ("tests/test_bias_e2e.py::test_two_seeds_end_to_end_mean_and_std",),
         "seeds>1: the parent reports the first seed, not the mean",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bias_lab import bias as biasmod
-from bias_lab import bias_eval, config, metrics, plots
+from bias_lab import bias_eval, comparison, config, metrics, plots
 from bias_lab.data import load
 
 from .conftest import all_runs, figures_page, invoke
@@ -133,19 +133,19 @@ def test_summary_conclusion_and_figure_survive_nan_inf_and_seeds() -> None:
             {"test_accuracy": 1.0, "test_di": 0.1, "decorrelated_test_di": 0.5},
         ],
     }
-    summary = bias_eval.summarize(results)
+    summary = comparison.summarize(results)
     assert summary["model_1_test_accuracy"] == pytest.approx(0.75)
     assert summary["model_1_test_accuracy_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
     assert math.isnan(summary["model_1_decorrelated_test_di"]) and math.isinf(summary["model_2_decorrelated_test_di"])
-    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
+    rows = comparison.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=2, chance=0.5)
     assert [(r["model"], r["test"]) for r in rows] == [
         ("model_1", "in distribution"),
         ("model_1", "decorrelated"),
         ("model_2", "in distribution"),
         ("model_2", "decorrelated"),
     ]
-    assert "±" in bias_eval.markdown_table(rows) and "inf" in bias_eval.markdown_table(rows)
-    text = bias_eval.conclusion(
+    assert "±" in comparison.markdown_table(rows) and "inf" in comparison.markdown_table(rows)
+    text = comparison.conclusion(
         summary, rows, config.BiasConfig(), ("A", "B"), 0.5, {"in distribution": 0.0, "decorrelated": math.nan}, 2
     )
     assert all(q in text for q in ("Q2", "Q3", "Q4")) and "n/a" in text
@@ -165,8 +165,8 @@ def test_conclusion_reads_a_shortcut_from_the_numbers() -> None:
             summary.update(
                 {f"{role}_{prefix}di": di, f"{role}_{prefix}di_ci_low": lo, f"{role}_{prefix}di_ci_high": hi}
             )
-    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
-    text = bias_eval.conclusion(
+    rows = comparison.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
+    text = comparison.conclusion(
         summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
     )
     assert "model_2 took the shortcut" in text and "model_1 is not biased" in text
@@ -202,10 +202,10 @@ def test_only_model_3_at_chance_still_concludes_on_the_shortcut() -> None:
                 }
             )
     summary["model_2_decorrelated_test_accuracy"] = 0.5
-    rows = bias_eval.table_rows(
+    rows = comparison.table_rows(
         summary, {"model_1": "clean", "model_2": "biased", "model_3": "reweigh"}, seeds=1, chance=0.5
     )
-    text = bias_eval.conclusion(
+    text = comparison.conclusion(
         summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
     )
     assert "Caution: model_3 did not learn the task" in text and "model_2 took the shortcut" in text
@@ -216,7 +216,7 @@ def test_the_across_seeds_interval_is_students_t() -> None:
     from scipy import stats
 
     for n in range(2, 40):
-        lo, hi = bias_eval.seed_interval(0.5, 0.1, n)
+        lo, hi = comparison.seed_interval(0.5, 0.1, n)
         exact = stats.t.ppf(0.975, min(n - 1, 30)) * 0.1 / math.sqrt(n)
         assert (lo, hi) == pytest.approx((0.5 - exact, 0.5 + exact), abs=2e-4), n
 
@@ -235,15 +235,15 @@ def test_a_model_at_chance_gets_no_verdict() -> None:
                     f"{role}_{prefix}di_ci_high": 1.0,
                 }
             )
-    rows = bias_eval.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
+    rows = comparison.table_rows(summary, {"model_1": "clean", "model_2": "biased"}, seeds=1, chance=0.5)
     verdicts = {(r["model"], r["test"]): r["four_fifths"] for r in rows}
     assert verdicts[("model_1", "decorrelated")] == "not biased"
-    assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in bias_eval.TESTS)
-    text = bias_eval.conclusion(
+    assert all(verdicts[("model_2", t)].startswith("inconclusive: did not learn") for t in comparison.TESTS)
+    text = comparison.conclusion(
         summary, rows, config.BiasConfig(), ("1", "3"), 0.5, {"in distribution": 0.0, "decorrelated": 1.0}, 1
     )
     assert "Caution: model_2 did not learn the task" in text and "model_2 did not learn the task: no verdict" in text
-    assert "no measurable reliance" not in text and "not biased" not in bias_eval.verdicts(text).replace(
+    assert "no measurable reliance" not in text and "not biased" not in comparison.headline(summary, rows, 0.5).replace(
         "model_1 is not biased", ""
     )
 
@@ -364,7 +364,10 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     assert "Q2" in text and "Q4" in text and f"{100 * c2.metrics['test_accuracy']:.1f}%" in text
     assert "four-fifths band" in figures_page(client, parent.info.run_id, {"comparison"})
     note = parent.data.tags["mlflow.note.content"]  # the run page's Description: the conclusion, then the table
-    assert note.startswith(bias_eval.verdicts(text))  # the verdicts first, then the table, then the whole conclusion
+    head = note.split("\n\n")[
+        0
+    ].splitlines()  # the verdicts first (the conclusion's Q4), then the table, then all of it
+    assert head[0].startswith(("- model_2", "Caution")) and all(line in text.replace("**", "") for line in head)
     assert all(line in note for line in text.splitlines() if not line.startswith("#")) and "### Conclusion" in note
     assert "| model_1 | in distribution |" in note and "| model_2 | decorrelated |" in note  # and the table between
     assert parent.data.tags["model_2_verdict"] == table.loc[3, "four_fifths"]

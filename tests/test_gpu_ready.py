@@ -18,10 +18,10 @@ import mlflow
 import pytest
 import torch
 
-from bias_lab import distributed, loop
+from bias_lab import checkpoint, device, distributed
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig
+from bias_lab.device import device_info, resolve_device, seed_everything
 from bias_lab.errors import UserError
-from bias_lab.loop import device_info, resolve_device, seed_everything
 from bias_lab.train import checkpoint_path
 
 from .conftest import FAST, REPO, all_runs, invoke
@@ -53,7 +53,7 @@ def test_checkpoint_is_read_onto_the_cpu_whatever_the_training_device(tmp_path: 
     ck = tmp_path / "ck.pt"
     with pytest.raises(Interrupt):
         run_fit(3, checkpoint=ck, on_epoch=stop_at(2), checkpoint_every_s=0)
-    state = loop._load_checkpoint(ck, torch.device("cuda"))  # what a CUDA run's resume asks for
+    state = checkpoint._load_checkpoint(ck)  # what a CUDA run's resume reads too
     tensors = [state["order_gen"], state["aug_gen"], state["torch_rng"], *state["model"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
     torch.Generator().set_state(state["order_gen"])  # a CPU ByteTensor, as set_state needs
@@ -119,7 +119,7 @@ def test_torch_build_not_matching_the_driver_is_named(monkeypatch: pytest.Monkey
     with pytest.raises(UserError, match="driver on your system is too old") as err:
         resolve_device("cuda")
     assert "\n" not in str(err.value)
-    monkeypatch.setattr(loop, "_gpu_present", lambda: True)
+    monkeypatch.setattr(device, "_gpu_present", lambda: True)
     with pytest.warns(UserWarning, match="NVIDIA GPU but CUDA is not usable .*too old.*training on the CPU"):
         assert resolve_device("auto").type == "cpu"
 
@@ -164,13 +164,13 @@ def test_deterministic_false_trains_with_the_fast_settings_and_the_default_resto
 
 def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     epochs: list[int] = []
-    real = loop.atomic_write
+    real = checkpoint.atomic_write
 
     def counting(path: Path, write: Callable) -> None:
         real(path, write)
         epochs.append(int(torch.load(path, weights_only=True)["epoch"]))
 
-    monkeypatch.setattr(loop, "atomic_write", counting)
+    monkeypatch.setattr(checkpoint, "atomic_write", counting)
     return epochs
 
 
@@ -186,7 +186,7 @@ def test_checkpoint_written_every_so_many_seconds_and_after_the_last_epoch(
 def test_checkpoint_time_is_measured_from_the_last_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     epochs = count_writes(monkeypatch)
     now = [0.0]
-    monkeypatch.setattr(loop._Saver, "clock", staticmethod(lambda: now[0]))
+    monkeypatch.setattr(checkpoint._Saver, "clock", staticmethod(lambda: now[0]))
 
     def advance(epoch: int, _m: dict) -> None:  # epochs 1 and 3 take 4 s, epoch 2 takes 7 s
         now[0] += 7.0 if epoch == 2 else 4.0

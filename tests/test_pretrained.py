@@ -17,12 +17,12 @@ from torchvision import models as tvm
 from bias_lab import explain, pretrained, tracking
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig
 from bias_lab.data import load
+from bias_lab.device import seed_everything
 from bias_lab.errors import UserError
 from bias_lab.kaggle_submit import predict_labels
-from bias_lab.loop import Norm, Part, batch_inputs, fit, predict, seed_everything
-from bias_lab.models import adapt_imagenet, build, resolve_stem
+from bias_lab.loop import Norm, Part, batch_inputs, fit, predict
+from bias_lab.models import ModelMeta, adapt_imagenet, build, resolve_stem
 from bias_lab.pipeline import prepare
-from bias_lab.registry import ModelMeta
 
 from .conftest import all_runs, invoke, run_cli
 

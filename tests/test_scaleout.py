@@ -525,7 +525,7 @@ def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(
     runs KILLED (studies._StaleTrialCallback), re-queues its params once, and runs them. Real heartbeats on a sqlite
     RDB storage; only bias_lab's interval and grace period are shortened (60 s / 120 s in production)."""
     from bias_lab import config as C
-    from bias_lab import studies, tune
+    from bias_lab import search, studies
     from bias_lab.workers import worker_dead
 
     monkeypatch.setattr(studies, "HEARTBEAT_S", 1)
@@ -559,7 +559,7 @@ def test_a_worker_on_another_host_whose_heartbeat_stopped_is_recovered(
     storage, _ = studies.open_storage(url)
     study = optuna.load_study(study_name="hb", storage=storage)
     trial = study.ask()
-    tune.suggest(trial, C.TrainConfig(model="lenet", epochs=1), C.TuneConfig())
+    search.suggest(trial, C.TrainConfig(model="lenet", epochs=1), C.TuneConfig())
     other = f"gpu-node-7.elsewhere:{os.getpid()}:1"  # our own pid, alive: only the host name says 'not ours'
     assert not worker_dead(other)
     client = mlflow.MlflowClient()

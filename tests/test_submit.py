@@ -18,6 +18,7 @@ import torch
 
 from bias_lab import data, kaggle_submit
 from bias_lab.errors import UserError
+from bias_lab.files import image_id, natural_key
 from bias_lab.tracking import load_model
 
 from .conftest import FAST, all_runs, invoke
@@ -103,7 +104,7 @@ def test_sample_columns_label_values_and_unreadable_images(tmp_path: Path, clien
     table = rows(Path("sub.csv"))
     assert table[0] == ["ImageId", "Category"] and [r[0] for r in table[1:]] == ids  # verbatim, in its order
     want = {**expected_labels(uri, root), "5002": "7"}
-    assert [r[1] for r in table[1:]] == [want[data.image_id(r[0])] for r in table[1:]]
+    assert [r[1] for r in table[1:]] == [want[image_id(r[0])] for r in table[1:]]
     assert {r[1] for r in table[1:]} <= {"1", "3", "7"}
     [run] = [r for r in all_runs(client) if r.data.tags.get("entry_point") == "kaggle_submit"]
     assert run.data.metrics["n_unreadable_test"] == 1 and run.data.metrics["n_partial_test"] == 1
@@ -219,7 +220,7 @@ def test_duplicate_test_ids_refused_before_any_work(
     uri = train(kaggle_data)
     root = shutil.copytree(kaggle_data, tmp_path / "dup")
     test_dir = root / "test" / "test"
-    a, b = sorted((p.stem for p in test_dir.glob("*.jpg")), key=data.natural_key)[:2]
+    a, b = sorted((p.stem for p in test_dir.glob("*.jpg")), key=natural_key)[:2]
     shutil.copy(test_dir / f"{a}.jpg", test_dir / f"{a}.png")  # same bytes: the decoder reads it by content
     shutil.copy(test_dir / f"{b}.jpg", test_dir / f"{b}.PNG")
     code, out = invoke("kaggle-submit", "--data", str(root), "--model-uri", uri, "--output", "sub.csv")

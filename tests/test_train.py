@@ -19,10 +19,11 @@ import mlflow
 import pytest
 import torch
 
-from bias_lab import loop
+from bias_lab import checkpoint as ckpt
 from bias_lab.config import SCHEDULES, TrainConfig
+from bias_lab.device import seed_everything
 from bias_lab.errors import UserError
-from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict, seed_everything
+from bias_lab.loop import FitResult, Norm, Part, evaluate, fit, lr_factor, predict
 from bias_lab.models import build
 
 from .conftest import FAST, all_runs, invoke
@@ -251,7 +252,7 @@ def test_unwritable_checkpoint_warns_once_and_training_goes_on(tmp_path: Path, m
         calls.append(path)
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(loop, "atomic_write", read_only)
+    monkeypatch.setattr(ckpt, "atomic_write", read_only)
     _, ref = run_fit(3)
     with pytest.warns(UserWarning, match="cannot write the checkpoint .*Read-only file system.*goes on") as caught:
         _, res = run_fit(3, checkpoint=tmp_path / "ck.pt")

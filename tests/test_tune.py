@@ -19,10 +19,10 @@ import torch
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from bias_lab import config, pipeline, registry, studies, tracking, tune, workers
+from bias_lab import config, pipeline, registry, search, studies, tracking, workers
 from bias_lab.data import load
 from bias_lab.errors import UserError
-from bias_lab.models import build
+from bias_lab.models import ModelMeta, build
 from bias_lab.tracking import load_model
 
 from .conftest import all_runs, figures_page, invoke
@@ -53,7 +53,7 @@ class OddPruner(optuna.pruners.BasePruner):
 
 
 def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tune, "make_pruner", lambda name, epochs: OddPruner())
+    monkeypatch.setattr(search, "make_pruner", lambda name, epochs: OddPruner())
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow samples every 10 s by default
     code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "3", "--study-name", "s"))
     assert code == 0, out
@@ -199,7 +199,7 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, clien
         "--final-model",
         "false",
     )
-    real, calls = pipeline.train_model, []
+    real, calls = pipeline.train, []
 
     def ctrl_c_in_third_trial(prep, cfg, *args, **kw):
         calls.append(cfg)
@@ -207,7 +207,7 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, clien
             kw["on_epoch"] = lambda epoch, m: (_ for _ in ()).throw(KeyboardInterrupt())
         return real(prep, cfg, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "train_model", ctrl_c_in_third_trial)
+    monkeypatch.setattr(pipeline, "train", ctrl_c_in_third_trial)
     code, out = invoke(*args, "--n-trials", "3")
     assert code == 130 and "interrupted" in out, out
     study = optuna.load_study(study_name="s", storage="sqlite:///optuna.db")
@@ -218,7 +218,7 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(kaggle_data: Path, clien
     assert parent.data.metrics["best_val_accuracy"] == study.best_value  # the best so far was logged
     assert sorted(r.info.status for r in kids[parent.info.run_id]) == ["FINISHED", "FINISHED", "KILLED"]
 
-    monkeypatch.setattr(pipeline, "train_model", real)
+    monkeypatch.setattr(pipeline, "train", real)
     code, out = invoke(*args, "--n-trials", "4")
     assert code == 0, out
     study = optuna.load_study(study_name="s", storage="sqlite:///optuna.db")
@@ -327,7 +327,7 @@ def test_two_workers_share_one_journal(kaggle_data: Path, client, tmp_path: Path
 def test_champion_moves_only_on_improvement(client) -> None:
     mlflow.set_experiment("registry")
     with mlflow.start_run():
-        info = tracking.log_model(build("lenet", 1, 4, 32), registry.ModelMeta("lenet", 1, 32, 0.5, 0.25, list("abcd")))
+        info = tracking.log_model(build("lenet", 1, 4, 32), ModelMeta("lenet", 1, 32, 0.5, 0.25, list("abcd")))
     champion = lambda: str(client.get_model_version_by_alias("m", "champion").version)  # noqa: E731
 
     def register(digest: str, val: float) -> dict:
@@ -426,7 +426,7 @@ def test_a_file_that_is_no_journal_is_one_line(tmp_path: Path, content: bytes) -
 def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
     """The real median pruner (no stand-in): after 3 good trials, one reporting a far worse value is pruned at once."""
     study = optuna.create_study(
-        direction="maximize", pruner=tune.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0)
+        direction="maximize", pruner=search.make_pruner("median", 6), sampler=optuna.samplers.RandomSampler(0)
     )
     for _ in range(3):
         t = study.ask()
@@ -441,18 +441,18 @@ def test_the_default_pruner_prunes_a_clearly_worse_trial() -> None:
             pruned_at = epoch
             break
     assert pruned_at is not None and pruned_at <= 3, pruned_at
-    assert not tune.make_pruner("none", 6).prune(study, study.trials[-1])
+    assert not search.make_pruner("none", 6).prune(study, study.trials[-1])
 
 
 def test_resume_refuses_other_fixed_settings(kaggle_data: Path, monkeypatch) -> None:
     storage, _ = studies.open_storage("")
-    study = tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
+    study = search.open_study(storage, "f", config.TuneConfig(), {"epochs": 2, "image_size": 32}, 0)
     assert study.user_attrs["fixed_settings"] == {"epochs": 2, "image_size": 32}
-    tune.open_study(
+    search.open_study(
         storage, "f", config.TuneConfig(n_trials=50), {"epochs": 2, "image_size": 32}, 0
     )  # more trials: fine
     with pytest.raises(UserError, match=r"epochs=2 \(now 3\).*new --study-name"):
-        tune.open_study(storage, "f", config.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
+        search.open_study(storage, "f", config.TuneConfig(), {"epochs": 3, "image_size": 32}, 0)
 
 
 def test_worker_liveness() -> None:
@@ -486,18 +486,18 @@ def test_pruning_benchmark_runs(capsys) -> None:
 
 def test_trial_0_is_the_defaults_and_only_inside_the_search_space() -> None:
     base, space = config.TrainConfig(lr=0.05, momentum=0.9, batch_size=32), config.TuneConfig()
-    first = tune.start_point(base, space)
+    first = search.start_point(base, space)
     assert first == {"lr": 0.05, "momentum": 0.9, "batch_size": 32}
-    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(0, 20, first))
+    study = optuna.create_study(direction="maximize", sampler=search.make_sampler(0, 20, first))
     points = []
     for _ in range(3):
         t = study.ask()
-        tune.suggest(t, base, space)
+        search.suggest(t, base, space)
         points.append(t.params)
         study.tell(t, 0.5)
     assert points[0] == first and first not in points[1:]
     for outside in (dict(lr_max=0.01), dict(momentum_max=0.5), dict(batch_sizes="64,128")):
-        assert tune.start_point(base, dataclasses.replace(space, **outside)) is None
+        assert search.start_point(base, dataclasses.replace(space, **outside)) is None
 
 
 def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
@@ -513,10 +513,10 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
             study.tell(t, out[-1])
         return out
 
-    whole = draws(optuna.create_study(sampler=tune.make_sampler(7, 12)), 5)
+    whole = draws(optuna.create_study(sampler=search.make_sampler(7, 12)), 5)
     storage = optuna.storages.InMemoryStorage()
-    first = draws(optuna.create_study(storage=storage, study_name="s", sampler=tune.make_sampler(7, 12)), 3)
-    resumed = draws(optuna.load_study(storage=storage, study_name="s", sampler=tune.make_sampler(7, 12)), 2)
+    first = draws(optuna.create_study(storage=storage, study_name="s", sampler=search.make_sampler(7, 12)), 3)
+    resumed = draws(optuna.load_study(storage=storage, study_name="s", sampler=search.make_sampler(7, 12)), 2)
     assert first + resumed == whole
     assert len(set(whole)) == 5
-    assert draws(optuna.create_study(sampler=tune.make_sampler(8, 12)), 5) != whole
+    assert draws(optuna.create_study(sampler=search.make_sampler(8, 12)), 5) != whole
