@@ -1,7 +1,9 @@
 """Time-to-accuracy: bias_lab's `train` against the textbook torchvision loop, at the same wall-clock training budget.
 
-    python benchmarks/bench_accuracy.py --data DIR --budget 300   # 22 min on 2 cores at load 3-4 (lenet + resnet18, both sides)
-    python benchmarks/bench_accuracy.py --quick                    # generated tiny data, 5 s budget: smoke run (~60 s; 5+ min at load 13)
+    python benchmarks/bench_accuracy.py --data path/to/tiny4 --budget 300   # 22 min on 2 cores at load 3-4 (lenet + resnet18, both sides)
+    python benchmarks/bench_accuracy.py --quick     # generated tiny data, 5 s budget: smoke run (~60 s; 5+ min at load 13)
+
+--data defaults to the folder in the environment variable BIAS_LAB_DATA.
 
 On the same machine, the same images and the same held-out split:
   textbook  written here, self-contained: a map-style dataset over the files (the CSV equivalent of ImageFolder for
@@ -26,24 +28,18 @@ per target. Not a test: nothing here is asserted.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-# The same OpenMP policy bias_lab sets for itself (bias_lab/__init__.py): without it the textbook loop's spinning
-# threads would lose to the DataLoader workers on a busy 2-core machine. A value the user set wins (both sides).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402  (first: sets what torch reads on import)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -53,10 +49,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import models as tvm  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/tiny4"
+from bias_lab.config import DataConfig  # noqa: E402
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SIZE = 64
-VAL_FRACTION = TEST_FRACTION = 0.15
+VAL_FRACTION, TEST_FRACTION = DataConfig.val_fraction, DataConfig.test_fraction  # what bias_lab's split uses
 
 
 # ------------------------------------------------------------------------------------------ data and split
@@ -127,21 +124,6 @@ class FilesDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(Image.open(self.files[i]).convert("RGB")), self.labels[i]
-
-
-def write_synthetic(root: Path, per_class: int = 30, seed: int = 0) -> Path:
-    """Kaggle layout (train.csv id,label; train/train/<id>.jpg), 4 classes of noisy 64x64 images whose mean
-    brightness depends on the class (learnable, so accuracies are not all chance)."""
-    rng = np.random.default_rng(seed)
-    (root / "train" / "train").mkdir(parents=True)
-    rows = ["id,label"]
-    for i in range(4 * per_class):
-        label = 1 + i % 4
-        px = np.clip(rng.normal(40 + 55 * (label - 1), 40, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(px).save(root / "train" / "train" / f"{1000 + i}.jpg")
-        rows.append(f"{1000 + i},{label}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 # ------------------------------------------------------------------------------------------ textbook side
@@ -229,55 +211,12 @@ def run_textbook(
 # ------------------------------------------------------------------------------------------ bias_lab side (CLI only)
 
 
-def train_cli(
-    data: Path,
-    model: str,
-    epochs: int,
-    image_size: int,
-    seed: int,
-    cwd: Path,
-    env: dict[str, str],
-    store: Path,
-    extra: list[str] | tuple[str, ...] = (),
-) -> tuple[Any, float]:
-    """Run `bias-lab train` on the CPU in a subprocess; its MLflow run (read back from the sqlite `store`) and wall
-    seconds. Shared with bench_load.py."""
-    import mlflow
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "bias_lab.cli",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        model,
-        "--epochs",
-        str(epochs),
-    ]
-    cmd += ["--image-size", str(image_size), "--seed", str(seed), "--device", "cpu", *extra]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    m = re.search(r"run ([0-9a-f]{32})", p.stdout + p.stderr)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
-    if m:
-        return client.get_run(m.group(1)), wall
-    exps = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(exps, order_by=["attribute.start_time DESC"], max_results=1)[0], wall
-
-
 def run_bias_lab(name: str, data: Path, epochs: int, seed: int, tmp: Path, extra: list[str]) -> Result:
     import mlflow
 
-    store = tmp / "mlflow.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1")
-    run, wall = train_cli(data, name, epochs, SIZE, seed, tmp, env, store, extra)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    env = common.scratch_env(tmp)
+    run, wall = common.train_cli(data, name, epochs, env, tmp, extra, SIZE, seed)
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     met = run.data.metrics
     vals = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val_accuracy"))
     times = dict(sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "epoch_time_s")))
@@ -346,8 +285,7 @@ def write_figure(results: list[Result], out: Path, budget: float) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset folder (Kaggle or ImageFolder layout)")
+    ap = common.parser(__doc__, "data", "seed")
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per recipe")
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 5 s budget, lenet only (smoke run)")
     ap.add_argument(
@@ -358,9 +296,10 @@ def main() -> int:
         "(e.g. 'resnet18 --stem imagenet --tta true'); the textbook loop runs once per lenet/resnet18 architecture",
     )
     ap.add_argument("--textbook-lr", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench_accuracy.html", help="offline HTML figure (plotly.js inlined)")
     args = ap.parse_args()
+    if not args.quick:
+        common.need_data(ap, args)
     budget = 5.0 if args.quick and args.budget == 300.0 else args.budget
     recipes = ["lenet"] if args.quick and args.recipes == ["lenet", "resnet18"] else args.recipes
     t_start = time.perf_counter()
@@ -368,7 +307,7 @@ def main() -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bias-lab-acc-") as tmp_s:
         tmp = Path(tmp_s)
-        root = write_synthetic(tmp / "synthetic") if args.quick else Path(args.data).expanduser().resolve()
+        root = common.write_synthetic(tmp / "synthetic") if args.quick else Path(args.data).expanduser().resolve()
         files, label_names = list_files(root)
         classes = sorted(set(label_names), key=natural_key)
         y = np.array([classes.index(lab) for lab in label_names], dtype=np.int64)

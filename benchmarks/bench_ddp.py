@@ -1,10 +1,11 @@
 """Does `train` under torchrun go faster? The same training run in 1 process and in K DistributedDataParallel ones.
 
-    python benchmarks/bench_ddp.py --data DIR --model alexnet        # default /work/shared/data/tiny4, K=2, CPU (gloo)
-    python benchmarks/bench_ddp.py --device cuda --nproc 4 --model resnet18 --epochs 5    # 1 GPU vs 4 GPUs (nccl)
-    python benchmarks/bench_ddp.py --quick                            # generated tiny data, LeNet, 1 epoch: a smoke run
+    python benchmarks/bench_ddp.py --data path/to/tiny4 --model alexnet   # K=2, CPU (gloo): a few minutes on 2 cores
+    python benchmarks/bench_ddp.py --data path/to/tiny4 --device cuda --nproc 4 --model resnet18 --epochs 5   # 1 vs 4 GPUs (nccl)
+    python benchmarks/bench_ddp.py --quick                                 # generated tiny data, LeNet, 1 epoch: a smoke run
 
-On CUDA, K processes need K GPUs (one per process, NCCL); with fewer the script refuses before starting.
+--data defaults to the folder in the environment variable BIAS_LAB_DATA. On CUDA, K processes need K GPUs (one per
+process, NCCL); with fewer the script refuses before starting.
 
 Both sides are the command users run (`python -m bias_lab.cli train ...`, and the same under
 `torch.distributed.run --standalone --nproc_per_node=K`), alternated `--repeats` times so that drift in the machine's
@@ -24,57 +25,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402
 import mlflow  # noqa: E402
-from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/tiny4"
 SHOWN = ("images_per_s", "train_time_s", "best_val_accuracy", "test_accuracy")
+SETTINGS = ("data", "model", "image_size", "epochs", "batch_size", "lr", "device")  # passed to `bias-lab train`
 
 
 def run(args: argparse.Namespace, nproc: int, env: dict[str, str]) -> dict[str, float]:
     """One `train` run with `nproc` processes; its logged metrics."""
-    train = [
-        "-m",
-        "bias_lab.cli",
-        "train",
-        "--data",
-        args.data,
-        "--model",
-        args.model,
-        "--image-size",
-        str(args.image_size),
-        "--epochs",
-        str(args.epochs),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--device",
-        args.device,
-    ]
+    train = ["-m", "bias_lab.cli", "train", *common.flags(args, *SETTINGS)]
     if nproc == 1:
-        cmd = [
-            sys.executable,
-            *train,
-            "--threads",
-            str(args.nproc * args.threads if args.device == "cpu" else args.threads),
-        ]
+        threads = args.nproc * args.threads if args.device == "cpu" else args.threads
+        cmd = [sys.executable, *train, "--threads", str(threads)]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            *train,
-            "--threads",
-            str(args.threads),
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
+        cmd += ["--threads", str(args.threads)]
     before = {r.info.run_id for r in _runs()}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -89,21 +59,13 @@ def _runs() -> list:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--model", default="alexnet")
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
-    ap.add_argument("--nproc", type=int, default=2, help="K, compared with 1 process")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads per process under torchrun (the single process gets K times as many on a CPU)",
+    defaults = {"model": "alexnet", "epochs": 2, "batch_size": 64, "lr": 0.02}
+    ap = common.parser(__doc__, "data", "model", "image_size", "epochs", "batch_size", "lr", **defaults)
+    common.setting(ap, "device", "cpu", "cpu (gloo) or cuda (nccl, one GPU per process)")
+    common.setting(
+        ap, "threads", 1, "torch threads per process under torchrun (the single process gets K times as many on a CPU)"
     )
+    ap.add_argument("--nproc", type=int, default=2, help="K, compared with 1 process")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="generated tiny data, LeNet @32 px, 1 epoch, 1 repeat")
     args = ap.parse_args()
@@ -117,19 +79,15 @@ def main() -> None:
                 f"GPU. Use --nproc {max(gpus, 1)}; to measure several trials sharing one GPU, run "
                 "benchmarks/bench_epoch.py --device cuda (its 'trials per GPU' section)"
             )
+    if not args.quick:
+        common.need_data(ap, args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        env = scratch_env(workdir)
+        env = common.scratch_env(workdir)
         if args.quick:
-            args.data = quick_data(workdir)
-            args.model, args.image_size, args.epochs, args.batch_size, args.lr, args.repeats = (
-                "lenet",
-                32,
-                1,
-                32,
-                0.05,
-                1,
-            )
+            args.data = common.quick_data(workdir)
+            args.model, args.image_size, args.epochs, args.batch_size, args.lr = "lenet", 32, 1, 32, 0.05
+            args.repeats = 1
         load(DataConfig(data=args.data, image_size=args.image_size))  # decode once: neither side pays it
         load1 = os.getloadavg()[0]
         print(

@@ -1,9 +1,11 @@
 """Epoch throughput of bias_lab against the textbook torchvision pipeline and the pure compute bound.
 
-    python benchmarks/bench_epoch.py --data DIR      # default /work/shared/data/tiny4; 2-4 min on 2 cores
-    python benchmarks/bench_epoch.py --quick         # generated tiny data, a few steps: a smoke run (~15-30 s)
-    python benchmarks/bench_epoch.py --device cuda   # the GPU section instead (synthetic data, a few minutes)
-    python benchmarks/bench_epoch.py --device cuda --check   # its PASS/FAIL checks only (what gpu_check.sh runs)
+    python benchmarks/bench_epoch.py --data path/to/tiny4   # 2-4 min on 2 cores
+    python benchmarks/bench_epoch.py --quick                # generated tiny data, a few steps: a smoke run (~15-30 s)
+    python benchmarks/bench_epoch.py --device cuda          # the GPU section instead (synthetic data, a few minutes)
+    python benchmarks/bench_epoch.py --device cuda --check  # its PASS/FAIL checks only (what gpu_check.sh runs)
+
+--data (the CPU comparison only) defaults to the folder in the environment variable BIAS_LAB_DATA.
 
 GPU section (--device cuda; --device cpu --gpu-section --quick runs the same code on a CPU as a smoke test): fit vs
 the compute bound in the same precision (bf16 autocast, channels_last) at a large and at tune's usual batch, with
@@ -21,7 +23,7 @@ Side by side in one process, on the same images, same model (same init), same ba
                 in fit's layout and precision: no data work at all, the physical limit of this machine;
   compute_fp32  the same, in the textbook's fp32 NCHW: separates what the data path gains from what the layout does.
 Also: the first decode of the folder vs the cached re-load, and the MLflow logging overhead of
-pipeline.train_model (a short run with vs without logging, in a temporary sqlite store).
+pipeline.train + bias_lab.recorder (a short run with vs without logging, in a temporary sqlite store).
 
 Each variant is warmed up (steps excluded), then measured a few times round-robin and the best is kept: other
 processes on a shared machine only ever make a measurement slower. Two numbers per measurement: images per second
@@ -44,12 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the table
-# Idle OpenMP threads sleep instead of spinning. Two torch threads plus the DataLoader's two workers (plus anything
-# else running) oversubscribe 2 cores, and spinning threads then burn the time slices the others need: steps ran up
-# to 10x slower under load with the default policy. Applies to every variant alike; set the variable to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# common sets OMP_WAIT_POLICY=PASSIVE before torch loads: two torch threads plus the DataLoader's two workers (plus
+# anything else running) oversubscribe 2 cores, and spinning OpenMP threads then burn the time slices the others
+# need: steps ran up to 10x slower under load with the default policy. Applies to every variant alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402
 import mlflow  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,14 +60,14 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from bias_lab import data, pipeline, tracking  # noqa: E402
+from bias_lab import data, pipeline, recorder, tracking  # noqa: E402
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig  # noqa: E402
-from bias_lab.loop import FitResult, Norm, Part, autocast, autocast_dtype, channels_last, fit, seed_everything  # noqa: E402
+from bias_lab.device import autocast, autocast_dtype, channels_last, seed_everything  # noqa: E402
+from bias_lab.files import list_files  # noqa: E402
+from bias_lab.loop import FitResult, Norm, Part, fit  # noqa: E402
 from bias_lab.models import build  # noqa: E402
 
 CPU = torch.device("cpu")
-
-DEFAULT_DATA = "/work/shared/data/tiny4"
 
 
 @dataclass
@@ -120,7 +121,7 @@ def naive_dataset(root: Path, size: int, norm: Norm, classes: list[str]) -> torc
             T.Normalize([norm.mean], [norm.std]),
         ]
     )
-    listing = data.list_files(root)
+    listing = list_files(root)
     if listing.layout == "imagefolder":
         return datasets.ImageFolder(str(root / "train" if (root / "train").is_dir() else root), transform=tf)
     index = {c: i for i, c in enumerate(classes)}
@@ -132,9 +133,10 @@ def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def cpu_s() -> float:
-    """CPU seconds used so far by this process (all threads) and its reaped children (the DataLoader's workers)."""
+    """CPU seconds used so far by this process (all threads; process_time, not os.times' 10 ms ticks, so a step of a
+    few ms does not read as 0 s) and its reaped children (the DataLoader's workers)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return time.process_time() + t.children_user + t.children_system
 
 
 @dataclass
@@ -178,7 +180,7 @@ def compute_steps(
 ) -> Speed:
     """Forward + backward + SGD on ready batches (slices of one in-memory tensor).
 
-    tuned: in fit's layout and precision (channels_last, train.autocast); else the textbook fp32 NCHW.
+    tuned: in fit's layout and precision (channels_last, device.autocast); else the textbook fp32 NCHW.
     """
     model.train()
     shape = channels_last if tuned else (lambda t: t)
@@ -252,11 +254,12 @@ def decode_vs_cache(root: Path, size: int, cache: Path, repeats: int) -> tuple[f
 
 
 def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int) -> dict[str, float]:
-    """A short LeNet pipeline.train_model run with vs without MLflow logging (best of repeats, interleaved).
+    """A short LeNet pipeline.train run with vs without MLflow logging (recorder.epochs live, then recorder.record
+    without the weights, as a tune trial), best of repeats, interleaved.
 
-    fit_s: fit's wall time (train + per-epoch val pass + per-epoch logging); wall_s: the whole train_model call,
-    whose logging adds the one-off model summary, learning-curve figure and final metrics; log_ms: one
-    per-epoch tracking.log_metrics call timed directly (the part that scales with epochs).
+    fit_s: fit's wall time (train + per-epoch val pass + per-epoch logging); wall_s: train and record together,
+    whose logging adds the one-off model summary, device and final metrics; log_ms: one per-epoch
+    tracking.log_metrics call timed directly (the part that scales with epochs).
     """
     prep = pipeline.prepare(
         DataConfig(data=str(root), image_size=plan.image_size, cache_dir=str(cache)), BiasConfig(), seed
@@ -271,8 +274,12 @@ def mlflow_overhead(root: Path, plan: Plan, cache: Path, store: Path, seed: int)
         for on in (False, True):
             with tracking.run("benchmark-logging" if on else "benchmark-no-logging"):
                 t0 = time.perf_counter()
-                _, out = pipeline.train_model(prep, cfg, pipeline.Outputs(mlflow=on, test=False, model=False))
+                seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
+                trained = pipeline.train(prep, cfg, CPU, test=False, on_epoch=recorder.epochs(prep) if on else None)
+                if on:
+                    recorder.record(trained, model=False)
                 wall = time.perf_counter() - t0
+                out = trained.measures
                 if on:
                     metrics = {
                         "train_loss": 1.0,
@@ -496,7 +503,7 @@ def resume_check(device: torch.device, model_name: str, size: int, part: Part, b
 
 def gpu_report(device: torch.device, quick: bool, check_only: bool) -> int:
     """The GPU section (works on any device; --quick is a smoke run). Prints tables and CHECK lines; 1 if a check failed."""
-    from bias_lab.loop import device_info
+    from bias_lab.device import device_info
 
     plan = GPU_QUICK if quick else GPU_FULL
     size = plan.image_size
@@ -576,12 +583,9 @@ def gpu_report(device: torch.device, quick: bool, check_only: bool) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset folder (Kaggle or ImageFolder layout)")
+    ap = common.parser(__doc__, "data", "threads", "seed")
+    common.setting(ap, "device", "cpu", "cpu: the CPU comparison below; cuda[:N]: the GPU section instead")
     ap.add_argument("--quick", action="store_true", help="generated tiny data and a few steps (smoke run)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for every variant; 0 = torch's default")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu: the CPU comparison below; cuda[:N]: the GPU section instead")
     ap.add_argument(
         "--gpu-section", action="store_true", help="the GPU section on --device (on a CPU: a smoke run of it)"
     )
@@ -593,20 +597,20 @@ def main() -> int:
     if args.trial_worker:
         return trial_worker(args)
     if args.device != "cpu" or args.gpu_section or args.check:
-        from bias_lab.loop import resolve_device
+        from bias_lab.device import resolve_device
 
         seed_everything(args.seed, args.threads)
         return gpu_report(resolve_device(args.device), args.quick, args.check)
+    if not args.quick:
+        common.need_data(ap, args)
     plan = QUICK if args.quick else FULL
     size = plan.image_size
-    seed_everything(args.seed, args.threads)  # the global torch settings train_model uses, for every variant
+    seed_everything(args.seed, args.threads)  # the global torch settings `train` uses, for every variant
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bias-lab-bench-") as tmp_s:
         tmp = Path(tmp_s)
         if args.quick:
-            from bias_lab.demo import write_demo
-
-            root = write_demo(tmp / "demo", seed=args.seed, n_train=12, n_test=2)
+            root = Path(common.quick_data(tmp, seed=args.seed, n_train=12, n_test=2))
         else:
             root = Path(args.data).expanduser().resolve()
         first, cached, n_dec = decode_vs_cache(root, size, tmp / "cache", repeats=3)
@@ -653,8 +657,8 @@ def main() -> int:
         ("fit without logging", f"{ml['fit_s_off']:.2f} s"),
         ("fit with per-epoch logging", f"{ml['fit_s_on']:.2f} s"),
         ("one per-epoch log_metrics call", f"{ml['log_ms']:.1f} ms"),
-        ("train_model without logging", f"{ml['wall_s_off']:.2f} s"),
-        ("train_model with all logging (+ summary, figure)", f"{ml['wall_s_on']:.2f} s"),
+        ("train + record without logging", f"{ml['wall_s_off']:.2f} s"),
+        ("train + record with all logging (+ summary, final metrics)", f"{ml['wall_s_on']:.2f} s"),
     ):
         print(f"| {epochs} | {variant} | {value} |")
 
@@ -665,7 +669,7 @@ def main() -> int:
         f"\nnot targets: naive / compute fp32 (how well the textbook loader hides under compute), wall: LeNet "
         f"{lenet['naive'].wall / lenet['compute_fp32'].wall:.2f}, ResNet-18 {resnet['naive'].wall / resnet['compute_fp32'].wall:.2f}; "
         f"bias_lab / compute bound LeNet {lenet['bias_lab'].wall / lenet['compute'].wall:.2f}; MLflow A/B (two noisy timings): "
-        f"fit {ml['fit_s_on'] / ml['fit_s_off'] - 1:+.1%}, whole train_model {ml['wall_s_on'] / ml['wall_s_off'] - 1:+.1%}"
+        f"fit {ml['fit_s_on'] / ml['fit_s_off'] - 1:+.1%}, train + record {ml['wall_s_on'] / ml['wall_s_off'] - 1:+.1%}"
     )
     targets = [  # (name, wall-clock value, CPU-time value or None, op, bound, unit)
         (f"bias_lab/naive LeNet@{size}", *ratio(lenet["bias_lab"], lenet["naive"]), ">=", 3.0, "x"),

@@ -1,8 +1,10 @@
 """What the OpenMP wait policy does to `bias-lab train` on an idle and on a busy machine (and `tune` on a busy one).
 
-    python benchmarks/bench_load.py --data DIR          # default /work/shared/data/tiny4; 13.5 min on 2 cores at load avg 8-12
-    python benchmarks/bench_load.py --data DIR --tune   # + the README's default `tune` (demo data, 20 trials), busy; killed after --tune-timeout (900 s)
-    python benchmarks/bench_load.py --quick             # generated tiny data, 1 repeat: smoke run (4.5 min at load 2-4: process start-up dominates)
+    python benchmarks/bench_load.py --data path/to/tiny4          # 13.5 min on 2 cores at load avg 8-12
+    python benchmarks/bench_load.py --data path/to/tiny4 --tune   # + the README's default `tune` (demo data, 20 trials), busy; killed after --tune-timeout (900 s)
+    python benchmarks/bench_load.py --quick                       # generated tiny data, 1 repeat: smoke run (4.5 min at load 2-4: process start-up dominates)
+
+--data defaults to the folder in the environment variable BIAS_LAB_DATA.
 
 bias_lab/__init__.py sets OMP_WAIT_POLICY=PASSIVE unless the user set it. Each measurement is a 1-epoch LeNet
 `python -m bias_lab.cli train --device cpu` in a subprocess (its own temporary MLflow sqlite store and a shared,
@@ -16,7 +18,6 @@ Prints the load average, a markdown table and one `TARGET ... PASS|FAIL` line pe
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -25,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported: the sibling benchmark
-from bench_accuracy import train_cli  # noqa: E402  (one way to run `bias-lab train` and read its run back)
-
-DEFAULT_DATA = "/work/shared/data/tiny4"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402
 
 HOG = """
 import sys, torch
@@ -41,35 +40,15 @@ while True:
 """
 
 
-def write_synthetic(root: Path, per_class: int = 30, seed: int = 0) -> Path:
-    """Kaggle layout: train.csv (id,label) + train/train/<id>.jpg, 4 classes of random 64x64 images."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (root / "train" / "train").mkdir(parents=True)
-    rows = ["id,label"]
-    for i in range(4 * per_class):
-        px = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(px).save(root / "train" / "train" / f"{1000 + i}.jpg")
-        rows.append(f"{1000 + i},{1 + i % 4}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def base_env(tmp: Path, policy: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "OMP_WAIT_POLICY"}
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", BIAS_LAB_CACHE=str(tmp / "cache"), TQDM_DISABLE="1"
-    )
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
-    return env
+def policy_env(tmp: Path, policy: str | None) -> dict[str, str]:
+    """scratch_env(tmp) with OMP_WAIT_POLICY=`policy`, or unset (None: bias_lab's default applies)."""
+    env = {k: v for k, v in common.scratch_env(tmp).items() if k != "OMP_WAIT_POLICY"}
+    return env if policy is None else {**env, "OMP_WAIT_POLICY": policy}
 
 
 def train_once(data: Path, tmp: Path, policy: str | None, epochs: int = 1) -> dict[str, float]:
     """One `bias-lab train` subprocess; its metrics (read back from the store) + the process's wall seconds."""
-    run, wall = train_cli(data, "lenet", epochs, 64, 0, tmp, base_env(tmp, policy), tmp / "mlflow.db")
+    run, wall = common.train_cli(data, "lenet", epochs, policy_env(tmp, policy), tmp)
     return {**run.data.metrics, "wall_s": wall}
 
 
@@ -112,8 +91,7 @@ def load() -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset folder (Kaggle or ImageFolder layout)")
+    ap = common.parser(__doc__, "data")
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 1 repeat (smoke run)")
     ap.add_argument("--repeats", type=int, default=0, help="runs per policy and condition; default 2 (1 with --quick)")
     ap.add_argument("--tune-timeout", type=float, default=900, help="kill the tune run after this many seconds (FAIL)")
@@ -121,6 +99,8 @@ def main() -> int:
         "--tune", action="store_true", help="also time `python -m bias_lab.cli tune` (defaults) on the busy machine"
     )
     args = ap.parse_args()
+    if not args.quick:
+        common.need_data(ap, args)
     repeats = args.repeats or (1 if args.quick else 2)
     policies = {"ACTIVE (forced)": "ACTIVE", "unset (bias_lab default: PASSIVE)": None}
     t_start = time.perf_counter()
@@ -135,7 +115,7 @@ def main() -> int:
     tune_s = None
     with tempfile.TemporaryDirectory(prefix="bias-lab-load-") as tmp_s:
         tmp = Path(tmp_s)
-        data = write_synthetic(tmp / "synthetic") if args.quick else Path(args.data).expanduser().resolve()
+        data = common.write_synthetic(tmp / "synthetic") if args.quick else Path(args.data).expanduser().resolve()
         train_once(data, tmp, None)  # warm-up, not measured: fills the decode cache and creates the store's tables
         print(f"  warm-up done ({time.perf_counter() - t_start:.0f} s)", flush=True)
         for cond in ("idle", "busy"):
@@ -160,7 +140,7 @@ def main() -> int:
                         p = subprocess.run(
                             cmd,
                             cwd=tdir,
-                            env=base_env(tdir, user_policy),
+                            env=policy_env(tdir, user_policy),
                             capture_output=True,
                             text=True,
                             timeout=args.tune_timeout,

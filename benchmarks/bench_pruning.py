@@ -1,12 +1,14 @@
 """Does pruning pay? The same `tune` study with and without pruning: best val accuracy and epochs trained.
 
-    python benchmarks/bench_pruning.py --data DIR      # default /work/shared/data/tiny4; ~5-10 min on 2 cores
-    python benchmarks/bench_pruning.py --quick         # generated tiny data, 3 trials of 2 epochs: a smoke run
+    python benchmarks/bench_pruning.py --data path/to/tiny4   # ~5-10 min on 2 cores
+    python benchmarks/bench_pruning.py --quick                # generated tiny data, 3 trials of 2 epochs: a smoke run
+
+--data defaults to the folder in the environment variable BIAS_LAB_DATA.
 
 Both studies run through bias_lab.tune.run_tune (what `bias-lab tune` does), with the same TPE seed, the
 same trial count and the same fixed settings, in a temporary MLflow store and journal (nothing is registered).
 Epochs trained = the sum over trials of the epochs each trial actually ran (a pruned trial stops early).
-Prints a table and one `TARGET ... PASS|FAIL` line per target of issue 6:
+Prints a table and one `TARGET ... PASS|FAIL` line per target:
   - with pruning, best val accuracy within 1 point of the study without pruning;
   - with pruning, >= 2x fewer epochs trained in total.
 Not a test: nothing here is asserted.
@@ -15,21 +17,17 @@ Not a test: nothing here is asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-import mlflow  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402
 import optuna  # noqa: E402
 
-from bias_lab import studies, tune  # noqa: E402
+from bias_lab import search, studies, tune  # noqa: E402
 from bias_lab.config import PRUNERS, BiasConfig, DataConfig, TrainConfig, TuneConfig  # noqa: E402
-
-DEFAULT_DATA = "/work/shared/data/tiny4"
 
 
 def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, float]:
@@ -50,7 +48,7 @@ def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, flo
     states = [t.state for t in s.trials]
     return {
         "best_val_accuracy": s.best_value,
-        "epochs_trained": tune.epochs_trained(s),
+        "epochs_trained": search.epochs_trained(s),
         "complete": states.count(optuna.trial.TrialState.COMPLETE),
         "pruned": states.count(optuna.trial.TrialState.PRUNED),
         "wall_s": wall,
@@ -59,30 +57,20 @@ def study(args: argparse.Namespace, pruner: str, workdir: Path) -> dict[str, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--model", default="lenet")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--n-trials", type=int, default=16)
-    ap.add_argument("--pruner", default="median", choices=[p for p in PRUNERS if p != "none"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
+    ap = common.parser(
+        __doc__, "data", "model", "image_size", "epochs", "n_trials", "seed", "threads", image_size=32, n_trials=16
+    )
+    common.setting(ap, "pruner", choices=[p for p in PRUNERS if p != "none"])
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 3 trials of 2 epochs")
     args = ap.parse_args()
+    if not args.quick:
+        common.need_data(ap, args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        common.scratch_env(workdir, cache=args.quick)  # a throwaway store: benchmarks log nothing lasting
         if args.quick:
-            from bias_lab.demo import write_demo
-
-            args.data = str(write_demo(workdir / "data", seed=1, n_train=30, n_test=4))
+            args.data = common.quick_data(workdir)
             args.epochs, args.n_trials = 2, 3
-            os.environ.setdefault("BIAS_LAB_CACHE", str(workdir / "cache"))
-        mlflow.set_tracking_uri(
-            f"sqlite:///{workdir / 'mlflow.db'}"
-        )  # a throwaway store: benchmarks log nothing lasting
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            os.environ.pop(var, None)
         print(
             f"data={args.data} model={args.model} image_size={args.image_size} epochs={args.epochs} "
             f"n_trials={args.n_trials} seed={args.seed} pruner={args.pruner}",

@@ -1,9 +1,11 @@
 """Do more tune workers finish a study sooner? The same trial budget with 1 worker and with K workers on one storage.
 
-    python benchmarks/bench_workers.py --data DIR            # default /work/shared/data/tiny4, 12 trials, 1 vs 3 workers
-    python benchmarks/bench_workers.py --quick               # generated tiny data, 6 trials of 2 epochs: a smoke run
-    python benchmarks/bench_workers.py --threads 1 --repeats 3   # on a shared machine: same threads, alternated, medians
-    python benchmarks/bench_workers.py --storage postgresql://user@host/optuna --tracking-uri http://host:5000
+    python benchmarks/bench_workers.py --data path/to/tiny4   # 12 trials, 1 vs 3 workers: about a minute on 2 cores
+    python benchmarks/bench_workers.py --quick                # generated tiny data, 6 trials of 2 epochs: a smoke run
+    python benchmarks/bench_workers.py --data path/to/tiny4 --threads 1 --repeats 3   # on a shared machine: medians
+    python benchmarks/bench_workers.py --data path/to/tiny4 --storage postgresql://user@host/optuna --tracking-uri http://host:5000
+
+--data defaults to the folder in the environment variable BIAS_LAB_DATA.
 
 Each worker is the command users run (`python -m bias_lab.cli tune ... --storage S --study-name N`), started
 together; the study with K workers is a different study name in the same storage, with the same seed and fixed
@@ -28,17 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when imported or run with runpy
+import common  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from scratch import quick_data, scratch_env  # noqa: E402  (benchmarks/, this script's folder)
 
-from bias_lab import studies, tracking, tune  # noqa: E402
+from bias_lab import search, studies, tracking  # noqa: E402
 from bias_lab.config import DataConfig  # noqa: E402
 from bias_lab.data import load  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/tiny4"
+SETTINGS = ("data", "model", "image_size", "epochs", "n_trials", "pruner", "seed")  # passed to `bias-lab tune`
 
 
 def threads_for(args: argparse.Namespace, workers: int) -> int:
@@ -48,34 +49,9 @@ def threads_for(args: argparse.Namespace, workers: int) -> int:
 def study(args: argparse.Namespace, workers: int, env: dict[str, str], rep: int) -> dict:
     """Run one study with `workers` concurrent tune processes; returns times, counts and the best value."""
     name = f"bench-workers-{workers}-{args.tag}-{rep}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bias_lab.cli",
-        "tune",
-        "--data",
-        args.data,
-        "--image-size",
-        str(args.image_size),
-        "--model",
-        args.model,
-        "--epochs",
-        str(args.epochs),
-        "--n-trials",
-        str(args.n_trials),
-        "--pruner",
-        args.pruner,
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(threads_for(args, workers)),
-        "--storage",
-        args.storage,
-        "--study-name",
-        name,
-        "--final-model",
-        "false",
-    ]
+    cmd = [sys.executable, "-m", "bias_lab.cli", "tune", *common.flags(args, *SETTINGS)]
+    cmd += ["--threads", str(threads_for(args, workers)), "--storage", args.storage, "--study-name", name]
+    cmd += ["--final-model", "false"]
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -87,54 +63,47 @@ def study(args: argparse.Namespace, workers: int, env: dict[str, str], rep: int)
         sys.exit(f"a worker failed ({[p.returncode for p in procs]}):\n" + "\n".join(e[-2000:] for e in errs))
     s = optuna.load_study(study_name=name, storage=studies.open_storage(args.storage)[0])
     done = [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    search = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    search_s = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return {
         "workers": workers,
         "rep": rep,
         "load": os.getloadavg()[0],
         "threads": threads_for(args, workers),
         "wall_s": wall,
-        "search_s": search,
+        "search_s": search_s,
         "complete": sum(t.state == TrialState.COMPLETE for t in done),
         "pruned": sum(t.state == TrialState.PRUNED for t in done),
         "surplus": sum(bool(t.user_attrs.get("surplus")) for t in s.trials),
         "best": s.best_value,
-        "epochs": tune.epochs_trained(s),
+        "epochs": search.epochs_trained(s),
         "per_worker": sorted(collections.Counter(t.user_attrs.get("worker") for t in done).values()),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--model", default="lenet")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--n-trials", type=int, default=12)
-    ap.add_argument("--workers", type=int, default=3, help="K, compared with 1 worker")
-    ap.add_argument(
-        "--pruner",
-        default="none",
-        choices=("none", "median", "hyperband"),
-        help="none (default): every trial costs the same whatever the order, a clean throughput comparison",
+    ap = common.parser(
+        __doc__, "data", "model", "image_size", "epochs", "n_trials", "seed", image_size=32, epochs=5, n_trials=12
     )
-    ap.add_argument("--seed", type=int, default=0)
+    common.setting(
+        ap, "pruner", "none", "none: every trial costs the same whatever the order, a clean throughput comparison"
+    )
+    common.setting(ap, "storage", help="Optuna storage shared by the workers; default a journal file in a temp dir")
     ap.add_argument("--threads", default="auto", help="torch threads per worker, or auto = cpu_count // workers")
-    ap.add_argument(
-        "--storage", default="", help="Optuna storage shared by the workers; default a journal file in a temp dir"
-    )
+    ap.add_argument("--workers", type=int, default=3, help="K, compared with 1 worker")
     ap.add_argument("--tracking-uri", default="", help="MLflow tracking URI; default a throw-away sqlite store")
     ap.add_argument(
         "--repeats", type=int, default=1, help="alternate 1 and K workers this many times; medians are compared"
     )
     ap.add_argument("--quick", action="store_true", help="generated tiny data, 6 trials of 2 epochs")
     args = ap.parse_args()
+    if not args.quick:
+        common.need_data(ap, args)
     args.tag = time.strftime("%Y%m%d-%H%M%S")  # fresh study names on a reused storage
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        env = scratch_env(workdir, args.tracking_uri)
+        env = common.scratch_env(workdir, args.tracking_uri)
         if args.quick:
-            args.data = quick_data(workdir)
+            args.data = common.quick_data(workdir)
             args.epochs, args.n_trials = 2, 6
         args.storage = args.storage or str(workdir / "optuna.journal")
         load(DataConfig(data=args.data, image_size=args.image_size))  # fill the tensor cache once, for both studies

@@ -15,7 +15,7 @@ DEVICE=${DEVICE:-cuda}
 LIMIT_S=${LIMIT_S:-450}
 export TQDM_DISABLE=1
 
-problem=$("$PYTHON" -c 'from bias_lab.loop import cuda_problem; print(cuda_problem() or "")' 2>/dev/null) || {
+problem=$("$PYTHON" -c 'from bias_lab.device import cuda_problem; print(cuda_problem() or "")' 2>/dev/null) || {
     echo "gpu_check: FAIL: cannot import bias_lab with $PYTHON (activate the project's environment)"; exit 1; }
 if [ -n "$problem" ]; then
     echo "gpu_check: no CUDA on this machine ($problem): nothing checked; run it where torch.cuda.is_available()"
