@@ -123,33 +123,21 @@ def train_arm(
 # ------------------------------------------------------------------------------------------- the command
 
 
-def _baselines(ref: Prepared) -> tuple[float, dict[str, float]]:
-    """Chance (majority-class share) and the labels' own DI on the test split, in distribution and decorrelated:
-    what a model that learned the task but ignores eps would score."""
-    y = ref.test.labels.numpy()
-    assert ref.test.s is not None and ref.test_decorrelated is not None and ref.test_decorrelated.s is not None
-    chance = max(y.mean(), 1 - y.mean()) if len(y) else math.nan
-    return chance, {
-        "in distribution": metrics.base_rate_di(y, ref.test.s.numpy()),
-        "decorrelated": metrics.base_rate_di(y, ref.test_decorrelated.s.numpy()),
-    }
-
-
 def _comparison_metrics(results: dict[str, list[dict[str, float]]], bases: dict[str, float]) -> dict[str, float]:
     """The parent's metrics: every child's means over seeds, what the shortcut buys and costs, the labels' DI."""
     summary = comparison.summarize(results)
+    g = lambda key: summary.get(key, math.nan)  # noqa: E731  (a diverged model has no test numbers)
     summary.update(
         {
-            "shortcut_accuracy_gain": summary["model_2_test_accuracy"] - summary["model_1_test_accuracy"],
-            "shortcut_accuracy_cost": summary["model_1_decorrelated_test_accuracy"]
-            - summary["model_2_decorrelated_test_accuracy"],
+            "shortcut_accuracy_gain": g("model_2_test_accuracy") - g("model_1_test_accuracy"),
+            "shortcut_accuracy_cost": g("model_1_decorrelated_test_accuracy") - g("model_2_decorrelated_test_accuracy"),
             "test_base_rate_di": bases["in distribution"],
             "decorrelated_test_base_rate_di": bases["decorrelated"],
         }
     )
     if "model_3" in results:  # how far the mitigated model is from the one that never had the shortcut
-        summary["mitigation_accuracy_gap"] = (
-            summary["model_3_decorrelated_test_accuracy"] - summary["model_1_decorrelated_test_accuracy"]
+        summary["mitigation_accuracy_gap"] = g("model_3_decorrelated_test_accuracy") - g(
+            "model_1_decorrelated_test_accuracy"
         )
     return summary
 
@@ -190,7 +178,7 @@ def _run_seed(
                 "hparams": ", ".join(f"{h}={getattr(train_cfg, h)}" for h in SEARCHED),
             }
         )
-    chance, base = _baselines(ref)
+    chance, base = pipeline.baselines(ref)
     study.chance.append(chance)
     for test, di in base.items():
         study.base_di[test].append(di)
@@ -246,11 +234,12 @@ def run_bias_eval(
         _log_comparison(rows, text, headline, bias_cfg, classes, train_cfg.model)
         print(f"\n{comparison.short_table(rows)}\n\n{headline}", file=sys.stderr)
         print(tracking.ui_hint(parent), file=sys.stderr)
-    untrained = sorted({r["model"] for r in rows if r["verdict"].inconclusive})
-    if data_cfg.strict and untrained:  # the run stays FINISHED: its numbers are right, they just settle nothing
+    silent = {r["model"]: r["verdict"].status for r in rows if r["verdict"].inconclusive}
+    if data_cfg.strict and silent:  # the run stays FINISHED: its numbers are right, they just settle nothing
+        said = "; ".join(f"{m} {s}" for m, s in sorted(silent.items()))
         raise UserError(
-            f"{' and '.join(untrained)} did not learn the task, so there is no verdict (strict=true): "
-            "train longer (epochs) or tune lr / batch_size for this pair"
+            f"no verdict (strict=true): {said}; lower lr if a model diverged, else train longer (epochs) or tune "
+            "lr / batch_size for this pair"
         )
     return summary
 

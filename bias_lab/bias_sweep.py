@@ -16,7 +16,7 @@ import sys
 import mlflow
 import numpy as np
 
-from bias_lab import config, explain, metrics, pipeline, plots, pretrained, recorder, tracking
+from bias_lab import config, explain, pipeline, plots, pretrained, recorder, tracking
 from bias_lab import markdown as md
 from bias_lab.bias import parse_classes
 from bias_lab.config import NOT_USED_BY, BiasConfig, DataConfig, SweepConfig, TrainConfig
@@ -24,6 +24,7 @@ from bias_lab.data import check_classes, load
 from bias_lab.device import resolve_device, seed_everything
 from bias_lab.markdown import fmt
 from bias_lab.pipeline import prepare
+from bias_lab.verdict import Verdict, judge
 
 SHOWN = {  # heatmap panel -> metric of each cell
     "decorrelated DI": "decorrelated_test_di",
@@ -37,14 +38,20 @@ def cell_bias(gap: float, sigma: float, classes: str) -> BiasConfig:
     return BiasConfig(bias=True, classes=classes, p0=(1 - gap) / 2, p1=(1 + gap) / 2, sigma=sigma)
 
 
-def threshold(gaps: list[float], dis: list[float]) -> float:
-    """Smallest gap from which every larger gap's DI is outside the four-fifths band (NaN counts as inside)."""
+def threshold(gaps: list[float], verdicts: list[Verdict]) -> float:
+    """Smallest gap from which every larger gap's model is judged biased on the decorrelated test. A cell whose model
+    did not learn (or diverged) has no verdict: it ends the run, as an undefined DI does."""
     found = math.nan
-    for gap, di in reversed(list(zip(gaps, dis))):
-        if not metrics.biased(di):
+    for gap, v in reversed(list(zip(gaps, verdicts))):
+        if v.inconclusive or v.rule != "biased":
             break
         found = gap
     return found
+
+
+def cell_verdict(cell: dict[str, float]) -> Verdict:
+    """The decorrelated-test verdict of one cell's model_2, next to the labels' DI on that split."""
+    return judge(cell, "", "decorrelated_test_", cell["chance"], cell["decorrelated_test_base_rate_di"])
 
 
 def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConfig) -> dict[str, float]:
@@ -78,7 +85,9 @@ def run_sweep(data_cfg: DataConfig, train_cfg: TrainConfig, sweep_cfg: SweepConf
                     recorder.record(trained, model=sweep_cfg.log_models)
                     ex, _ = explain.explain(trained.model, prep, seed, train_cfg.tta)
                     tracking.log_metrics(ex)
-                cells.append({"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **trained.measures, **ex})
+                chance, labels = pipeline.baselines(prep)
+                cell = {"gap": gap, "sigma": sigma, "p0": bias.p0, "p1": bias.p1, **trained.measures, **ex}
+                cells.append({**cell, "chance": chance, "decorrelated_test_base_rate_di": labels["decorrelated"]})
         summary = _log_sweep(cells, gaps, sigmas, train_cfg.model, (a, b))
         print(", ".join(f"{k}={v:g}" for k, v in summary.items()), file=sys.stderr)
         print(tracking.ui_hint(parent), file=sys.stderr)
@@ -94,8 +103,8 @@ def _log_sweep(
     grid = lambda m: np.array(
         [[table[(table.gap == g) & (table.sigma == s)][m].iloc[0] for g in gaps] for s in sigmas], dtype=float
     )  # noqa: E731
-    dis = grid("decorrelated_test_di")
-    summary = {f"threshold_gap_sigma_{s:g}": threshold(gaps, list(dis[i])) for i, s in enumerate(sigmas)}
+    verdicts = {(c["sigma"], c["gap"]): cell_verdict(c) for c in cells}
+    summary = {f"threshold_gap_sigma_{s:g}": threshold(gaps, [verdicts[(s, g)] for g in gaps]) for s in sigmas}
     found = [v for v in summary.values() if not math.isnan(v)]
     summary["threshold_gap"] = min(found) if found else math.nan  # the weakest correlation taken at any sigma
     tracking.log_metrics(summary)
@@ -113,9 +122,24 @@ def _log_sweep(
         "train_time_s",
     ]
     table = table[[c for c in keep if c in table]]
+    table["four_fifths"] = [verdicts[(s, g)].text() for s, g in zip(table.sigma, table.gap)]
     tracking.log_table(table, "sweep")
     title = f"{arch}, classes {classes[0]} vs {classes[1]}: model_2 over p1-p0 and sigma (p0=(1-gap)/2, p1=(1+gap)/2)"
     tracking.log_figure(plots.sweep_heatmaps(gaps, sigmas, {k: grid(m) for k, m in SHOWN.items()}, title), "sweep")
+    text = sweep_markdown(title, table.to_dict("records"), verdicts, sigmas, gaps, summary)
+    mlflow.log_text(text, "sweep.md")
+    return summary
+
+
+def sweep_markdown(
+    title: str,
+    rows: list[dict[str, float]],
+    verdicts: dict[tuple[float, float], Verdict],
+    sigmas: list[float],
+    gaps: list[float],
+    summary: dict[str, float],
+) -> str:
+    """sweep.md: one row per cell with its verdict, then the threshold per sigma in words."""
     head = [
         "sigma",
         "gap",
@@ -139,27 +163,31 @@ def _log_sweep(
                     f"{r['p0']:g}",
                     f"{r['p1']:g}",
                     f"{fmt(r['decorrelated_test_di'])} [{fmt(r['decorrelated_test_di_ci_low'])}, {fmt(r['decorrelated_test_di_ci_high'])}]",
-                    metrics.verdict(
-                        r["decorrelated_test_di"], r["decorrelated_test_di_ci_low"], r["decorrelated_test_di_ci_high"]
-                    ),
+                    verdicts[(r["sigma"], r["gap"])].text(),
                     fmt(r["decorrelated_test_accuracy"], True),
                     fmt(r["test_accuracy"], True),
                     fmt(r["saliency_eps_share"], True),
                 ]
-                for r in table.to_dict("records")
+                for r in rows
             ),
         ),
+        "",
+        "## Threshold: the smallest p1-p0 from which the model takes the shortcut",
+        "",
     ]
-    lines += ["", "## Threshold: the smallest p1-p0 from which the model takes the shortcut", ""]
     for s in sigmas:
         t = summary[f"threshold_gap_sigma_{s:g}"]
-        lines.append(
-            f"- sigma={s:g}: "
-            + (
-                f"from p1-p0 = {t:g} on, the decorrelated DI leaves [0.8, 1.25]."
-                if not math.isnan(t)
-                else "the decorrelated DI stays inside [0.8, 1.25] at the largest gap of the grid: the shortcut is not taken."
+        silent = [g for g in gaps if verdicts[(s, g)].inconclusive]
+        if not math.isnan(t):
+            said = f"from p1-p0 = {t:g} on, the decorrelated DI leaves [0.8, 1.25]."
+        elif len(silent) == len(gaps):
+            said = "no model of this row learned its task: no verdict (train longer, or tune lr / batch_size)."
+        elif silent:
+            said = (
+                f"no threshold can be read: {len(silent)} of {len(gaps)} models did not learn (gaps "
+                f"{', '.join(f'{g:g}' for g in silent)}), so they have no verdict; train longer."
             )
-        )
-    mlflow.log_text("\n".join(lines) + "\n", "sweep.md")
-    return summary
+        else:
+            said = "the decorrelated DI stays inside [0.8, 1.25] at the largest gap of the grid: the shortcut is not taken."
+        lines.append(f"- sigma={s:g}: {said}")
+    return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for role, runs in results.items():
-        for key in runs[0]:
+        for key in dict.fromkeys(k for r in runs for k in r):  # every seed's keys: a diverged one has fewer
             v = np.array([r.get(key, math.nan) for r in runs], dtype=float)
             out[f"{role}_{key}"] = nanmean(v)
             with np.errstate(invalid="ignore"):  # inf - inf inside std: NaN is the answer
@@ -78,7 +78,9 @@ def table_rows(
             row = {"model": role, "trained_on": desc, "test": test, **{m: get(m) for m in MEASURES}}
             if seeds > 1:
                 row.update({f"{m}_std": get(f"{m}_std") for m in ("accuracy", "di")})
-            v = judge(summary, role, prefix, chance, notes.get(role, ""))
+            v = judge(
+                summary, role, prefix, chance, summary.get(f"{prefix}base_rate_di", math.nan), notes.get(role, "")
+            )
             row.update(four_fifths=v.text(), verdict=v)
             rows.append(row)
     return rows
@@ -149,6 +151,8 @@ class _Reading:
         self.summary, self.chance = summary, chance
         self.row = {(r["model"], r["test"]): r for r in rows}
         self.roles = list(dict.fromkeys(r["model"] for r in rows))
+        status = {r: self.row[(r, "decorrelated")]["verdict"].status for r in self.roles}
+        self.diverged = [r for r in self.roles if status[r] == "diverged"]
         self.untrained = [r for r in self.roles if any(self.row[(r, t)]["verdict"].inconclusive for t in TESTS)]
 
     def g(self, role: str, key: str) -> float:
@@ -185,13 +189,20 @@ def _intro(bias_cfg: BiasConfig, classes: tuple[str, str], chance: float, seeds:
 
 
 def _caution(r: _Reading) -> list[str]:
-    if not r.untrained:
-        return []
-    return [
-        f"**Caution: {' and '.join(r.untrained)} did not learn the task** (in-distribution test accuracy not "
-        f"above chance, {_p(r.chance)}, within its 95% CI): no verdict on {'its' if len(r.untrained) == 1 else 'their'} bias. "
-        "Train longer (epochs), or tune lr / batch_size for this binary task.",
-    ]
+    out = []
+    if r.diverged:
+        out.append(
+            f"**Caution: {' and '.join(r.diverged)} diverged** (the loss became non-finite before any good epoch, "
+            f"so the weights are not finite and were not tested): no verdict on {'its' if len(r.diverged) == 1 else 'their'} "
+            "bias. Lower lr (e.g. 10x)."
+        )
+    if slow := [m for m in r.untrained if m not in r.diverged]:
+        out.append(
+            f"**Caution: {' and '.join(slow)} did not learn the task** (in-distribution test accuracy not "
+            f"above chance, {_p(r.chance)}, within its 95% CI): no verdict on {'its' if len(slow) == 1 else 'their'} bias. "
+            "Train longer (epochs), or tune lr / batch_size for this binary task."
+        )
+    return out
 
 
 def _q2(r: _Reading) -> list[str]:
@@ -241,8 +252,16 @@ def _q3(r: _Reading, base_di: dict[str, float], seeds: int) -> list[str]:
 def _model_2_answer(r: _Reading) -> str:
     v2 = r.row.get(("model_2", "decorrelated"), {}).get("four_fifths", "undefined")
     dacc2 = r.acc("model_2", "decorrelated_test_")
+    verdict = r.row[("model_2", "decorrelated")]["verdict"] if ("model_2", "decorrelated") in r.row else None
+    if verdict is not None and verdict.status == "diverged":
+        return "- model_2 diverged (its weights are not finite): no verdict on whether it took the shortcut."
     if v2.startswith("inconclusive"):
         return "- model_2 did not learn the task: no verdict on whether it took the shortcut."
+    if v2.startswith("mirrors the labels"):
+        return (
+            "- model_2's decorrelated DI is no further from 1 than the labels' own DI on that split: no evidence "
+            "that its decisions follow S beyond what the labels do."
+        )
     if v2 == "biased" and dacc2 - r.chance < CLOSE:
         return (
             "- model_2 took the shortcut: on the decorrelated test its decisions follow S, not the image "

@@ -170,7 +170,7 @@ class Trained:
     @property
     def no_test(self) -> bool:
         """The test split was asked for but is empty (test_fraction=0)."""
-        return self.tested and "test_accuracy" not in self.measures
+        return self.tested and self.finite and "test_accuracy" not in self.measures
 
     @property
     def finite(self) -> bool:
@@ -221,6 +221,8 @@ def train(
         "diverged": float(res.diverged),
     }
     trained = Trained(net, cfg, meta, res, summary, device, out, None, bool(backbone), False, no_val)
+    if test and not trained.finite:  # diverged before any good epoch: a NaN model has no test accuracy
+        return dataclasses.replace(trained, tested=True)
     return tested(trained, prep, bootstrap) if test else trained
 
 
@@ -230,3 +232,15 @@ def tested(t: Trained, prep: Prepared, bootstrap: int = 1000) -> Trained:
         return dataclasses.replace(t, tested=True)
     m, cm = measure(t.model, prep, bootstrap, t.cfg.seed, t.cfg.tta)
     return dataclasses.replace(t, measures={**t.measures, **m}, confusion=cm, tested=True)
+
+
+def baselines(prep: Prepared) -> tuple[float, dict[str, float]]:
+    """Chance (majority-class share) and the labels' own DI on a binary task's test split, in distribution and
+    decorrelated: what a model that learned the task but ignores eps would score."""
+    y = prep.test.labels.numpy()
+    assert prep.test.s is not None and prep.test_decorrelated is not None and prep.test_decorrelated.s is not None
+    chance = max(y.mean(), 1 - y.mean()) if len(y) else math.nan
+    return chance, {
+        "in distribution": metrics.base_rate_di(y, prep.test.s.numpy()),
+        "decorrelated": metrics.base_rate_di(y, prep.test_decorrelated.s.numpy()),
+    }

@@ -22,7 +22,7 @@ from bias_lab import config, distributed, pipeline, pretrained, recorder, tracki
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir
 from bias_lab.device import resolve_device, seed_everything
-from bias_lab.errors import UserError
+from bias_lab.errors import UserError, check
 from bias_lab.workers import WORKER, worker_dead
 
 
@@ -107,6 +107,11 @@ def _train_tracked(
             mlflow.set_tag("checkpoint", str(checkpoint))
         trained = pipeline.train(prep, train_cfg, device, checkpoint=checkpoint, on_epoch=recorder.epochs(prep))
         recorder.record(trained)
+        check(
+            trained.finite,  # a NaN model has no test accuracy: the run ends FAILED, saying why
+            f"training diverged at epoch {trained.fit.epochs_run}: the weights are not finite, so nothing was "
+            f"tested and no model was logged; {recorder.divergence_cause(train_cfg)}",
+        )
         out = trained.measures
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)

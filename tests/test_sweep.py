@@ -11,6 +11,7 @@ import pytest
 
 from bias_lab import bias_sweep, config
 from bias_lab.errors import UserError
+from bias_lab.verdict import Verdict
 
 from .conftest import all_runs, figures_page
 
@@ -31,16 +32,45 @@ def test_grid_parsing_and_cells() -> None:
     assert (bias_sweep.cell_bias(1.0, 1, "").p0, bias_sweep.cell_bias(1.0, 1, "").p1) == (0.0, 1.0)
 
 
+def _cells(dis: list[float], accuracy: float = 0.9) -> list[Verdict]:
+    """Sweep cells' verdicts for these decorrelated DIs (CI collapsed on the point), all at `accuracy`."""
+    return [Verdict(di, di, di, accuracy, accuracy - 0.05, 0.5, labels_di=1.0, n=100) for di in dis]
+
+
 def test_threshold_is_where_the_bias_starts_and_stays() -> None:
     gaps = [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert bias_sweep.threshold(gaps, [1.0, 0.95, 0.7, 0.3, 0.0]) == 0.5
-    assert bias_sweep.threshold(gaps, [1.0, 0.5, 0.9, 0.3, 0.0]) == 0.75  # a noisy early dip is not the threshold
-    assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.7]) == 1.0
-    assert math.isnan(bias_sweep.threshold(gaps, [1.0, 1.0, 1.1, 0.9, 0.85]))
-    assert bias_sweep.threshold(gaps, [1.0, 1.0, 1.0, math.inf, math.inf]) == 0.75
-    assert math.isnan(
-        bias_sweep.threshold(gaps, [0.0, 0.0, 0.0, 0.0, math.nan])
-    )  # undefined at the top: not shown taken
+    assert bias_sweep.threshold(gaps, _cells([1.0, 0.95, 0.7, 0.3, 0.0])) == 0.5
+    assert bias_sweep.threshold(gaps, _cells([1.0, 0.5, 0.9, 0.3, 0.0])) == 0.75  # a noisy early dip is not it
+    assert bias_sweep.threshold(gaps, _cells([1.0, 1.0, 1.1, 0.9, 0.7])) == 1.0
+    assert math.isnan(bias_sweep.threshold(gaps, _cells([1.0, 1.0, 1.1, 0.9, 0.85])))
+    assert bias_sweep.threshold(gaps, _cells([1.0, 1.0, 1.0, math.inf, math.inf])) == 0.75
+    assert math.isnan(bias_sweep.threshold(gaps, _cells([0.0, 0.0, 0.0, 0.0, math.nan])))  # undefined at the top
+
+
+def test_models_at_chance_give_no_threshold_and_no_verdict() -> None:
+    """Cells whose model did not learn (accuracy at chance) predict one class: their DI is no evidence either way."""
+    gaps = [0.0, 0.5, 1.0]
+    at_chance = _cells([1.0, 0.3, 0.0], accuracy=0.5)
+    assert math.isnan(bias_sweep.threshold(gaps, at_chance))
+    assert all(v.text().startswith("inconclusive: did not learn") for v in at_chance)
+    summary = {"threshold_gap_sigma_1": math.nan}
+    rows = [
+        {
+            "sigma": 1.0,
+            "gap": g,
+            "p0": (1 - g) / 2,
+            "p1": (1 + g) / 2,
+            "decorrelated_test_di": v.di,
+            "decorrelated_test_di_ci_low": v.di,
+            "decorrelated_test_di_ci_high": v.di,
+            "decorrelated_test_accuracy": 0.5,
+            "test_accuracy": 0.5,
+            "saliency_eps_share": 0.1,
+        }
+        for g, v in zip(gaps, at_chance)
+    ]
+    text = bias_sweep.sweep_markdown("t", rows, {(1.0, g): v for g, v in zip(gaps, at_chance)}, [1.0], gaps, summary)
+    assert "no model of this row learned its task" in text and "not taken" not in text and "| biased |" not in text
 
 
 def test_bias_sweep_nested_runs_and_heatmap(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
