@@ -110,6 +110,20 @@ def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     return [c.strip() for c in table[0]], [[c.strip() for c in row] for row in table[1:]]
 
 
+def class_names(root: Path) -> dict[str, str]:
+    """label -> class name from the optional classes.csv next to train.csv (columns label and name, e.g. the
+    competition's `label,wnid,name`); {} when the file is absent, unreadable or has no such columns."""
+    try:
+        header, rows = read_csv(root / "classes.csv")
+    except (OSError, UserError):
+        return {}
+    lower = [c.lower() for c in header]
+    if "label" not in lower or "name" not in lower:
+        return {}
+    i, j = lower.index("label"), lower.index("name")
+    return {r[i]: r[j] for r in rows if max(i, j) < len(r) and r[i] and r[j]}
+
+
 def _list_kaggle(root: Path) -> Listing:
     header, table = read_csv(root / "train.csv")
     lower = [c.lower() for c in header]

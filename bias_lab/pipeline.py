@@ -129,8 +129,11 @@ def measure(
     logits = predict(model, prep.test, prep.norm, tta=tta)
     y = prep.test.labels.numpy()
     pred = logits.argmax(1).numpy()
+    low, high = metrics.wilson(int((y == pred).sum()), len(y))  # the accuracy's 95% CI over the test images
     out = {
         "test_accuracy": metrics.accuracy(y, pred),
+        "test_accuracy_ci_low": low,
+        "test_accuracy_ci_high": high,
         "test_loss": float(torch.nn.functional.cross_entropy(logits, prep.test.labels)) if len(y) else math.nan,
     }
     if tta:

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from bias_lab import card
 from bias_lab.config import SEARCHED
 from bias_lab.errors import UserError, check
 
@@ -151,3 +152,46 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
         return None
     params, version = best
     return {k: kind(float(params[k])) for k, kind in SEARCHED.items()}, f"models:/{name}/{version}"
+
+
+CARD_FILE = "model_card.md"  # the full model card, an artifact of the run that logged the version's model
+MODEL_DESCRIPTION = (
+    "Image classifiers (LeNet / AlexNet / ResNet) for the competition's classes, one version per `tune` run: "
+    "the model retrained with the Optuna study's best hyperparameters. The `champion` alias points at the version "
+    "with the best val accuracy on the same data (tag data_digest; a version trained on other data never "
+    "competes with it); tag champion_decision says why it moved or stayed. Each version's description "
+    "summarises its model card; the full card (data, training, test accuracy with its CI, per-class accuracy, "
+    f"what was not tested) is `{CARD_FILE}` in the artifacts of the run it links to."
+)
+
+
+def describe_version(name: str, version: str | int, facts: card.Card, run_id: str) -> str:
+    """Log the model card of `facts` as artifact model_card.md on run `run_id` (the run that logged the version's
+    model) and set the version's description to its summary, which points at that artifact; returns its URI."""
+    client, uri = MlflowClient(), card_uri(run_id)
+    client.log_text(run_id, card.render(facts), CARD_FILE)
+    client.update_model_version(name, str(version), description=card.summary(facts, uri))
+    return uri
+
+
+def card_uri(run_id: str) -> str:
+    """Where describe_version puts a version's full model card."""
+    return f"runs:/{run_id}/{CARD_FILE}"
+
+
+def describe_registered_model(name: str, text: str = MODEL_DESCRIPTION) -> None:
+    """Set the registered model's description: what its versions are, what `champion` means, where the cards are.
+    Cut to card.SUMMARY_LIMIT characters (the SQL stores hold 5,000)."""
+    if len(text) > card.SUMMARY_LIMIT:
+        text = text[: card.SUMMARY_LIMIT - 1] + "…"
+    MlflowClient().update_registered_model(name, description=text)
+
+
+def rounded(tags: dict[str, Any]) -> dict[str, str]:
+    """Tag values as a person reads them: floats to 4 significant digits (0.9277777777777778 -> '0.9278'), anything
+    else as str(), cut to MLflow's run tag limit (MAX_TAG_VAL_LENGTH, 8,000 characters; a version tag holds
+    more). Not for VAL_TAG, which the champion rule compares exactly."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    text = {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in tags.items()}
+    return {k: v if len(v) <= MAX_TAG_VAL_LENGTH else v[: MAX_TAG_VAL_LENGTH - 1] + "…" for k, v in text.items()}

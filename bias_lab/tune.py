@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
@@ -29,7 +30,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from bias_lab import config, pipeline, pretrained, recorder, registry, studies, tracking
+from bias_lab import card, config, files, pipeline, pretrained, recorder, registry, studies, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, SEARCHED, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig
 from bias_lab.device import resolve_device, seed_everything
@@ -52,17 +53,28 @@ from bias_lab.workers import WORKER
 
 
 def _figures(study: optuna.Study, seed: int) -> dict[str, Callable[[], Any]]:
+    """Optuna's figures, each titled with what it was built from: the parallel coordinates, contour and importances
+    read completed trials only, so a region where trials were pruned can look like the best."""
     v = optuna.visualization
+    trials = study.get_trials(deepcopy=False)
+    n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    only = f"{n_complete} completed trials" + (f"; {n_pruned} pruned trials not shown" if n_pruned else "")
+    titled = lambda fig, what: fig.update_layout(title_text=f"{what} ({only})")  # noqa: E731
     return {
-        "optimization_history": lambda: v.plot_optimization_history(study),
+        "optimization_history": lambda: titled(v.plot_optimization_history(study), "Best val accuracy by trial"),
         "intermediate_values": lambda: v.plot_intermediate_values(study).update_layout(
-            title_text="What the pruner compares: −(lowest val loss so far) per epoch",  # Search.__call__'s report()
+            title_text="What the pruner compares: −(lowest val loss so far) per epoch",  # search._Pruning's report
             xaxis_title="epoch",
             yaxis_title="−(lowest val loss so far)",
         ),
-        "parallel_coordinate": lambda: v.plot_parallel_coordinate(study),
-        "contour_lr_momentum": lambda: v.plot_contour(study, params=["lr", "momentum"]),
-        "param_importances": lambda: v.plot_param_importances(study, evaluator=_importance_evaluator(seed)),
+        "parallel_coordinate": lambda: titled(v.plot_parallel_coordinate(study), "Settings and val accuracy"),
+        "contour_lr_momentum": lambda: titled(
+            v.plot_contour(study, params=["lr", "momentum"]), "Val accuracy over lr and momentum"
+        ),
+        "param_importances": lambda: titled(
+            v.plot_param_importances(study, evaluator=_importance_evaluator(seed)), "What mattered"
+        ),
     }
 
 
@@ -121,6 +133,7 @@ def final_model(
     study_name: str,
     device: torch.device,
     kept: pipeline.Trained | None = None,
+    n_complete: int = 0,
 ) -> dict[str, float]:
     """Test the best configuration once, log and register it in a child run tagged role=final; record test measures
     and the champion decision on the parent. Its weights are `kept`, the best trial's own when this process
@@ -151,7 +164,7 @@ def final_model(
         f"registered; {recorder.divergence_cause(cfg)}, or narrow the lr range (lr_max)",
     )
     out = trained.measures
-    decision = _register(trained, data_cfg, tune_cfg, best, study_name, child.info.run_id)
+    decision = _register(trained, prep, data_cfg, tune_cfg, best, study_name, child.info.run_id, n_complete)
     tested = {k: v for k, v in out.items() if k.startswith(("test_", "decorrelated_test_"))}
     tracking.log_metrics(
         {
@@ -175,35 +188,44 @@ def final_model(
 
 def _register(
     trained: pipeline.Trained,
+    prep: pipeline.Prepared,
     data_cfg: DataConfig,
     tune_cfg: TuneConfig,
     best: FrozenTrial,
     study_name: str,
     final_run_id: str,
+    n_complete: int,
 ) -> dict[str, Any]:
     """Log the final model on the tune run (so its page in the MLflow UI lists the registered version), register
-    it, move `champion` if it beats the current one on this data; tag both runs with the decision."""
-    cfg, parent = trained.cfg, tracking.active_run_id()
+    it, move `champion` if it beats the current one on this data, write the version's model card and the registered
+    model's description; tag both runs with the decision."""
+    cfg, parent, name = trained.cfg, tracking.active_run_id(), tune_cfg.registered_model
     info = tracking.log_model(trained.model, trained.meta)
     decision = registry.register_champion(
         info.model_uri,
-        tune_cfg.registered_model,
+        name,
         trained.meta.dataset_digest,
         trained.measures["best_val_accuracy"],
-        {
-            "model": cfg.model,
-            **{k: getattr(cfg, k) for k in SEARCHED},
-            "image_size": data_cfg.image_size,
-            "seed": cfg.seed,
-            "optuna_study": study_name,
-            "optuna_trial": best.number,
-            "tune_run_id": parent,
-            "final_run_id": final_run_id,
-            "test_accuracy": trained.measures.get("test_accuracy", math.nan),
-            "weights": cfg.weights,
-            **({"pretrained": pretrained.CAVEAT} if cfg.weights != "none" else {}),
-        },
+        registry.rounded(
+            {
+                "model": cfg.model,
+                **{k: getattr(cfg, k) for k in SEARCHED},
+                "image_size": data_cfg.image_size,
+                "seed": cfg.seed,
+                "optuna_study": study_name,
+                "optuna_trial": best.number,
+                "tune_run_id": parent,
+                "final_run_id": final_run_id,
+                "test_accuracy": trained.measures.get("test_accuracy", math.nan),
+                "weights": cfg.weights,
+                **({"pretrained": pretrained.CAVEAT} if cfg.weights != "none" else {}),
+            }
+        ),
     )
+    names = files.class_names(Path(prep.dataset.root)) if prep.dataset.root else {}
+    facts = card.facts(trained, prep, name, decision["version"], names, study_name, best.number, n_complete)
+    registry.describe_version(name, decision["version"], facts, parent)
+    registry.describe_registered_model(name)
     MlflowClient().set_tag(
         final_run_id,
         "registered_version",
@@ -277,7 +299,8 @@ def run_tune(
         if complete and tune_cfg.final_model:
             best = study.best_trial
             kept = search.kept[1] if search.kept and search.kept[0] == best.number else None
-            out.update(final_model(prep, (data_cfg, train_cfg, bias_cfg, tune_cfg), best, name, device, kept))
+            cfgs = (data_cfg, train_cfg, bias_cfg, tune_cfg)
+            out.update(final_model(prep, cfgs, best, name, device, kept, complete))
         elif not complete:
             print(
                 "no trial completed (all pruned or failed): nothing to register; re-run to add trials", file=sys.stderr
@@ -313,6 +336,18 @@ def describe(study: optuna.Study, name: str, out: dict[str, float], tags: dict[s
     if "best_trial_number" not in out:
         return "\n".join([*lines, "No trial completed: nothing was registered. Re-run the same command to add trials."])
     best = study.best_trial
+    test = out.get("test_accuracy", math.nan)
+    ci = (out.get("test_accuracy_ci_low", math.nan), out.get("test_accuracy_ci_high", math.nan))
+    headline = f"**Best val accuracy {fmt(out['best_val_accuracy'], True)}** (trial {best.number})" + (
+        f"; test accuracy **{fmt(test, True)}** [95% CI {fmt(ci[0], True)}, {fmt(ci[1], True)}]"
+        if not math.isnan(test)
+        else ""
+    )
+    if "registered_version" in tags:
+        headline += f"; registered {tags['registered_model']} v{tags['registered_version']}" + (
+            " (champion)" if tags.get("champion_moved") == "true" else ""
+        )
+    lines = [headline + ".", "", *lines]
     lines += [
         md.table(
             ["", "lr", "momentum", "batch size", "val accuracy", "test accuracy"],

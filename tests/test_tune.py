@@ -91,11 +91,13 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
         0 <= m["test_accuracy"] <= 1 and m["total_tuning_time_s"] > 0 and "test_accuracy" not in trials[0].data.metrics
     )
     assert "system/cpu_utilization_percentage" in m and not any(k.startswith("system/") for k in trials[0].data.metrics)
-    figures_page(
+    page = figures_page(
         client,
         parent.info.run_id,
         {"optimization_history", "intermediate_values", "parallel_coordinate", "contour_lr_momentum"},
     )
+    contour = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/figures/contour_lr_momentum.json"))
+    assert "(2 completed trials; 1 pruned trials not shown)" in contour["layout"]["title"]["text"], page[:0]
     assert not {"lr", "momentum", "batch_size", "resume"} & set(
         p
     )  # searched or unused: the tune run did not use one value
