@@ -76,6 +76,7 @@ class App(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            _fail_mlflow_run(str(e))
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
@@ -83,9 +84,15 @@ class App(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted: runs were ended as KILLED; re-run the same command to resume", err=True)
+            resumable = ctx.invoked_subcommand in ("train", "tune")  # a checkpoint / the Optuna study carry on
+            click.echo(
+                "interrupted: runs were ended as KILLED"
+                + ("; re-run the same command to resume" if resumable else "; re-run the command to start again"),
+                err=True,
+            )
             ctx.exit(130)
         except click.UsageError as e:  # a bad option value: one line, not click's usage block
+            _fail_mlflow_run(e.format_message())
             if debug:
                 raise
             where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
@@ -94,11 +101,33 @@ class App(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug, not bad input: still one line, with the way to see more
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            _fail_mlflow_run(f"{type(e).__name__}: {first}")
             if debug:
                 raise
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             click.echo(f"error: {type(e).__name__}: {first} (re-run with --debug for the traceback)", err=True)
             ctx.exit(1)
+
+
+def _fail_mlflow_run(message: str) -> None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set) MLflow created the run before this process started: a command that
+    stops before opening it (bad input, refused before any work) tags it `error` with its one-line message and ends
+    it FAILED, so the run says why. A run that already ended (a failure inside it, recorded by tracking.run) is left
+    as it is; a store that cannot be reached leaves the message on stderr only."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server: seconds, not minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", message[:5000])
+            client.set_terminated(run_id, "FAILED")
+    except Exception:  # the store is what failed (its own one-line error says so)
+        pass
 
 
 def _quiet_libraries() -> None:
@@ -122,7 +151,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     if launched() and ctx.invoked_subcommand != "train":
         raise UserError(
             f"only train runs under torchrun; start `{ctx.invoked_subcommand}` without it "
-            "(for tune, start several workers on one --storage: README, Scaling out)"
+            "(for tune, start several workers on one --storage: docs/scaling.md)"
         )
 
 

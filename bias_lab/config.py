@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +60,22 @@ def parse_numbers(text: str, name: str, low: float, high: float) -> list[float]:
     bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
     check(not bad, f"{name}: {bad[0] if bad else ''} is outside [{low:g}, {high:g}]: fix the list")
     return values
+
+
+def check_distinct(text: str, name: str) -> None:
+    """No two values of a grid list are one value, or print alike with %g (metric names and row labels use it)."""
+    seen: dict[str, str] = {}
+    for raw in (v.strip() for v in text.split(",") if v.strip()):
+        key = f"{float(raw) + 0.0:g}"  # + 0.0: -0 is 0
+        same = f"{name}: {seen.get(key)} and {raw} both print as {key} in metric names and row labels"
+        check(key not in seen, f"{same}: drop one, or make them differ in their first 6 significant digits")
+        seen[key] = raw
+
+
+def check_device(value: str) -> None:
+    """The device setting's spelling, before anything asks torch whether CUDA is usable."""
+    ok = re.fullmatch(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?", value) is not None
+    check(ok, f"device={value}: unknown device: use cpu, auto, cuda or cuda:N (N a GPU index, e.g. cuda:0)")
 
 
 @dataclass
@@ -194,6 +211,11 @@ class TrainConfig(Settings):
             self.width == 1 or self.model == "lenet",
             f"width={self.width} widens lenet only ({self.model} is torchvision's, at its own width): use width=1",
         )
+        check(
+            self.stem == "auto" or self.model != "lenet",
+            f"stem={self.stem} chooses the first layers of alexnet/resnet; lenet has no stem to choose: use stem=auto",
+        )
+        check_device(self.device)
         check(0 <= self.seed < SEED_LIMIT, f"seed={self.seed}: use an integer in [0, {SEED_LIMIT - 1}]")
         check(self.threads >= 0, f"threads={self.threads}: use 0 (torch's default) or a positive thread count")
         check(
@@ -285,10 +307,13 @@ class BiasEvalConfig(Settings):
     def check(self) -> None:
         check(self.seeds >= 1, f"seeds={self.seeds}: use at least 1")
         check(self.bootstrap >= 0, f"bootstrap={self.bootstrap}: use 0 (no CI) or more resamples, e.g. 1000")
-        if self.mitigation == "adversarial":
-            check(self.adv_weight > 0, f"adv_weight={self.adv_weight}: use a positive gradient-reversal weight, e.g. 1")
-        if self.mitigation == "channel_dropout":
-            check(0 < self.dropout_rate <= 1, f"dropout_rate={self.dropout_rate}: use a share in (0, 1]")
+        w, rate = self.adv_weight, self.dropout_rate  # whatever the mitigation: every run logs them
+        check(
+            math.isfinite(w) and (w > 0 if self.mitigation == "adversarial" else w >= 0),
+            f"adv_weight={w}: use a finite gradient-reversal weight > 0, e.g. 1",
+        )
+        ok = 0 < rate if self.mitigation == "channel_dropout" else 0 <= rate
+        check(ok and rate <= 1, f"dropout_rate={rate}: use a share in (0, 1]")
 
 
 @dataclass
@@ -307,6 +332,8 @@ class SweepConfig(Settings):
 
     def check(self) -> None:
         self.gap_values(), self.sigma_values()
+        for name in ("gaps", "sigmas"):
+            check_distinct(getattr(self, name), name)
         check(self.bootstrap >= 0, f"bootstrap={self.bootstrap}: use 0 (no CI) or more resamples, e.g. 200")
 
 
@@ -323,6 +350,7 @@ class SubmitConfig(Settings):
             bool(self.model_uri.strip()), "model_uri is empty: pass e.g. models:/bias-lab@champion or runs:/<id>/model"
         )
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: use a positive batch size")
+        check_device(self.device)
         check(
             Path(self.output).suffix.lower() == ".csv",
             f"output={self.output} is not a .csv file name: pass e.g. output=submission.csv",

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from bias_lab import distributed
-from bias_lab.errors import UserError, check, first_line
+from bias_lab.config import check_device
+from bias_lab.errors import check
 
 
 def cuda_problem() -> str | None:
@@ -43,7 +44,9 @@ def cuda_problem() -> str | None:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when usable (said in a warning when a GPU build cannot use it); under torchrun a bare 'cuda'
-    is this process's GPU (cuda:LOCAL_RANK). device=cuda[:N] fails fast, in one line, when CUDA is unusable."""
+    is this process's GPU (cuda:LOCAL_RANK). device=cuda[:N] fails fast, in one line, when CUDA is unusable; a name
+    that is none of cpu, auto, cuda[:N] (mps, CPU) fails first, as an unknown device."""
+    check_device(name)  # also for callers that skip the commands' config.validate
     if name == "cpu":
         return torch.device("cpu")
     problem = cuda_problem()
@@ -54,11 +57,7 @@ def resolve_device(name: str) -> torch.device:
             )
         return distributed.local_device(torch.device("cpu" if problem else "cuda"))
     check(problem is None, f"device={name} but CUDA is not usable ({problem}): use device=cpu or auto")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"device={name}: {first_line(e, 120)}; use cpu, auto or cuda[:N]") from None
-    check(device.type in ("cpu", "cuda"), f"device={name}: use cpu, auto or cuda[:N]")
+    device = torch.device(name)  # cuda or cuda:N, as check_device allows
     check(
         device.index is None or device.index < torch.cuda.device_count(),
         f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}",

@@ -2,7 +2,8 @@
 (seed, trial number), the pruner, and the objective (`Search`: one nested MLflow run and one training per trial).
 
 Trial 0 is `train`'s defaults when they lie inside the space, so a study never ends worse than the defaults it
-was meant to beat. `n_trials` counts every finished trial of the study, whichever worker or resume ran it.
+was meant to beat; when that trial did not finish (interrupted, failed), the next run of the study queues the
+defaults again. `n_trials` counts every finished trial of the study, whichever worker or resume ran it.
 """
 
 from __future__ import annotations
@@ -308,4 +309,44 @@ def open_study(
             f"study '{name}' was run with {', '.join(diff[:4])}: use the same settings to resume it, "
             "or pass a new --study-name",
         )
+    if first is not None:
+        _queue_start_point(study, first, tune_cfg.n_trials)
     return study
+
+
+def _carries(t: FrozenTrial, point: dict[str, Any]) -> bool:
+    """Trial `t` tries `point`: its params, or the params it was queued with; a running trial 0 that has not drawn
+    its params yet draws the start point (TrialSeededTPE)."""
+    unset = t.number == 0 and t.state == TrialState.RUNNING and not t.params
+    return unset or t.params == point or t.system_attrs.get("fixed_params") == point
+
+
+def _queue_start_point(study: optuna.Study, first: dict[str, Any], n_trials: int) -> None:
+    """A resumed study whose start point never finished (trial 0 interrupted or failed) queues it again, once: no
+    finished, running or queued trial carries it. A new study needs none (TrialSeededTPE makes trial 0 the start
+    point), a full one runs no more trials. Two workers resuming at the same moment may both queue it (Optuna's
+    enqueue checks and adds in two steps): the defaults are then tried twice, never not at all."""
+    trials = study.get_trials(deepcopy=False)
+    if not trials or count(study) >= n_trials:
+        return
+    live = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+    if not any(_carries(t, first) for t in trials if t.state in live):
+        study.enqueue_trial(first, user_attrs={"start_point": True})
+
+
+def start_note(study: optuna.Study, first: dict[str, Any] | None) -> str:
+    """What tune's opening line says of the start point: which trial tries it; '' once it was tried, when no trial
+    will (the study is full), or when the defaults lie outside the search space."""
+    if first is None:
+        return ""
+    point = f"the defaults ({', '.join(f'{k}={v}' for k, v in first.items())})"
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return f"; trial 0 is {point}"
+    if any(t.state in FINISHED and _carries(t, first) for t in trials):
+        return ""
+    pending = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING) and _carries(t, first)]
+    failed = [t.number for t in trials if t.state == TrialState.FAIL and _carries(t, first)]
+    if not pending:
+        return ""
+    return f"; trial {pending[0]} is {point}" + (f", queued again: trial {failed[-1]} did not finish" if failed else "")

@@ -3,11 +3,14 @@
 A journal file next to the MLflow store by default (one machine, any number of workers), or an RDB URL (workers on
 several machines; Optuna's heartbeat then fails the trials of a worker that stopped beating). Either way a dead
 worker's trial is failed, its params re-queued once and its MLflow runs ended KILLED, so nothing stays RUNNING.
+Never in the MLflow tracking store: Optuna would create its tables in MLflow's database (refused before it opens).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ from bias_lab.workers import worker_dead
 HEARTBEAT_S = 60  # RDB: a trial whose worker has not beaten for GRACE_S is stale (Optuna's documented values)
 GRACE_S = 120
 JOURNAL_FILE = "optuna.journal"
+SQLITE_FILE = "sqlite file"  # what _database calls a sqlite URL's (or a journal's) file
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -58,9 +62,65 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
+def _database(url: str) -> tuple[str, ...] | None:
+    """What a database URL points at: (SQLITE_FILE, the resolved file) or (backend, host, port, database); None
+    for a URL of no database (an http tracking server, sqlite in memory)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+        backend = u.get_backend_name()
+    except Exception:  # not a database URL
+        return None
+    if backend != "sqlite":
+        return (backend, u.host or "", str(u.port or ""), u.database or "")
+    in_memory = u.database in (None, "", ":memory:")
+    return None if in_memory else (SQLITE_FILE, str(Path(str(u.database)).expanduser().resolve()))
+
+
+def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    if a == b:
+        return True
+    files = a[0] == b[0] == SQLITE_FILE and Path(a[1]).exists() and Path(b[1]).exists()
+    return files and os.path.samefile(a[1], b[1])  # hard links
+
+
+def _mlflow_tables(path: Path) -> bool:
+    """The sqlite file `path` holds MLflow's tables: it is a tracking store."""
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
+            names = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error:  # not a sqlite file (a journal): not MLflow's
+        return False
+    return {"experiments", "alembic_version"} <= names
+
+
+def _refuse_tracking_store(spec: str, target: tuple[str, ...] | None) -> None:
+    """Opening a storage writes Optuna's tables (or journal) wherever it points: never into the MLflow tracking
+    store (by path, or by host and database), nor into another sqlite file that holds MLflow's tables."""
+    if target is None:
+        return
+    tracking = _database(mlflow.get_tracking_uri())
+    if tracking is not None and _same(tracking, target):
+        problem = "is the MLflow tracking store"
+    elif target[0] == SQLITE_FILE and _mlflow_tables(Path(target[1])):
+        problem = "holds MLflow's tables (an MLflow tracking store)"
+    else:
+        return
+    rdb = "://" in spec
+    raise UserError(
+        f"storage {_redact(spec) if rdb else target[1]} {problem}: Optuna would write its "
+        f"{'tables' if rdb else 'journal'} into it; pass another file, e.g. --storage "
+        f"{'sqlite:///optuna.db' if rdb else JOURNAL_FILE}"
+    )
+
+
 def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
     """(storage, description). A URL with '://' is an RDB (heartbeat on), anything else a journal file path."""
     if "://" in spec:
+        _refuse_tracking_store(spec, _database(spec))
         retry = (
             getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
             or optuna.storages.RetryFailedTrialCallback
@@ -87,6 +147,7 @@ def open_storage(spec: str) -> tuple[optuna.storages.BaseStorage, str]:
             ) from e
         return rdb, _redact(spec)
     path = Path(spec).expanduser() if spec else default_storage_path()
+    _refuse_tracking_store(spec, (SQLITE_FILE, str(path.resolve())))
     check(
         path.parent.is_dir(),
         f"storage {path}: folder {path.parent} does not exist: create it or pass another --storage",

@@ -45,6 +45,7 @@ from bias_lab.search import (
     open_study,
     optimize,
     quiet_optuna,
+    start_note,
     start_point,
 )
 from bias_lab.workers import WORKER
@@ -278,11 +279,7 @@ def run_tune(
         mlflow.set_tags({"searched_params": ",".join(SEARCHED), "resumed_trials": str(resumed)})
         print(
             f"study '{name}' in {storage_desc}: {resumed} finished trials, running up to n_trials={tune_cfg.n_trials}"
-            + (
-                f"; trial 0 is the defaults ({', '.join(f'{k}={v}' for k, v in first.items())})"
-                if first and resumed == 0
-                else ""
-            ),
+            + start_note(study, first),
             file=sys.stderr,
         )
         search = Search(prep, train_cfg, tune_cfg, name, parent.info.run_id, device)
