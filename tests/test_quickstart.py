@@ -148,7 +148,7 @@ def test_report_finds_runs_made_without_an_experiment_name(
         text=True,
         timeout=300,
     )
-    assert p.returncode == 2 and "no finished" in p.stderr  # a named experiment is read as named
+    assert p.returncode == 2 and "experiment 'bias-lab' is not in" in p.stderr  # a named experiment is read as named
 
 
 def test_every_markdown_table_parses(project: tuple[Path, dict[str, str]]) -> None:

@@ -51,15 +51,17 @@ def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
     assert not re.search(r"^\| \w+ \| *(''|\"\")? *\|$", md, re.M)
     # the confusion matrix says the class names (kaggle_data's classes.csv: 1 disc, 2 cross, ...)
     assert "true 1 (disc)" in page and "predicted 4 (square)" in page
-    assert "| true \\ predicted | 1 (disc) | 2 (cross) | 3 (triangle) | 4 (square) |" in md
+    assert "| true / predicted | 1 (disc) | 2 (cross) | 3 (triangle) | 4 (square) |" in md
 
 
 @pytest.mark.slow
 def test_report_opens_on_the_champion_and_the_verdicts(
-    kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient
+    kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """tune registers the champion and bias_eval gives verdicts: the summary says both first, with their numbers."""
-    code, out = invoke("tune", "--data", str(kaggle_data), *FAST, "--n-trials", "2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow samples every 10 s by default
+    tune = ["--image-size", "32", "--model", "lenet", "--epochs", "2", "--batch-sizes", "32", "--n-trials", "2"]
+    code, out = invoke("tune", "--data", str(kaggle_data), *tune)
     assert code == 0, out
     code, out = invoke("bias-eval", "--data", str(kaggle_data), *TINY_BIAS, "--classes", "1,2")
     assert code == 0, out
@@ -71,14 +73,16 @@ def test_report_opens_on_the_champion_and_the_verdicts(
     assert _sections(md)[0] == "Summary" and page.index("<h2>Summary</h2>") < page.index("<h2>tune-lenet")
     summary = md.split("## Summary")[1].split("\n## ")[0]
     acc, n = final.metrics["test_accuracy"], int(final.metrics["n_test"])
-    lo, hi = metrics.wilson(round(acc * n), n)  # multiclass: no CI metric logged, the report computes Wilson's
+    lo, hi = metrics.wilson(round(acc * n), n)  # Wilson's interval, as the final run logs it
     mv = client.get_model_version_by_alias("bias-lab", "champion")
     assert (
         f"**Champion:** bias-lab v{mv.version} — test accuracy {100 * acc:.1f}% "
-        f"[95% CI {100 * lo:.1f}–{100 * hi:.1f}%] on {n} test images, val accuracy "
+        f"[95% CI {100 * lo:.1f}–{100 * hi:.1f}%] on {n} test images (4 classes: chance is 25%), val accuracy "
         f"{100 * float(mv.tags['val_accuracy']):.1f}%"
     ) in summary, summary
-    assert f"digest {mv.tags['data_digest']}" in summary and "synthetic" not in summary  # kaggle_data: a folder
+    assert (
+        f"digest {mv.tags['data_digest']}" in summary and "not synthetic" in summary
+    )  # kaggle_data: a folder, not the demo
     assert f"from tune run tune-lenet trial {mv.tags['optuna_trial']}" in summary
     assert "classes 1 (disc) vs 2 (cross), p0=0, p1=1" in summary, summary
     tags, m = parent.data.tags, parent.data.metrics
@@ -95,7 +99,7 @@ def test_report_opens_on_the_champion_and_the_verdicts(
     # system metrics: one table at the end, none in the per-run metric tables
     assert _sections(md)[-1] == "System metrics" and md.count("system/") == 0, _sections(md)
     system = md.split("## System metrics")[1]
-    assert "| tune-lenet |" in system and "CPU %" in system
+    assert "| tune-lenet (tune) |" in system and "CPU % (mean)" in system
 
 
 def _finished_run(client: mlflow.MlflowClient) -> None:
@@ -107,12 +111,13 @@ def _finished_run(client: mlflow.MlflowClient) -> None:
 
 
 def test_report_errors_are_one_line(tmp_path: Path, client: mlflow.MlflowClient) -> None:
+    code, out = invoke("report", "--experiment", "nope", "--output", str(tmp_path / "r.html"))
+    assert code == 2 and "experiment 'nope'" in out and len(out.strip().splitlines()) == 1
+    assert client.get_experiment_by_name("nope") is None, "the report created the experiment it did not find"
     code, out = invoke("report", "--run-ids", "0123456789abcdef", "--output", str(tmp_path / "r.html"))
     assert code == 2 and "is not in the tracking store" in out and len(out.strip().splitlines()) == 1
-    code, out = invoke("report", "--experiment", "nope", "--output", str(tmp_path / "r.html"))
-    assert code == 2 and "experiment 'nope'" in out
     assert not (tmp_path / "r.html").exists()
-    assert client.get_experiment_by_name("nope") is None, "the report created the experiment it did not find"
+    assert {e.name for e in client.search_experiments()} == {"Default"}, "a report only reads the store"
 
 
 def _one_line_and_nothing_written(code: int, out: str, folder: Path, before: set[Path], *words: str) -> None:
@@ -166,3 +171,32 @@ def test_report_to_an_unwritable_folder_is_one_line(tmp_path: Path, client: mlfl
     finally:
         locked.chmod(0o755)
     _one_line_and_nothing_written(code, out, tmp_path, before, "cannot write", str(locked))
+
+
+def test_report_without_a_store_creates_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report reads a store: pointed at a sqlite file that is not there, it says so instead of creating one."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'none.db'}")
+    code, out = invoke("report", "--output", str(tmp_path / "r.html"))
+    assert code == 2 and "no tracking store at" in out and out.count("\n") == 1, out
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "r.md").exists()
+
+
+def test_summary_gives_an_interval_for_a_run_that_logged_none(tmp_path: Path, client: mlflow.MlflowClient) -> None:
+    """A run that logged test_accuracy and n_test but no interval (an older run): the summary computes Wilson's."""
+    exp = client.create_experiment("bias-lab")
+    run = client.create_run(exp, tags={"entry_point": "train"}, run_name="train-old")
+    client.log_param(run.info.run_id, "model", "lenet")
+    for key, value in (("test_accuracy", 0.8), ("n_test", 50), ("system/cpu_utilization_percentage", 40.0)):
+        client.log_metric(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "system/cpu_utilization_percentage", 60.0, step=1)
+    client.set_terminated(run.info.run_id)
+    code, out = invoke("report", "--output", str(tmp_path / "r.html"))
+    assert code == 0, out
+    md = (tmp_path / "r.md").read_text()
+    lo, hi = metrics.wilson(40, 50)
+    assert (
+        f"**train-old** (train): lenet, test accuracy 80.0% [95% CI {100 * lo:.1f}–{100 * hi:.1f}%] on 50 test images."
+        in md
+    )
+    assert "| train-old (train) | 50 |" in md.split("## System metrics")[1]  # the mean of its two samples
