@@ -13,6 +13,7 @@ import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
+from errno import EINVAL
 from pathlib import Path
 from typing import Callable
 
@@ -122,13 +123,20 @@ def _restore(path: Path, device: torch.device, model: nn.Module, optim: _Optim) 
     return state
 
 
-def _load_checkpoint(path: Path) -> dict:
+def check_checkpoint(path: Path) -> None:
+    """resume=true: a checkpoint that cannot be continued from is refused in one line (_load_checkpoint's) before
+    the run it belongs to is re-opened, not once training starts (the interrupted run then relabelled FAILED).
+    Memory-mapped: its tensors are not read, only its index and keys (a truncated file has no index)."""
+    _load_checkpoint(path, mmap=True)
+
+
+def _load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """The checkpoint's state, every tensor on the CPU (map_location: generator states must be CPU ByteTensors
     whatever device wrote them; fit moves weights and optimizer state to its device), or a one-line UserError
     when it is damaged (truncated, not ours, or holding pickled code that weights_only refuses): never a
     traceback, nor torch's advice to unpickle it."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         missing = {"model", "optimizer", "scheduler", "order_gen", "aug_gen", "torch_rng", *_fields(FitState())} - set(
             ck
         )
@@ -136,9 +144,11 @@ def _load_checkpoint(path: Path) -> dict:
         return ck
     except Exception as e:
         # torch's weights_only refusal is paragraphs advising to unpickle untrusted code: name the problem instead
+        # and a truncated file's errors say nothing of truncation (a zip reader's, an empty file's, mmap's EINVAL)
+        damaged = isinstance(e, (pickle.UnpicklingError, EOFError)) or (isinstance(e, OSError) and e.errno == EINVAL)
         why = (
-            "damaged, or not a bias_lab checkpoint"
-            if isinstance(e, pickle.UnpicklingError) or "eights only" in str(e)
+            "truncated or damaged, or not a bias_lab checkpoint"
+            if damaged or any(s in str(e) for s in ("eights only", "zip archive", "zipfile"))
             else first_line(e, 120)
         )
         raise UserError(

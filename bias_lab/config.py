@@ -344,6 +344,7 @@ class SubmitConfig(Settings):
     competition: str = knob("modia-ml-2024", "Kaggle competition slug for the printed submit command")
     batch_size: int = knob(256, "images per forward pass")
     device: str = knob("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:N]'")
+    allow_other_data: bool = knob(False, "submit a model trained on the synthetic demo for other data anyway")
 
     def check(self) -> None:  # the output folder is checked by kaggle_submit: it touches the file system
         check(

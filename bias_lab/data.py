@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from bias_lab.config import DataConfig, TrainConfig
-from bias_lab.errors import UserError, check
+from bias_lab.errors import UserError, check, first_line
 from bias_lab.files import Listing, file_stem, list_files, natural_key
 
 CACHE_VERSION = 4  # bump when decoding or the cache's format changes, so stale caches are not reused
@@ -144,7 +144,23 @@ def decode_all(paths: list[str], size: int, desc: str = "decode") -> tuple[np.nd
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("BIAS_LAB_CACHE") or Path.home() / ".cache" / "bias_lab")
+    return Path(cfg.cache_dir or os.environ.get("BIAS_LAB_CACHE") or Path.home() / ".cache" / "bias_lab").expanduser()
+
+
+def check_cache_dir(cfg: DataConfig) -> Path:
+    """The cache folder, refused in one line when it can never be one: it, or a folder above it, is a file (mkdir's
+    raw FileExistsError otherwise, or every write warned). Reads no image. An unwritable folder is not refused: for
+    real data it only costs speed and the resume (warned where they are written); the demo says so in `load`."""
+    path = cache_dir(cfg)
+    blocker = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "cache_dir" if cfg.cache_dir else "$BIAS_LAB_CACHE" if os.environ.get("BIAS_LAB_CACHE") else "the cache"
+        broken = not blocker.exists()  # a link to nothing
+        raise UserError(
+            f"{what} {path} cannot be a folder: {blocker if broken else blocker.resolve()} is "
+            f"{'a broken link' if broken else 'a file'}; set cache_dir=<a folder> (or move that file away)"
+        )
+    return path
 
 
 def _fingerprint(listing: Listing, root: Path, size: int) -> str:
@@ -193,16 +209,23 @@ def _cached(listing: Listing, root: Path, size: int, path: Path) -> dict:
 def load(cfg: DataConfig) -> Dataset:
     """Load `cfg.data` as decoded tensors, from the cache when the files and settings are unchanged."""
     cfg.validate()  # also for callers that skip the commands' config.validate (benchmarks, notebooks)
+    cache = check_cache_dir(cfg)
     if cfg.data == "demo":
         from bias_lab.demo import ensure_demo
 
-        root, layout = ensure_demo(cache_dir(cfg)), "demo"
+        try:
+            root, layout = ensure_demo(cache), "demo"
+        except OSError as e:  # the demo is generated into the cache on first use: it must be writable then
+            raise UserError(
+                f"cannot write the demo data into the cache folder {cache} ({e.strerror or first_line(e)}): "
+                "set cache_dir to a writable folder"
+            ) from None
     else:
         root, layout = Path(cfg.data).expanduser().resolve(), ""
     listing = list_files(root)
     layout = layout or listing.layout
     key = _fingerprint(listing, root, cfg.image_size)
-    blob = _cached(listing, root, cfg.image_size, cache_dir(cfg) / f"{key}.pt")
+    blob = _cached(listing, root, cfg.image_size, cache / f"{key}.pt")
     skipped = [str(root / p) for p in blob["skipped"]]
     bad_test = blob["test_unreadable"] + blob["test_partial"]
     if cfg.strict and (skipped or bad_test):

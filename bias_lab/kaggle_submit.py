@@ -30,7 +30,7 @@ from torch import nn
 
 from bias_lab import config, registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
-from bias_lab.data import Dataset, load
+from bias_lab.data import Dataset, check_cache_dir, load
 from bias_lab.device import resolve_device
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.files import image_id, list_files, natural_key, read_csv
@@ -69,6 +69,22 @@ def check_finite(model: nn.Module, uri: str) -> None:
     """NaN/inf weights make every output NaN, and argmax over NaN picks one fixed class: a CSV that passes every
     other check yet labels all images alike. Cheap to see before any data is decoded."""
     check(finite_weights(model), diverged(uri))
+
+
+def check_training_data(ref: registry.ModelRef, data: str, allow: bool) -> None:
+    """A model trained on the synthetic demo shapes (its run's synthetic_data tag) labels real images at random, yet
+    would give a CSV that passes every other check: refused for any data but the demo, unless `allow`."""
+    if allow or data == "demo" or not ref.run_id:
+        return
+    try:
+        run = mlflow.MlflowClient().get_run(ref.run_id).data
+    except Exception:  # resolve found the run: a store that went away now fails where the model is loaded
+        return
+    check(
+        run.tags.get("synthetic_data") != "true" and run.params.get("data") != "demo",
+        f"model {ref.uri} was trained on the synthetic demo data, not on {data}: its predictions mean nothing "
+        f"there; train on {data} first, or set allow_other_data=true to submit it anyway",
+    )
 
 
 def check_labels(meta: ModelMeta, ds: Dataset, uri: str) -> None:
@@ -194,6 +210,20 @@ def validate(sub: Submission, test_ids: list[str], allowed: list[str]) -> None:
     )
 
 
+def check_output(out: Path) -> None:
+    """The CSV's folder must exist (a file on its path is named as one, not as a missing folder) and be writable;
+    the output must not be a folder."""
+    blocker = next((p for p in out.parents if p.exists()), None)  # a path below a file does not exist
+    check(
+        blocker is None or blocker.is_dir(),
+        f"output {out}: {blocker} is a file, not a folder: pass an output path in a folder, "
+        f"e.g. {blocker.parent / out.name if blocker else out.name}",
+    )
+    check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
+    check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
+    check_writable(out.parent)
+
+
 def check_writable(folder: Path) -> None:
     """Create and delete a file in `folder`, so an unwritable output fails now rather than after the predictions.
     Trying is the one test that holds for ACLs, read-only mounts and root alike (os.access guesses)."""
@@ -222,9 +252,8 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     """The `kaggle-submit` command; returns the path of the CSV it wrote."""
     config.validate("kaggle_submit", data_cfg, cfg)
     out = Path(cfg.output).expanduser().resolve()
-    check(out.parent.is_dir(), f"output folder {out.parent} does not exist: create it or pass another output path")
-    check(not out.is_dir(), f"output {out} is a folder: pass a file name such as {out / 'submission.csv'}")
-    check_writable(out.parent)
+    check_output(out)
+    check_cache_dir(data_cfg)
     if (
         data_cfg.data.strip() and data_cfg.data != "demo"
     ):  # local mistakes first, before the registry and a model download
@@ -234,6 +263,7 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
     tracking.setup()
     device = resolve_device(cfg.device)
     ref = registry.resolve(cfg.model_uri)
+    check_training_data(ref, data_cfg.data, cfg.allow_other_data)  # before the download
     model, meta = tracking.load_model(ref.resolved, device)
     check_model(meta, cfg.model_uri)
     check_finite(model, cfg.model_uri)
@@ -266,6 +296,7 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
                 "data_source": ds.source,
                 "data_digest": ds.digest,
                 "competition": cfg.competition,
+                "allow_other_data": cfg.allow_other_data,
                 "output": str(out),
                 "batch_size": cfg.batch_size,
                 "device_resolved": str(device),

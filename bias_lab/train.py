@@ -7,20 +7,22 @@ the first lives, and a run whose process was SIGKILLed is ended KILLED rather th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import torch
 
 from bias_lab import config, distributed, pipeline, pretrained, recorder, tracking
+from bias_lab.checkpoint import check_checkpoint
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
-from bias_lab.data import cache_dir
+from bias_lab.data import cache_dir, check_cache_dir
 from bias_lab.device import resolve_device, seed_everything
 from bias_lab.errors import UserError, check
 from bias_lab.workers import WORKER, worker_dead
@@ -49,6 +51,7 @@ def checkpoint_path(
 def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig) -> dict[str, float]:
     """The `train` command: one tracked run; returns its metrics (rank 0's; {} on the other torchrun ranks)."""
     config.validate("train", data_cfg, train_cfg, bias_cfg)  # before any data is decoded or run opened
+    check_cache_dir(data_cfg)  # a file where the cache should be: before the demo is generated into it
     pretrained.ensure(train_cfg.model, train_cfg.weights)
     device = resolve_device(train_cfg.device)  # device=cuda without a usable GPU: a one-line error, before any work
     with distributed.session(device):
@@ -56,6 +59,9 @@ def run_train(data_cfg: DataConfig, train_cfg: TrainConfig, bias_cfg: BiasConfig
             tracking.setup()
         # before pipeline.prepare: `threads` shapes its float sums too
         seed_everything(train_cfg.seed, train_cfg.threads, train_cfg.deterministic)
+        # The checkpoint's name holds the data's digest, a hash of the decoded pixels: on a resume they come from
+        # the cache the interrupted run filled, so the checkpoint is checked before any image is decoded (and
+        # before its run is re-opened, in _train_tracked); only if the cache was lost are they decoded first.
         with distributed.main_first():  # rank 0 decodes into the cache, the other ranks then read it
             prep = pipeline.prepare(data_cfg, bias_cfg, train_cfg.seed)
         ck = checkpoint_path(data_cfg, train_cfg, bias_cfg, prep.dataset.digest, device.type)
@@ -74,32 +80,16 @@ def _train_tracked(
     device: torch.device,
 ) -> dict[str, float]:
     run_file = ck.with_suffix(".run")  # the MLflow run that owns the checkpoint, and its process: resume continues it
-    owner = _read_owner(run_file)
-    status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
-    _refuse_live_owner(owner, status, run_file)
-    previous = owner.get("run_id") if status is not None else None
-    if previous and train_cfg.resume and status == "FINISHED":
-        # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
-        warnings.warn(
-            f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
-            "(the finished run is left as it is)"
-        )
-        previous = None
-        train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
-    if previous and not (train_cfg.resume and ck.exists()):
-        if status == "RUNNING":  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
-            _end_orphan(previous)
-        previous = None
-    if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
-        warnings.warn(
-            "resume=true but there is no unfinished run of this configuration to continue (a finished run "
-            "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run"
-        )
-    with tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous) as active:
-        # an unwritable folder (warned once): the checkpoint would fail too, so train without one
-        checkpoint = ck if _write_owner(run_file, active.info.run_id) else None
+    with contextlib.ExitStack() as stack:
+        with _owning(ck):  # from reading the owner to recording this process: of two trains started at once, one
+            previous, train_cfg = _take_over(run_file, ck, train_cfg)
+            active = stack.enter_context(
+                tracking.run(f"train-{train_cfg.model}", tags={"entry_point": "train"}, run_id=previous)
+            )
+            # an unwritable folder (warned once): the checkpoint would fail too, so train without one
+            checkpoint = ck if _write_owner(run_file, active.info.run_id) else None
         if previous:
-            mlflow.set_tag("resumed", "true")
+            _resumed(previous)
         else:
             recorder.setup(prep, data_cfg, train_cfg, bias_cfg)
         tracking.log_params({"world_size": distributed.world()})
@@ -118,6 +108,78 @@ def _train_tracked(
     if checkpoint is not None:
         _finished(ck, run_file, active.info.run_id, train_cfg.keep_checkpoint)
     return out
+
+
+def _take_over(run_file: Path, ck: Path, train_cfg: TrainConfig) -> tuple[str | None, TrainConfig]:
+    """The run to continue (None: start a fresh one) and the settings to train with, decided from the checkpoint's
+    owner; a live owner, or a checkpoint resume=true cannot read, is refused here, before any run is opened."""
+    owner = _read_owner(run_file)
+    status = _status(owner.get("run_id"))  # None: no such run (deleted, or another store): start a fresh one
+    _refuse_live_owner(owner, status, run_file)
+    previous = owner.get("run_id") if status is not None else None
+    if previous and train_cfg.resume and status == "FINISHED":
+        # re-opening it would log a second model into a good run, and turn it FAILED if the resume failed
+        warnings.warn(
+            f"resume=true but run {previous} of this configuration already FINISHED: starting a fresh run "
+            "(the finished run is left as it is)"
+        )
+        previous = None
+        train_cfg = dataclasses.replace(train_cfg, resume=False)  # its checkpoint is the end: train from scratch
+    if train_cfg.resume and ck.exists():  # fit would read it: a damaged one leaves the interrupted run as it is
+        check_checkpoint(ck)
+    if previous and not (train_cfg.resume and ck.exists()):
+        if status == "RUNNING":  # a fresh start: the SIGKILLed run it replaces must not stay RUNNING
+            _end_orphan(previous)
+        previous = None
+    if train_cfg.resume and not previous:  # said, so resume=true in the run's params is not read as a continuation
+        warnings.warn(
+            "resume=true but there is no unfinished run of this configuration to continue (a finished run "
+            "deletes its checkpoint unless keep_checkpoint=true): starting a fresh run"
+        )
+    return previous, train_cfg
+
+
+OWNER_LOCK_S = 120.0  # taking ownership is a store read and a run start: a lock held longer belongs to a stuck train
+
+
+@contextlib.contextmanager
+def _owning(ck: Path) -> Iterator[None]:
+    """Hold the cache's checkpoint lock (a file lock: the system frees it when its process dies), so that reading a
+    configuration's owner and recording this process as the new one are one step: two trains of one configuration
+    started together both found no live owner, and both trained into one checkpoint. Without a writable cache
+    there is no checkpoint to share (_write_owner warns): nothing is held."""
+    from filelock import FileLock, Timeout
+
+    path, lock = ck.parent.parent / "checkpoints.lock", None
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        lock = FileLock(str(path), timeout=OWNER_LOCK_S)
+    if lock is None:
+        yield
+        return
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"another train has held {path} for {OWNER_LOCK_S:.0f} s while taking over its checkpoint: "
+            "wait for it and try again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resumed(run_id: str) -> None:
+    """Mark the re-opened run resumed. The error its interruption recorded moves to `resumed_after`: a run that
+    now finishes has no error, one that fails again records its own."""
+    client = mlflow.MlflowClient()
+    error = client.get_run(run_id).data.tags.get("error")
+    mlflow.set_tag("resumed", "true")
+    if error is not None:
+        mlflow.set_tag("resumed_after", error)
+        client.delete_tag(run_id, "error")
 
 
 def _read_owner(run_file: Path) -> dict[str, Any]:
