@@ -117,6 +117,15 @@ def register_champion(
     }
 
 
+def _exact(client: MlflowClient, tags: dict[str, str]) -> dict[str, str]:
+    """The searched settings as the final run logged them: version tags are rounded for people."""
+    try:
+        final = client.get_run(tags["final_run_id"]) if "final_run_id" in tags else None
+    except MlflowException:  # the final run was deleted: the rounded tags are what is left
+        return {}
+    return {k: final.data.params[k] for k in SEARCHED if final is not None and k in final.data.params}
+
+
 def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[dict[str, Any], str] | None:
     """lr / momentum / batch_size of the registered version of `name` trained on this data with this arch.
 
@@ -140,7 +149,7 @@ def champion_hparams(name: str, digests: tuple[str, ...], arch: str) -> tuple[di
             run = client.get_run(v.run_id) if v.run_id else None
         except MlflowException:  # source run deleted
             run = None
-        params = {**(run.data.params if run else {}), **(v.tags or {})}
+        params = {**(run.data.params if run else {}), **(v.tags or {}), **_exact(client, v.tags or {})}
         digest = params.get(DIGEST_TAG, params.get("dataset_digest"))
         if digest not in digests or params.get("model", arch) != arch or not all(k in params for k in SEARCHED):
             continue

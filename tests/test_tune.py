@@ -127,6 +127,13 @@ def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp
     ]
     hp, uri = registry.champion_hparams("bias-lab", (digest,), "lenet")  # what bias_eval reads back from the registry
     assert hp == study.best_params and uri == "models:/bias-lab/1"
+    # the version and the registered model say what they are: the card, its summary, rounded tags
+    assert mv.description.startswith("**bias-lab v1**: LeNet on 4 classes (1=disc, 2=cross")  # names: classes.csv
+    assert mv.description.rstrip().endswith(f"`runs:/{parent.info.run_id}/model_card.md`")
+    card_md = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/model_card.md")
+    assert "## Can I trust this model?" in card_md and f"trial {study.best_trial.number} of Optuna study s" in card_md
+    assert "champion" in client.get_registered_model("bias-lab").description
+    assert len(mv.tags["test_accuracy"]) <= 6  # rounded for people; the run keeps the exact number
 
 
 def test_the_final_model_is_the_best_trials_own_and_a_retrain_gives_the_same_weights(
