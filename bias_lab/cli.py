@@ -144,7 +144,7 @@ def _quiet_libraries() -> None:
 def main(ctx: click.Context, debug: bool) -> None:
     """Compare CNNs on an ImageNet subset, tune them, and measure how a shortcut channel biases them."""
     from bias_lab.distributed import launched
-    from bias_lab.tracking import install_signal_handlers
+    from bias_lab.shutdown import install_signal_handlers
 
     _quiet_libraries()
     install_signal_handlers()

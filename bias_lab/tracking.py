@@ -1,7 +1,7 @@
 """MLflow: where runs go, how they end, and how models are saved and loaded back without pickles.
 
 Runs always end: an exception ends them FAILED with the error as a tag and a text artifact, Ctrl-C and
-SIGTERM end them KILLED; metrics logged before stay. Models are logged with MLflow's PyTorch flavour (so the
+SIGTERM end them KILLED (bias_lab.shutdown: true statuses whatever the signals); metrics logged before stay. Models are logged with MLflow's PyTorch flavour (so the
 UI, the registry and `mlflow.pytorch.load_model` work) plus a state_dict and a `bias_lab.json` of the
 preprocessing, which is what `load_model` here reads: weights_only, no code from the artifact store runs.
 """
@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import tempfile
 import time
 import traceback
@@ -26,23 +25,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch import nn
 
+from bias_lab import shutdown
 from bias_lab.errors import UserError, first_line
 from bias_lab.models import ModelMeta, build
 
 DEFAULT_EXPERIMENT = "bias-lab"
 META_FILE = "bias_lab.json"
 WEIGHTS_FILE = "weights.pt"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so runs and trials unwind and end KILLED."""
-
-
-def install_signal_handlers() -> None:
-    def on_term(signum: int, _frame: Any) -> None:
-        raise Terminated(f"terminated by signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
 
 
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
@@ -166,32 +155,18 @@ def run(
         yield active
         _write_figures(active.info.run_id)  # in the try: a failure to write them ends the run FAILED, not RUNNING
     except BaseException as e:
-        with contextlib.suppress(Exception):  # what was drawn before the failure (tune's best-so-far summary)
-            _write_figures(active.info.run_id)
-        if isinstance(e, KeyboardInterrupt):
-            _end(active, "KILLED", f"interrupted: {e or 'Ctrl-C'}")
-        else:
-            _end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
+        with shutdown.held():  # a signal now is raised once the run has ended
+            with contextlib.suppress(Exception):  # what was drawn before the failure (tune's best-so-far summary)
+                _write_figures(active.info.run_id)
+            if isinstance(e, KeyboardInterrupt):
+                shutdown.end(active, "KILLED", f"interrupted: {str(e) or 'Ctrl-C'}")
+            else:
+                shutdown.end(active, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     else:
         current = mlflow.active_run()
         if current is not None and current.info.run_id == active.info.run_id:
-            mlflow.end_run("FINISHED")
-
-
-def _end(active: mlflow.ActiveRun, status: str, message: str, tb: str | None = None) -> None:
-    run_id = active.info.run_id
-    client = MlflowClient()
-    with contextlib.suppress(Exception):  # ending the run matters more than recording why
-        client.set_tag(run_id, "error", message[:5000])
-        if tb:
-            client.log_text(run_id, tb, "error.txt")
-    # end every run stacked above ours (children left open by the failure), then ours
-    while (top := mlflow.active_run()) is not None:
-        mlflow.end_run(status)
-        if top.info.run_id == run_id:
-            return
-    client.set_terminated(run_id, status)
+            shutdown.finish(active.info.run_id)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:

@@ -118,6 +118,42 @@ def test_quickstart_runs_land_in_bias_lab_and_report_needs_no_flags(project: tup
     # `mlflow run` logs every -P as text ('10', "''", 'False'): none of that reads as a change from the defaults
     assert "Changed from the defaults" not in text, text[text.find("Changed from") - 500 :][:1000]
     assert assert_tables_well_formed(text, "report.md") >= 8
+    _report_opens_on_the_champion_and_the_verdicts(client, text, page)
+
+
+def _report_opens_on_the_champion_and_the_verdicts(client: mlflow.MlflowClient, md: str, page: str) -> None:
+    """The summary comes first and says what the store holds: the champion with its numbers, each study's
+    verdicts and its one-sentence conclusion."""
+    sections = re.findall(r"^## (.+)$", md, re.M)
+    assert sections[0] == "Summary" and page.index("<h2>Summary</h2>") < page.index("<h2>tune-lenet")
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    mv = client.get_model_version_by_alias("bias-lab", "champion")
+    final = client.get_run(mv.tags["final_run_id"]).data.metrics
+    acc, n = final["test_accuracy"], int(final["n_test"])
+    lo, hi = final["test_accuracy_ci_low"], final["test_accuracy_ci_high"]
+    assert (
+        f"**Champion:** bias-lab v{mv.version} — test accuracy {100 * acc:.1f}% "
+        f"[95% CI {100 * lo:.1f}–{100 * hi:.1f}%] on {n} test images (4 classes: chance is 25%)"
+    ) in summary, summary
+    assert f"digest {mv.tags['data_digest']}" in summary and "synthetic" in summary
+    assert f"trial {mv.tags['optuna_trial']}" in summary
+    exp = client.get_experiment_by_name("bias-lab").experiment_id
+    [parent] = [
+        r
+        for r in client.search_runs([exp])
+        if r.data.tags.get("entry_point") == "bias_eval" and "mlflow.parentRunId" not in r.data.tags
+    ]
+    tags, m = parent.data.tags, parent.data.metrics
+    for k in (1, 2):
+        row = (
+            f"| model_{k} | {tags[f'model_{k}_verdict']} | {100 * m[f'model_{k}_test_accuracy']:.1f}% | "
+            f"{100 * m[f'model_{k}_decorrelated_test_accuracy']:.1f}% |"
+        )
+        assert row in summary, (row, summary)
+    conclusion = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/conclusion.md")
+    [short] = [line[2:] for line in conclusion.splitlines() if line.startswith("- In short:")]
+    assert short in summary
+    assert md.count("system/") == 0  # system metrics, when sampled, are in one table at the end, not per run
 
 
 def test_report_finds_runs_made_without_an_experiment_name(

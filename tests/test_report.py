@@ -15,7 +15,7 @@ import pytest
 
 from bias_lab import metrics
 
-from .conftest import FAST, all_runs, invoke
+from .conftest import FAST, invoke
 
 TINY_BIAS = ["--image-size", "32", "--model", "lenet", "--epochs", "1", "--batch-size", "16", "--bootstrap", "200"]
 
@@ -52,54 +52,6 @@ def test_report_from_tracked_runs(kaggle_data: Path, tmp_path: Path) -> None:
     # the confusion matrix says the class names (kaggle_data's classes.csv: 1 disc, 2 cross, ...)
     assert "true 1 (disc)" in page and "predicted 4 (square)" in page
     assert "| true / predicted | 1 (disc) | 2 (cross) | 3 (triangle) | 4 (square) |" in md
-
-
-@pytest.mark.slow
-def test_report_opens_on_the_champion_and_the_verdicts(
-    kaggle_data: Path, tmp_path: Path, client: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tune registers the champion and bias_eval gives verdicts: the summary says both first, with their numbers."""
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow samples every 10 s by default
-    tune = ["--image-size", "32", "--model", "lenet", "--epochs", "2", "--batch-sizes", "32", "--n-trials", "2"]
-    code, out = invoke("tune", "--data", str(kaggle_data), *tune)
-    assert code == 0, out
-    code, out = invoke("bias-eval", "--data", str(kaggle_data), *TINY_BIAS, "--classes", "1,2")
-    assert code == 0, out
-    code, out = invoke("report", "--output", str(tmp_path / "report.html"))
-    assert code == 0, out
-    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
-    runs = {r.info.run_name: r for r in all_runs(client)}
-    final, parent = runs["final-lenet"].data, runs["bias_eval-lenet-1v2"]
-    assert _sections(md)[0] == "Summary" and page.index("<h2>Summary</h2>") < page.index("<h2>tune-lenet")
-    summary = md.split("## Summary")[1].split("\n## ")[0]
-    acc, n = final.metrics["test_accuracy"], int(final.metrics["n_test"])
-    lo, hi = metrics.wilson(round(acc * n), n)  # Wilson's interval, as the final run logs it
-    mv = client.get_model_version_by_alias("bias-lab", "champion")
-    assert (
-        f"**Champion:** bias-lab v{mv.version} — test accuracy {100 * acc:.1f}% "
-        f"[95% CI {100 * lo:.1f}–{100 * hi:.1f}%] on {n} test images (4 classes: chance is 25%), val accuracy "
-        f"{100 * float(mv.tags['val_accuracy']):.1f}%"
-    ) in summary, summary
-    assert (
-        f"digest {mv.tags['data_digest']}" in summary and "not synthetic" in summary
-    )  # kaggle_data: a folder, not the demo
-    assert f"from tune run tune-lenet trial {mv.tags['optuna_trial']}" in summary
-    assert "classes 1 (disc) vs 2 (cross), p0=0, p1=1" in summary, summary
-    tags, m = parent.data.tags, parent.data.metrics
-    for k in (1, 2):
-        row = (
-            f"| model_{k} | {tags[f'model_{k}_verdict']} | {100 * m[f'model_{k}_test_accuracy']:.1f}% | "
-            f"{100 * m[f'model_{k}_decorrelated_test_accuracy']:.1f}% |"
-        )
-        assert row in summary, (row, summary)
-    conclusion = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/conclusion.md")
-    [short] = [line[2:] for line in conclusion.splitlines() if line.startswith("- In short:")]
-    assert short in summary
-    assert "Bias study" in page[: page.index("<h2>tune-lenet")] and "<table>" in page[: page.index("<h2>tune-lenet")]
-    # system metrics: one table at the end, none in the per-run metric tables
-    assert _sections(md)[-1] == "System metrics" and md.count("system/") == 0, _sections(md)
-    system = md.split("## System metrics")[1]
-    assert "| tune-lenet (tune) |" in system and "CPU % (mean)" in system
 
 
 def _finished_run(client: mlflow.MlflowClient) -> None:

@@ -360,6 +360,46 @@ def test_sigterm_ends_the_run_killed(kaggle_data: Path, client: mlflow.MlflowCli
 
 
 @pytest.mark.slow
+def test_repeated_ctrl_c_ends_the_parent_and_its_children_killed(
+    kaggle_data: Path, client: mlflow.MlflowClient
+) -> None:
+    """Four SIGINTs 30 ms apart into `bias-eval` (a parent run with child runs), this test reading the store
+    meanwhile: the first ends every run KILLED, the later ones (landing in the store's code or while runs are being
+    ended) neither abort that nor kill the process. A child may end FINISHED only if it had finished: all epochs
+    and its test measures logged. (SIGTERM takes the same path: the test above.)"""
+    epochs = 15
+    proc = start(
+        ["bias-eval", "--data", str(kaggle_data), "--image-size", "32", "--epochs", str(epochs), "--bootstrap", "50"]
+        + ["--threads", "1"]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(val_history(client, r.info.run_id) for r in all_runs(client) if r.data.tags.get("role")):
+            assert proc.poll() is None, (
+                f"bias-eval ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
+            )
+            assert time.monotonic() < deadline, "no child run reached an epoch in time"
+            time.sleep(0.05)
+        for _ in range(4):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.03)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    runs = all_runs(client)
+    [parent] = [r for r in runs if not r.data.tags.get("role")]
+    children = [r for r in runs if r.data.tags.get("role")]
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags["error"]
+    assert any(c.info.status == "KILLED" for c in children)
+    for run in runs:
+        assert run.info.status in ("KILLED", "FINISHED") and run.info.end_time is not None, run.info
+        if run.info.status == "FINISHED":  # only a child that had finished before the signals
+            assert len(val_history(client, run.info.run_id)) == epochs and "test_accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_the_uninterrupted_result(
     kaggle_data: Path, client: mlflow.MlflowClient, isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
