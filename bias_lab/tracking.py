@@ -48,6 +48,7 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
             raise UserError(
                 f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI"
             ) from e
+    _check_writable(uri)
     for attempt in range(3):
         try:
             with _first_use_lock(uri):
@@ -61,6 +62,33 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
                 f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI"
             ) from e
     raise AssertionError("unreachable")
+
+
+def _check_writable(uri: str) -> None:
+    """A sqlite store that can be read but not written (a read-only file or folder, an immutable file) fails at the
+    run's first write, with SQLAlchemy's tracebacks, after the data was decoded: say so first, in one line."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not path.exists():
+        return  # created on first use: a folder that cannot hold it fails in _open, one line too
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # the write lock, then a write that is rolled back: what a run will do
+            con.execute("CREATE TABLE bias_lab_write_probe (x INTEGER)")
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e) or "already exists" in str(e):
+            return  # another process is writing: the store is writable
+        raise UserError(
+            f"the MLflow tracking store {path} cannot be written ({e}): make it and its folder writable, or point "
+            "MLFLOW_TRACKING_URI at a store you can write"
+        ) from None
 
 
 def set_description(markdown: str, full: str) -> None:

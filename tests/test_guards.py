@@ -305,3 +305,25 @@ def test_config_refusals_raise_user_error() -> None:
     for bad in (TrainConfig(model="lenet", stem="small"), TrainConfig(device="mps")):
         with pytest.raises(UserError):
             bad.validate()
+
+
+def test_a_read_only_store_is_one_line_before_any_work(kaggle_data: Path, tmp_path: Path) -> None:
+    """A store that can be read but not written failed at the run's first write, after the decode, with
+    SQLAlchemy's tracebacks: now one line first (root ignores file modes: the test drops that capability)."""
+    import stat
+
+    store = tmp_path / "mlflow.db"
+    store.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    cmd = [sys.executable, "-m", "bias_lab.cli", "train", "--data", str(kaggle_data), *FAST]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: every file is writable")
+        cmd = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "0"})
+    finally:
+        store.chmod(0o644)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: the MLflow tracking store {store} cannot be written")
+    assert "decode" not in p.stderr  # refused before the first image (the progress bar would say 'decode')
