@@ -1,4 +1,4 @@
-"""GPU readiness (issue 18), tested on a CPU: checkpoints that cross device types, the device a run really used,
+"""GPU readiness, tested on a CPU: checkpoints that cross device types, the device a run really used,
 determinism switches, checkpoint cadence, and the GPU scripts' behaviour where there is no GPU.
 
 No test here needs CUDA. A CUDA checkpoint is simulated by what distinguishes it (its device type and a 16-byte
