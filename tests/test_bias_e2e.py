@@ -49,7 +49,8 @@ BAND = (0.8, 1.25)
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo data, 150 train images per class (disc and cross are the binary task 1,2)."""
-    return write_demo(tmp_path_factory.mktemp("pair") / "demo", seed=3, n_train=150, n_test=1)
+    # every shape visible (p_hidden={}): these tests need a model_1 that learns the images in a few epochs
+    return write_demo(tmp_path_factory.mktemp("pair") / "demo", seed=3, n_train=150, n_test=1, p_hidden={})
 
 
 def _bias_eval(

@@ -243,13 +243,14 @@ def test_corrupt_checkpoint_with_resume_is_one_line(
 
 
 def test_demo_data_is_learnable(client: mlflow.MlflowClient) -> None:
-    """LeNet with the default recipe learns the synthetic demo data in a few epochs: what the README's first
-    command shows: val 0.96 after these 8 epochs. Before, 0.37: demo version 3 (shapes a third of the side,
-    off-centre) lost its shapes to the default crop, and LeNet with torch's default init sat at chance for epochs."""
+    """LeNet with the default recipe learns the synthetic demo data in a few epochs, what the README's first
+    command shows: val 0.71 after these 8 epochs on an AMD EPYC (chance 0.25; the demo hides the shape in 35% of
+    discs and crosses and 10% of triangles and squares, so ~0.8 is its ceiling). Demo version 3 (shapes a third of
+    the side, off-centre) lost its shapes to the default crop and sat at 0.37."""
     code, out = invoke("train", "--image-size", "32", "--epochs", "8")
     assert code == 0, out
     [run] = all_runs(client)
-    assert run.data.metrics["best_val_accuracy"] > 0.8
+    assert run.data.metrics["best_val_accuracy"] > 0.6
     assert run.data.tags["synthetic_data"] == "true" and run.data.params["data_source"] == "demo (synthetic)"
 
 

@@ -383,3 +383,28 @@ def test_normalize_and_stats() -> None:
     mean, std = data.pixel_stats(imgs)
     z = data.normalize(imgs, mean, std)
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- the demo generator
+
+
+def test_demo_is_deterministic_and_hides_shapes_as_asked(tmp_path: Path) -> None:
+    """The same seed writes the same files; `p_hidden` decides which images hide their shape. A clear shape spans
+    most of the image at 90-160 grey levels from the background, a hidden one is small and within the noise: the
+    grayscale spread of an image tells them apart. `{}` hides none (version 4's images), the default some."""
+    from bias_lab.demo import P_HIDDEN, write_demo
+
+    kw = {"seed": 5, "n_train": 12, "n_test": 1}
+    a, b = write_demo(tmp_path / "a", **kw), write_demo(tmp_path / "b", **kw)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 4 * 13 + 5 and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+    def spreads(root: Path) -> np.ndarray:
+        return np.array([np.asarray(Image.open(p).convert("L"), float).std() for p in sorted(root.rglob("*.jpg"))])
+
+    clear = spreads(write_demo(tmp_path / "clear", **kw, p_hidden={}))
+    hidden = spreads(write_demo(tmp_path / "hidden", **kw, p_hidden=dict.fromkeys(range(1, 5), 1.0)))
+    cut = (clear.min() + hidden.max()) / 2
+    assert hidden.max() < clear.min(), (hidden.max(), clear.min())  # the spread separates them in these 104 images
+    share = np.mean(spreads(a) < cut)  # the default: 35% of the pair, 10% of the others, over 52 images
+    assert 0.05 <= share <= 0.45 and P_HIDDEN[1] > P_HIDDEN[3], share
