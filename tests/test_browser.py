@@ -136,6 +136,7 @@ def _build_store(store_dir: Path) -> dict[str, Any]:
         "trials": trials,
         "bias_eval_run_id": bias_eval.info.run_id,
         "bias_eval_run_name": bias_eval.info.run_name,
+        "champion_version": client.get_model_version_by_alias(MODEL, "champion").version,
         "build_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -562,6 +563,29 @@ def test_browser_registered_model_shows_champion_alias(open_page, store) -> None
         f"the registered model {MODEL!r} shows no '@ champion' alias on any version",
     )
     _shot(page, "d-model")
+
+
+def test_browser_registered_version_shows_its_model_card(open_page, store) -> None:
+    """The champion version's page opens on its card: the headline (classes with names, test accuracy with its CI)
+    and the answer to 'Can I trust this model?', with the full card's address."""
+    version = store["champion_version"]
+    page = open_page(f"/#/models/{MODEL}/versions/{version}")
+    _see(
+        page,
+        page.get_by_text(re.compile(rf"{MODEL} v{version}.*Test accuracy")).first,
+        "d2-version",
+        f"the version page of {MODEL} v{version} does not show its card's headline",
+    )
+    _see(
+        page,
+        page.get_by_text("Can I trust this model?").first,
+        "d2-version",
+        f"the version page of {MODEL} v{version} does not answer 'Can I trust this model?'",
+    )
+    _see(
+        page, page.get_by_text("model_card.md").first, "d2-version", "the version page does not point at the full card"
+    )
+    _shot(page, "d2-version")
 
 
 def test_browser_bias_eval_run_description_shows_conclusion_and_model_table(open_page, store) -> None:
