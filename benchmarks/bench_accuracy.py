@@ -339,7 +339,9 @@ def main() -> int:
                     f"({time.perf_counter() - t_start:.0f} s)",
                     flush=True,
                 )
-            r = calib if n_ep == calib_epochs else run_bias_lab(name, root, n_ep, args.seed, tmp, extra)
+            # --quick: the calibration run is the result (a smoke run: its numbers mean nothing, its code is the same)
+            again = n_ep != calib_epochs and not args.quick
+            r = run_bias_lab(name, root, n_ep, args.seed, tmp, extra) if again else calib
             results.append(r)
             print(
                 f"  bias_lab {recipe}: {r.epochs} epochs, {r.train_s:.0f} s, test {r.test_acc:.3f} "
