@@ -83,21 +83,22 @@ def test_tunes_best_is_the_complete_trial_with_the_highest_val_accuracy(
         assert float(mv.tags[key]) == pytest.approx(chosen.params[key], rel=1e-3), key
 
 
-def test_the_kept_weights_are_those_of_the_best_val_epoch(kaggle_data: Path, client: mlflow.MlflowClient) -> None:
+def test_the_kept_weights_are_those_of_the_best_val_epoch(easy_data: Path, client: mlflow.MlflowClient) -> None:
     """fit keeps one epoch's weights: the logged model scores, on the val split, the highest val_accuracy of the
-    per-epoch history in MLflow, and best_epoch is the first epoch that reached it. (Here the val accuracy rises
-    and falls again, 0.25 0.375 0.29 0.25: keeping the first or the last epoch would show.)"""
-    args = _with(FAST, epochs="4", lr="0.1", **{"batch-size": "16"})
-    code, out = invoke("train", "--data", str(kaggle_data), *args, "--threads", "1")
+    per-epoch history in MLflow, and best_epoch is the first epoch that reached it. Here the val accuracy falls after
+    its best (0.75 0.75 0.5 0.5 on an AMD EPYC): keeping the last epoch would show; the precondition says so loudly
+    if other numerics ever make the last epoch the best."""
+    args = _with(FAST, epochs="4", lr="0.05", **{"batch-size": "16"})
+    code, out = invoke("train", "--data", str(easy_data), *args, "--threads", "1")
     assert code == 0, out
     [run] = all_runs(client)
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
     top = max(history.values())
     first_best = min(step for step, v in history.items() if v == top)
-    assert len(history) == 4 and min(history.values()) < top, history  # the epochs differ: keeping one is a choice
+    assert len(history) == 4 and history[4] < top, history  # the last epoch is not the best: keeping one is a choice
     assert run.data.metrics["best_val_accuracy"] == top and run.data.metrics["best_epoch"] == first_best
     model, meta = load_model(f"runs:/{run.info.run_id}/model")
-    prep = prepare(config.DataConfig(data=str(kaggle_data), image_size=32), config.BiasConfig(), 0)
+    prep = prepare(config.DataConfig(data=str(easy_data), image_size=32), config.BiasConfig(), 0)
     with torch.no_grad():
         kept = evaluate(model, prep.val, prep.norm, tta=meta.tta)["accuracy"]
     assert kept == pytest.approx(top, abs=1e-9), (kept, history)
