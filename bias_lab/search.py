@@ -172,9 +172,11 @@ class Search:
     kept: tuple[int, pipeline.Trained] | None = None  # (trial number, trained model) of this process's best trial
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # first: a re-queued trial carries the dead worker's attrs until this one writes its own (studies.recover)
+        trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr("worker_of", trial.number)
         self._refuse_surplus(trial)
         cfg = suggest(trial, self.train_cfg, self.tune_cfg)
-        trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         tags = {
             "entry_point": "tune",

@@ -225,6 +225,8 @@ def recover(study: optuna.Study, study_name: str) -> list[int]:
         )(max_retry=1)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker_of", t.number) != t.number:
+            continue  # a re-queued trial just taken by a live worker: the attrs are still those of the one it retries
         if not worker_dead(t.user_attrs.get("worker", "")):
             continue
         try:  # a lost race (another worker failed it first) raises instead of skipping: only the winner re-queues it

@@ -529,3 +529,22 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_would() -> None:
     assert first + resumed == whole
     assert len(set(whole)) == 5
     assert draws(optuna.create_study(sampler=search.make_sampler(8, 12)), 5) != whole
+
+
+def test_a_requeued_trial_taken_by_a_live_worker_is_not_failed_as_the_dead_workers(tmp_path: Path) -> None:
+    """Optuna's retry copies the failed trial's user attrs into the re-queued one: until its new worker writes its
+    own, it names the dead worker. A second recovery in that window failed the live worker's trial ('Cannot tell a
+    FAIL trial', seen once in the two-worker PostgreSQL test)."""
+    import socket
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    dead = f"{socket.gethostname()}:4194000:1.00"  # this host, a pid that does not run
+    first = study.ask()
+    first.set_user_attr("worker", dead)
+    first.set_user_attr("worker_of", first.number)
+    assert studies.recover(study, "s") == [first.number]  # failed, its params re-queued
+    taken = study.ask()  # a live worker takes the copy; its objective has not written its attrs yet
+    assert taken.number != first.number and study.trials[taken.number].user_attrs["worker"] == dead
+    studies.recover(study, "s")
+    assert study.trials[taken.number].state == TrialState.RUNNING
