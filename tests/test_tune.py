@@ -54,7 +54,9 @@ class OddPruner(optuna.pruners.BasePruner):
 
 def test_nested_runs_pruning_summary_and_registry(kaggle_data: Path, client, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(search, "make_pruner", lambda name, epochs: OddPruner())
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow samples every 10 s by default
+    # MLflow samples every 10 s by default: this tune lasts a second or two, so sample often and log each sample
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     code, out = invoke(*tiny(kaggle_data, "--epochs", "2", "--n-trials", "3", "--study-name", "s"))
     assert code == 0, out
     [parent], kids = parent_and_children(client)
