@@ -409,9 +409,12 @@ def test_browser_experiment_list_shows_bias_lab_and_opens_its_training_runs(open
     _shot(page, "a1-experiments-list")
     link.click()
     runs_table = page.get_by_role("link", name=store["tune_run_name"], exact=True)
-    genai = page.get_by_role("heading", name="Overview", exact=True)
+    # the GenAI overview may open with a "Detect Issues in Your Traces" popover that hides the rest from the
+    # accessibility tree (its heading is then not 'visible' to Playwright): either one says where the browser landed
+    popover = page.get_by_text("Detect Issues in Your Traces", exact=True)
+    genai = page.get_by_role("heading", name="Overview", exact=True).or_(popover)
     landed = _first_visible(page, {"runs": runs_table, "genai": genai})
-    if landed == "genai":  # let the GenAI overview finish loading before the picture
+    if landed == "genai":  # let the GenAI overview finish loading before the picture (a handler dismisses the popover)
         _first_visible(page, {"loaded": page.get_by_text("Detect Issues", exact=True)}, timeout=20_000)
     _shot(page, "a2-bias-lab-opened")
     if landed is None:
