@@ -105,11 +105,10 @@ def open_store() -> MlflowClient:
         db is None or db.exists(),
         f"no tracking store at {uri}: run train/tune/bias_eval first, or set MLFLOW_TRACKING_URI",
     )
+    tracking.check_server(uri)
     client = MlflowClient()
     try:
-        if uri.startswith(("http://", "https://")):  # a refused server fails in seconds, not after MLflow's retries
-            __import__("requests").get(f"{uri.rstrip('/')}/health", timeout=5)
-        with tracking._first_use_lock(uri):  # an older store's tables are migrated once, not by two processes
+        with tracking.first_use_lock(uri):  # an older store's tables are migrated once, not by two processes
             client.search_experiments(max_results=1)
     except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
         raise UserError(

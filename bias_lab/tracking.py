@@ -37,21 +37,11 @@ WEIGHTS_FILE = "weights.pt"
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at its store (MLFLOW_TRACKING_URI, else ./mlflow.db) and check it answers; returns the URI."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(
-        ("http://", "https://")
-    ):  # a refused server fails in seconds, not after MLflow's ~4 min of retries
-        import requests
-
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=5)
-        except requests.RequestException as e:
-            raise UserError(
-                f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI"
-            ) from e
+    check_server(uri)
     _check_writable(uri)
     for attempt in range(3):
         try:
-            with _first_use_lock(uri):
+            with first_use_lock(uri):
                 _open(experiment)
             return uri
         except Exception as e:  # connection refused, bad URI, locked db... all mean the same to a user
@@ -62,6 +52,20 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
                 f"cannot use the MLflow tracking store {uri} ({first_line(e)}): start the server or fix MLFLOW_TRACKING_URI"
             ) from e
     raise AssertionError("unreachable")
+
+
+def check_server(uri: str) -> None:
+    """A tracking server that does not answer fails in seconds, in one line, not after MLflow's ~4 min of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as e:
+        raise UserError(
+            f"cannot use the MLflow tracking store {uri} ({type(e).__name__}): start the server or fix MLFLOW_TRACKING_URI"
+        ) from e
 
 
 def _check_writable(uri: str) -> None:
@@ -137,7 +141,7 @@ def _creation_race(e: Exception) -> bool:
     return any(w in text for w in ("already exists", "duplicate", "unique constraint", "alembic", "migration"))
 
 
-def _first_use_lock(uri: str) -> contextlib.AbstractContextManager:
+def first_use_lock(uri: str) -> contextlib.AbstractContextManager:
     """A file lock beside a sqlite store. MLflow creates and migrates the tables on first use, without a lock:
     K processes starting on a new mlflow.db together failed 2 in 3 times ('table params already exists',
     half-applied migrations, which a retry cannot mend). PostgreSQL runs the creation in transactions: there the
