@@ -77,11 +77,16 @@ def epochs(prep: Prepared, then: EpochHook | None = None) -> EpochHook:
     no_val = len(prep.val) == 0
 
     def hook(epoch: int, m: dict[str, float]) -> None:
-        tracking.log_metrics({k: v for k, v in m.items() if not (no_val and k.startswith("val_"))}, step=epoch)
+        _log_epoch(epoch, m, no_val)
         if then is not None:
             then(epoch, m)
 
     return hook
+
+
+def _log_epoch(epoch: int, m: dict[str, float], no_val: bool) -> None:
+    """One epoch's metrics at step `epoch`; without a val split there are no val numbers to log."""
+    tracking.log_metrics({k: v for k, v in m.items() if not (no_val and k.startswith("val_"))}, step=epoch)
 
 
 def record(t: Trained, *, history: bool = False, model: bool = True) -> None:
@@ -92,7 +97,7 @@ def record(t: Trained, *, history: bool = False, model: bool = True) -> None:
     of HTML each). `model`: log the weights, registrable (tune logs its final model on the parent, a sweep may not)."""
     if history:
         for epoch, m in enumerate(t.fit.history, 1):
-            tracking.log_metrics({k: v for k, v in m.items() if not (t.no_val and k.startswith("val_"))}, step=epoch)
+            _log_epoch(epoch, m, t.no_val)
     if t.pretrained:
         mlflow.set_tag("pretrained", pretrained.CAVEAT)
     mlflow.log_text(t.summary.markdown(), "model_summary.md")
