@@ -17,7 +17,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -81,8 +81,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
 
 
-def decode(path: str | Path, size: int, partial: bool = False) -> np.ndarray | None:
-    """One image file -> size x size uint8 grayscale array, or None when it cannot be read.
+def decode(path: str | Path | IO[bytes], size: int, partial: bool = False) -> np.ndarray | None:
+    """One image file (a path or an open binary file) -> size x size uint8 grayscale array, or None when it cannot be read.
 
     Converts odd modes (CMYK, RGBA, palette, 1-bit, 16-bit, float) rather than rejecting them; smaller images
     are upscaled. `partial=True` also accepts a truncated file (the missing part is filled by the decoder);

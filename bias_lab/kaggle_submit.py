@@ -1,7 +1,7 @@
 """`kaggle-submit`: a Kaggle CSV from any logged model, validated before it exists, written atomically.
 
-The model URI alone says how to preprocess (tracking.load_model's meta: image size, normalisation, label
-values), so nothing is repeated on the command line. Rows follow sample_submission.csv when the data has one
+The model URI alone says how to preprocess (its meta: image size, normalisation, label values), so nothing is
+repeated on the command line; the images go through inference.probabilities, the served model's own path. Rows follow sample_submission.csv when the data has one
 (its column names, its id order), else `id,label` sorted by id; labels are train.csv's own values. The file
 appears only after every check passed and the MLflow run holding it as an artifact was logged, so a failure
 leaves neither a partial file nor a replaced earlier one. `score` compares a submission with a solution.csv:
@@ -28,13 +28,12 @@ import mlflow
 import torch
 from torch import nn
 
-from bias_lab import config, registry, tracking
+from bias_lab import config, inference, registry, tracking
 from bias_lab.config import DataConfig, SubmitConfig
 from bias_lab.data import Dataset, check_cache_dir, load
 from bias_lab.device import resolve_device
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.files import image_id, list_files, natural_key, read_csv
-from bias_lab.loop import Norm, Part, predict
 from bias_lab.models import ModelMeta, finite_weights
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -57,18 +56,10 @@ def check_model(meta: ModelMeta, uri: str) -> None:
     )
 
 
-def diverged(uri: str) -> str:
-    """The message for a model whose outputs are not numbers: its own fault, not the data's."""
-    return (
-        f"model '{uri}' outputs NaN/inf (its training diverged, e.g. a too high learning rate): pick another model "
-        "or version, or train again with a lower lr"
-    )
-
-
 def check_finite(model: nn.Module, uri: str) -> None:
     """NaN/inf weights make every output NaN, and argmax over NaN picks one fixed class: a CSV that passes every
     other check yet labels all images alike. Cheap to see before any data is decoded."""
-    check(finite_weights(model), diverged(uri))
+    check(finite_weights(model), inference.diverged(uri))
 
 
 def check_training_data(ref: registry.ModelRef, data: str, allow: bool) -> None:
@@ -100,28 +91,6 @@ def check_labels(meta: ModelMeta, ds: Dataset, uri: str) -> None:
             f"model '{uri}' was trained on other data (digest {meta.dataset_digest}, this data {ds.digest})",
             stacklevel=2,
         )
-
-
-@torch.no_grad()
-def predict_labels(
-    model: nn.Module, meta: ModelMeta, images: torch.Tensor, batch_size: int, uri: str = ""
-) -> list[str]:
-    """loop.predict over the test images in chunks (one progress-bar tick each) -> original label strings.
-    Finite weights can still overflow to inf (or NaN) outputs: those have no meaningful argmax, so they stop it."""
-    from tqdm.auto import tqdm
-
-    norm, preds = Norm(meta.mean, meta.std), []
-    with tqdm(total=len(images), desc="predict", unit="img", leave=False) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            logits = predict(
-                model, Part(chunk, torch.zeros(len(chunk), dtype=torch.long)), norm, batch_size, tta=meta.tta
-            )
-            check(bool(logits.isfinite().all()), diverged(uri))
-            preds.append(logits.argmax(1))
-            bar.update(len(chunk))
-    idx = torch.cat(preds).tolist() if preds else []
-    return [meta.classes[i] for i in idx]
 
 
 def check_unique_ids(names: list[str], where: str) -> None:
@@ -319,7 +288,8 @@ def run_submit(data_cfg: DataConfig, cfg: SubmitConfig) -> Path:
 def _submission(model: nn.Module, meta: ModelMeta, ds: Dataset, cfg: SubmitConfig) -> Submission:
     """The predicted label of every test image, in the sample file's order; an unreadable image gets the most
     frequent training label (said once, see _report_unreadable)."""
-    labels = predict_labels(model, meta, ds.test_images, cfg.batch_size, cfg.model_uri)
+    probs = inference.probabilities(model, meta, ds.test_images, None, cfg.batch_size, cfg.model_uri, progress=True)
+    labels = inference.labels(probs, meta)
     fallback = ds.classes[int(torch.bincount(ds.labels, minlength=len(ds.classes)).argmax())]
     unreadable = set(ds.test_unreadable)
     labels = [fallback if i in unreadable else lab for i, lab in zip(ds.test_ids, labels)]

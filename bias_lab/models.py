@@ -231,6 +231,12 @@ class ModelMeta:
     tta: bool = False  # predictions average the image and its mirror, as the model's val/test numbers did
     weights: str = "none"  # 'imagenet': started from ImageNet-1k weights (see pretrained.CAVEAT)
     width: int = 1  # LeNet's channel multiplier (models.build); 1 in models logged before it
+    class_names: list[str] = dataclasses.field(default_factory=list)  # classes.csv's names, in output order ("": none)
+
+    def name_of(self, label: str) -> str:
+        """A label's class name, "" when the data named none."""
+        names = dict(zip(self.classes, self.class_names))
+        return names.get(label, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

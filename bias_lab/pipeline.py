@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bias_lab import bias as biasmod
-from bias_lab import metrics, pretrained
+from bias_lab import files, metrics, pretrained
 from bias_lab.config import BiasConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, Split, check_classes, load, pixel_stats, stratified_split
 from bias_lab.loop import EpochHook, FitResult, InputHook, Norm, Part, fit, predict
@@ -61,7 +61,13 @@ class Prepared:
             tta=cfg.tta,
             weights=cfg.weights,
             width=cfg.width,
+            class_names=[self.names.get(c, "") for c in self.dataset.classes],
         )
+
+    @property
+    def names(self) -> dict[str, str]:
+        """label -> class name from the data's classes.csv ({} without one)."""
+        return files.class_names(Path(self.dataset.root)) if self.dataset.root else {}
 
 
 def _part(ds: Dataset, idx: np.ndarray, ch: biasmod.Channel | None, eps: bool) -> Part:

@@ -1,37 +1,33 @@
 """MLflow: where runs go, how they end, and how models are saved and loaded back without pickles.
 
 Runs always end: an exception ends them FAILED with the error as a tag and a text artifact, Ctrl-C and
-SIGTERM end them KILLED (bias_lab.shutdown: true statuses whatever the signals); metrics logged before stay. Models are logged with MLflow's PyTorch flavour (so the
-UI, the registry and `mlflow.pytorch.load_model` work) plus a state_dict and a `bias_lab.json` of the
-preprocessing, which is what `load_model` here reads: weights_only, no code from the artifact store runs.
+SIGTERM end them KILLED (bias_lab.shutdown: true statuses whatever the signals); metrics logged before stay. Models are
+logged as pyfuncs that take images (bias_lab.serving: `mlflow.pyfunc.load_model` and `mlflow models serve` work) with a
+state_dict and a `bias_lab.json` of the preprocessing, which is what `load_model` here reads: weights_only, no code
+from the artifact store runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from bias_lab import shutdown
+from bias_lab import inference, serving, shutdown
 from bias_lab.errors import UserError, first_line
-from bias_lab.models import ModelMeta, build
+from bias_lab.models import ModelMeta
 
 DEFAULT_EXPERIMENT = "bias-lab"
-META_FILE = "bias_lab.json"
-WEIGHTS_FILE = "weights.pt"
 
 
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
@@ -314,30 +310,19 @@ def ui_hint(run: Any) -> str:
 
 
 def log_model(model: nn.Module, meta: ModelMeta, name: str = "model") -> Any:
-    """Log `model` with its preprocessing `meta`."""
-    c, s = meta.in_channels, meta.image_size
-    from mlflow.models import infer_signature
+    """Log `model` with its preprocessing `meta`, as a pyfunc that takes images (bias_lab.serving)."""
+    import torchvision
 
-    example = np.zeros((2, c, s, s), dtype=np.float32)  # batch 2: a batch of 1 would freeze the exported batch size
-    signature = infer_signature(example, np.zeros((1, len(meta.classes)), dtype=np.float32))
-    cpu_model = model.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, meta_path = Path(tmp) / WEIGHTS_FILE, Path(tmp) / META_FILE
-        torch.save(cpu_model.state_dict(), weights)
-        meta_path.write_text(json.dumps(meta.to_dict(), indent=2))
-        return mlflow.pytorch.log_model(
-            cpu_model,
-            name=name,
-            signature=signature,
-            input_example=example,
-            metadata={"bias_lab": meta.to_dict()},
-            extra_files=[str(weights), str(meta_path)],
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                "torchvision",
-                f"mlflow=={mlflow.__version__}",
-            ],
-        )
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        "pillow",
+        "numpy",
+        "pandas",
+        "tqdm",
+    ]
+    return serving.log(model, meta, requirements, name)
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
@@ -348,35 +333,10 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> tuple[nn.M
         raise UserError(
             f"cannot load model '{model_uri}' ({first_line(e)}): check the name/alias/version in the MLflow UI, or run tune first"
         ) from e
-    metas = list(local.rglob(META_FILE))
-    weights = list(local.rglob(WEIGHTS_FILE))
+    metas, weights = list(local.rglob(inference.META_FILE)), list(local.rglob(inference.WEIGHTS_FILE))
     if not metas or not weights:
         raise UserError(
-            f"'{model_uri}' is not a bias_lab model (no {META_FILE}): pass a model logged by bias-lab train/tune"
+            f"'{model_uri}' is not a bias_lab model (no {inference.META_FILE}): pass a model logged by bias-lab train/tune"
         )
-    redo = "pass another model/version, or train/tune again to log a fresh one"
-    try:  # a truncated upload or a hand-edited file: name it instead of a JSONDecodeError/KeyError traceback
-        try:
-            meta = ModelMeta.from_dict(json.loads(metas[0].read_text(encoding="utf-8")))
-        except KeyError as e:
-            raise UserError(
-                f"the {META_FILE} of '{model_uri}' lacks {e.args[0]}: it is not a bias_lab model "
-                f"this version can read; {redo}"
-            ) from None
-        model = build(meta.arch, meta.in_channels, len(meta.classes), meta.image_size, meta.stem, int(meta.width))
-    except (OSError, ValueError, TypeError) as e:  # broken JSON, not UTF-8, a value of the wrong type
-        raise UserError(
-            f"the {META_FILE} of '{model_uri}' is corrupt ({first_line(e)}): it is not a readable bias_lab "
-            f"model; {redo}"
-        ) from e
-    try:
-        state = torch.load(weights[0], map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as e:
-        # Never show torch's own message: for a file weights_only refuses it advises loading it with
-        # weights_only=False, which would run whatever code the file holds. Our words, and no chained traceback.
-        raise UserError(
-            f"the weights of '{model_uri}' ({WEIGHTS_FILE}, {type(e).__name__}) are corrupt or not a "
-            f"bias_lab {meta.arch} state_dict: {redo}"
-        ) from None
-    return model.to(device).eval(), meta
+    model, meta = inference.rebuild(metas[0], weights[0], model_uri)
+    return model.to(device), meta

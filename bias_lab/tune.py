@@ -21,7 +21,6 @@ import math
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
@@ -30,7 +29,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from bias_lab import card, config, files, pipeline, pretrained, recorder, registry, studies, tracking
+from bias_lab import card, config, pipeline, pretrained, recorder, registry, studies, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, SEARCHED, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig
 from bias_lab.device import resolve_device, seed_everything
@@ -223,8 +222,7 @@ def _register(
             }
         ),
     )
-    names = files.class_names(Path(prep.dataset.root)) if prep.dataset.root else {}
-    facts = card.facts(trained, prep, name, decision["version"], names, study_name, best.number, n_complete)
+    facts = card.facts(trained, prep, name, decision["version"], prep.names, study_name, best.number, n_complete)
     registry.describe_version(name, decision["version"], facts, parent)
     registry.describe_registered_model(name)
     MlflowClient().set_tag(

@@ -297,6 +297,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_tune.py::test_nested_runs_pruning_summary_and_registry",),
         "tune registers a version without its model card",
     ),
+    Mutant(
+        "served_model_forgets_tta",
+        "bias_lab/inference.py",
+        "logits = predict(model, chunk, norm, batch_size, tta=meta.tta)",
+        "logits = predict(model, chunk, norm, batch_size)",
+        ("tests/test_serving.py::test_pyfunc_on_the_image_files_gives_the_runs_own_test_numbers",),
+        "the served model and kaggle_submit predict without the mirror the run's test accuracy was measured with",
+    ),
 )
 
 

@@ -19,7 +19,7 @@ from bias_lab.config import BiasConfig, DataConfig, TrainConfig
 from bias_lab.data import load
 from bias_lab.device import seed_everything
 from bias_lab.errors import UserError
-from bias_lab.kaggle_submit import predict_labels
+from bias_lab.inference import labels, probabilities
 from bias_lab.loop import Norm, Part, batch_inputs, fit, predict
 from bias_lab.models import ModelMeta, adapt_imagenet, build, resolve_stem
 from bias_lab.pipeline import prepare
@@ -166,9 +166,12 @@ class LeftVsRight(torch.nn.Module):
 def test_kaggle_submit_predicts_with_the_models_tta() -> None:
     images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     meta = ModelMeta(arch="lenet", in_channels=1, image_size=32, mean=0.45, std=0.25, classes=list("abcd"), tta=True)
-    plain = predict_labels(LeftVsRight(), dataclasses.replace(meta, tta=False), images, batch_size=16)
+    plain_meta = dataclasses.replace(meta, tta=False)
+    plain = labels(probabilities(LeftVsRight(), plain_meta, images, batch_size=16), plain_meta)
     assert set(plain) == {"a", "b"}  # each image leans one way
-    assert predict_labels(LeftVsRight(), meta, images, batch_size=16) == ["a"] * 64  # with its mirror: no lean
+    assert (
+        labels(probabilities(LeftVsRight(), meta, images, batch_size=16), meta) == ["a"] * 64
+    )  # with its mirror: no lean
 
 
 def test_explain_ablations_predict_with_the_models_tta(kaggle_data: Path) -> None:
