@@ -1,7 +1,7 @@
 """The Model Registry contract: what `tune` registers and what `bias_eval` and `kaggle_submit` read back.
 
 A registered version carries tags (DIGEST_TAG, VAL_TAG, the model and the hyperparameters config.SEARCHED); the
-`champion` alias points at the best version on a dataset. Every logged model carries a ModelMeta (model_meta.json):
+`champion` alias points at the best version on a dataset. Every logged model carries a ModelMeta (bias_lab.json):
 the preprocessing it needs at prediction time.
 """
 
