@@ -57,6 +57,7 @@ def binary_task(ds: Dataset, classes: str) -> Dataset:
         test_ids=ds.test_ids,
         digest=f"{ds.digest}-{a}v{b}",
         source=ds.source,
+        root=ds.root,
         layout=ds.layout,
         skipped=ds.skipped,
         test_unreadable=ds.test_unreadable,

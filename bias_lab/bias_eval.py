@@ -21,13 +21,26 @@ import mlflow
 import torch
 
 from bias_lab import bias as biasmod
-from bias_lab import comparison, config, metrics, mitigation, pipeline, plots, pretrained, recorder, registry, tracking
+from bias_lab import (
+    card,
+    comparison,
+    config,
+    metrics,
+    mitigation,
+    pipeline,
+    plots,
+    pretrained,
+    recorder,
+    registry,
+    tracking,
+)
 from bias_lab.config import NOT_USED_BY, SEARCHED, BiasConfig, BiasEvalConfig, DataConfig, TrainConfig
 from bias_lab.data import Dataset, check_classes, load
 from bias_lab.device import resolve_device, seed_everything
 from bias_lab.errors import UserError
 from bias_lab.loop import InputHook
 from bias_lab.pipeline import Prepared, prepare
+from bias_lab.verdict import judge
 
 
 @dataclass
@@ -99,8 +112,10 @@ def train_arm(
     cfgs: tuple[DataConfig, TrainConfig, BiasConfig, BiasEvalConfig],
     device: torch.device,
     nested_name: str,
+    baselines: tuple[float, dict[str, float], str] = (math.nan, {}, ""),
 ) -> dict[str, float]:
-    """One child run: setup, training, the test measures and the explanations; returns its metrics."""
+    """One child run: setup, training, the test measures, the explanations and its model card; returns its metrics.
+    `baselines`: the test split's chance accuracy, the labels' own DI per test, where the hyperparameters came from."""
     data_cfg, train_cfg, bias_cfg, eval_cfg = cfgs
     with tracking.run(nested_name, nested=True, tags={"role": arm.role, "seed": str(seed), "entry_point": "bias_eval"}):
         recorder.setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg, skip=NOT_USED_BY["bias_eval"])
@@ -117,7 +132,44 @@ def train_arm(
             input_hook=arm.input_hook,
         )
         recorder.record(trained)
-        return {**trained.measures, **recorder.explanations(trained, arm.prep, seed)}
+        found = {**trained.measures, **recorder.explanations(trained, arm.prep, seed)}
+        if trained.tested and "test_accuracy" in found:
+            facts = model_card(trained, arm, found, baselines)
+            mlflow.log_text(card.render(facts), registry.CARD_FILE)
+            tracking.set_description(card.summary(facts, registry.CARD_FILE), registry.CARD_FILE)
+        return found
+
+
+def model_card(
+    t: pipeline.Trained, arm: Arm, found: dict[str, float], baselines: tuple[float, dict[str, float], str]
+) -> card.Card:
+    """A bias-study model's card: its accuracy, DI in distribution and decorrelated beside the labels' own DI, the
+    eps ablation, the mitigation and the verdict, all as the comparison reports them."""
+    chance, base, source = baselines
+    g = lambda k: found.get(k, math.nan)  # noqa: E731
+    verdict = judge(found, "", "decorrelated_test_", chance, base.get("decorrelated", math.nan), arm.note)
+    facts = card.BiasFacts(
+        role=f"{arm.role}: {arm.description}",
+        di_test=g("test_di"),
+        di_test_ci=(g("test_di_ci_low"), g("test_di_ci_high")),
+        di_decorrelated=g("decorrelated_test_di"),
+        di_decorrelated_ci=(g("decorrelated_test_di_ci_low"), g("decorrelated_test_di_ci_high")),
+        labels_di_test=base.get("in distribution", math.nan),
+        labels_di_decorrelated=base.get("decorrelated", math.nan),
+        verdict=verdict.text(),
+        ablation={
+            what: g(key)
+            for what, key in (
+                ("as trained", "test_accuracy"),
+                ("zeroed", "ablation_zero_eps_test_accuracy"),
+                ("shuffled across images", "ablation_shuffle_eps_test_accuracy"),
+            )
+            if arm.prep.eps and key in found
+        },
+        mitigation=arm.description if arm.role == "model_3" else None,
+    )
+    facts_card = card.facts(t, arm.prep, arm.role, "", arm.prep.names)
+    return dataclasses.replace(facts_card, bias=facts, hparams_source=source)
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -190,7 +242,7 @@ def _run_seed(
         if arm.note:
             study.notes[arm.role] = arm.note
         cfg = dataclasses.replace(train_cfg, seed=seed)
-        trained = train_arm(arm, seed, (data_cfg, cfg, bias_cfg, eval_cfg), study.device, name)
+        trained = train_arm(arm, seed, (data_cfg, cfg, bias_cfg, eval_cfg), study.device, name, (chance, base, source))
         study.results.setdefault(arm.role, []).append(trained)
 
 

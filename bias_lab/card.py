@@ -74,6 +74,7 @@ class Card:
     label_smoothing: float | None = None
     tta: bool = False  # predictions average the image and its mirror
     weights: str = "none"  # "imagenet": started from torchvision's ImageNet-1k weights
+    hparams_source: str = ""  # where the hyperparameters came from, when not an Optuna study of this card's
     optuna_study: str | None = None  # None: the hyperparameters are the command line's
     optuna_trial: int | None = None
     n_trials_complete: int | None = None
@@ -119,11 +120,18 @@ def class_label(card: Card, label: str) -> str:
 
 def hparam_origin(card: Card) -> str:
     """Where lr, momentum and batch size came from."""
+    if card.hparams_source:
+        return card.hparams_source
     if card.optuna_study is None:
         return "the command line defaults"
     of = f" of {card.n_trials_complete} complete trials" if card.n_trials_complete is not None else ""
     trial = f"trial {card.optuna_trial}" if card.optuna_trial is not None else "the best trial"
     return f"{trial} of Optuna study {card.optuna_study} (best val accuracy{of})"
+
+
+def title(card: Card) -> str:
+    """'bias-lab v3' for a registered version, the run's model name ('model_2') for one that is not."""
+    return f"{card.name} v{card.version}" if card.version else card.name
 
 
 def headline(card: Card) -> str:
@@ -133,7 +141,7 @@ def headline(card: Card) -> str:
     what = ", ".join(f"{c}={card.class_names[c]}" if c in card.class_names else c for c in card.classes)
     data = "SYNTHETIC demo data" if card.synthetic else f"data {card.data_digest}"
     return (
-        f"**{card.name} v{card.version}**: {arch} on {len(card.classes)} classes ({what}), {data}. "
+        f"**{title(card)}**: {arch} on {len(card.classes)} classes ({what}), {data}. "
         f"Test accuracy {pct(card.test_accuracy)} (95% CI {pct(lo)}–{pct(hi)}, {card.n_test} images), "
         f"val accuracy {pct(card.val_accuracy)}."
         + ("" if learned(card) else " It did not learn its task (the CI reaches chance).")
@@ -305,6 +313,13 @@ def trust(card: Card) -> list[str]:
         )
     else:
         answer = "Only for images like its test split, and only with a person checking its predictions."
+    if card.bias is not None and card.bias.verdict == "biased":
+        answer = (
+            f"> **No: its decisions follow S, the noise channel eps, not the image.** On the decorrelated test (S "
+            f"independent of the label) its DI is {di(card.bias.di_decorrelated)} where the labels' is "
+            f"{di(card.bias.labels_di_decorrelated)}: the four-fifths rule says biased. Its in-distribution accuracy "
+            "comes from eps.\n\n" + answer
+        )
     if not learned(card):
         answer = (
             f"> **No: it did not learn its task.** Its test accuracy's 95% CI ({pct(test_ci(card)[0])}–"
@@ -343,7 +358,7 @@ def render(card: Card) -> str:
         ("digest", card.data_digest),
         ("images", f"{card.n_train} train, {card.n_val} val, {card.n_test} test"),
     ]
-    out = [f"# Model card: {card.name} v{card.version}", "", headline(card), ""]
+    out = [f"# Model card: {title(card)}", "", headline(card), ""]
     out += trust(card)
     out += ["## Model", "", table(["", ""], _model_rows(card)), "", "## Classes", "", _classes_table(card), ""]
     out += ["## Data", "", table(["", ""], data_rows), "", "## Training", "", table(["", ""], _training_rows(card))]

@@ -373,6 +373,14 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
     assert parent.data.tags["model_2_verdict"] == table.loc[3, "four_fifths"]
     logged = json.loads(mlflow.artifacts.load_text(f"{uri}/comparison.json"))  # mlflow.log_table: browsable in the UI
     assert logged["columns"][:3] == ["model", "trained_on", "test"] and len(logged["data"]) == 4
+    for role, row in (("model_1", 1), ("model_2", 3)):  # each model's own card: the same verdict as the comparison
+        child = children[role]
+        card_md = mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/model_card.md")
+        assert f"# Model card: {role}" in card_md and "## Bias study" in card_md and "labels' DI" in card_md
+        assert f"Four-fifths verdict (decorrelated test): **{table.loc[row, 'four_fifths']}**" in card_md
+        assert "hyperparameters from | models:/bias-lab/1" in card_md
+        assert child.data.tags["mlflow.note.content"].startswith(f"**{role}**: LeNet on 2 classes")
+    assert "| zeroed |" in mlflow.artifacts.load_text(f"runs:/{children['model_2'].info.run_id}/model_card.md")
 
 
 def test_models_that_cannot_learn_are_inconclusive_in_table_tags_and_terminal(

@@ -129,6 +129,9 @@ def test_bias_card_shows_di_beside_the_labels_di_and_the_verdict() -> None:
     assert "| eps zeroed | 61.0% |" in study and "**biased**" in study
     trust = section(md, "Can I trust this model?")
     assert "Four-fifths rule on the decorrelated test: **biased** (DI 0.46, labels' DI 1.02)" in trust
+    assert trust.split("\n\n")[1].startswith("> **No: its decisions follow S")  # the answer first, then the rest
+    fair = card.render(demo_card(bias=dataclasses.replace(bias, verdict="not biased"), classes=["1", "2"]))
+    assert "> **No" not in section(fair, "Can I trust this model?")
     assert "no bias study" not in md
     assert "binary: 1 (disc) vs 2 (cross)" in md and "2 channels (grayscale + noise channel eps)" in md
     assert "| 1 | 2 | cross | 80.0% | 45 |" in section(md, "Classes")
