@@ -10,6 +10,7 @@ from the artifact store runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -111,6 +112,29 @@ def set_description(markdown: str, full: str) -> None:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+# The runs table's headline columns. MLflow's UI shows no metric there by default and keeps a person's column choice
+# in their browser; a shared view (an experiment tag the UI reads when the address names its key) is the one place
+# a tool can set them. The addresses printed here open it.
+RUNS_VIEW_KEY = "bias-lab"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+_HEADLINE = [
+    "metrics.`test_accuracy`",
+    "tags.`model_2_verdict`",  # bias_eval: biased / not biased / mirrors the labels / inconclusive...
+    "metrics.`shortcut_accuracy_gain`",
+    "metrics.`model_2_decorrelated_test_di`",
+    "metrics.`best_val_accuracy`",
+    "params.`model`",
+    "params.`lr`",
+    "params.`batch_size`",
+]
+RUNS_VIEW = {
+    "selectedColumns": _HEADLINE,
+    "columnOrder": _HEADLINE,
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+
+
 def _open(experiment: str) -> None:
     client = MlflowClient()
     client.search_experiments(max_results=1)  # creates and migrates the tables of a new database store
@@ -126,9 +150,14 @@ def _open(experiment: str) -> None:
                 client.create_experiment(experiment)
         mlflow.set_experiment(experiment)
     exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or mlflow.tracking.fluent._get_experiment_id()
-    with contextlib.suppress(MlflowException):  # a label for the UI: never worth failing a run over
-        if exp_id and EXPERIMENT_KIND[0] not in client.get_experiment(exp_id).tags:
-            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    if not exp_id:
+        return
+    with contextlib.suppress(MlflowException):  # labels for the UI: never worth failing a run over
+        tags = client.get_experiment(exp_id).tags
+        wanted = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], RUNS_VIEW_TAG: json.dumps(RUNS_VIEW)}
+        for key, value in wanted.items():
+            if key not in tags or (key == RUNS_VIEW_TAG and tags[key] != value):  # ours: kept current
+                client.set_experiment_tag(exp_id, key, value)
 
 
 def _creation_race(e: Exception) -> bool:
@@ -290,20 +319,26 @@ def _write_figures(run_id: str) -> None:
 UI_MODE = "?workflowType=machine_learning"
 
 
-def ui_hint(run: Any) -> str:
-    """Where a person finds a run: the experiment, the run id and the address of its page in the MLflow UI."""
-    exp = MlflowClient().get_experiment(run.info.experiment_id)
+def address(page: str) -> str:
+    """Where a person opens `page` (an address after the UI's root, '#/experiments/...'): the server's address for
+    an http store, else `mlflow ui`'s default with the store named when it is not the default."""
     uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{UI_MODE}"
     if uri.startswith(("http://", "https://")):
-        where = f"{uri.rstrip('/')}/{page}"
-    else:
-        here = (
-            uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        )  # `mlflow ui`'s own default
-        store = "" if here else f" --backend-store-uri {uri}"
-        where = f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
-    hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {where}"
+        return f"{uri.rstrip('/')}/{page}"
+    here = uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # `mlflow ui`'s own default
+    store = "" if here else f" --backend-store-uri {uri}"
+    return f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
+
+
+def ui_hint(run: Any) -> str:
+    """Where a person finds a run: the experiment, the run id and the address of its page in the MLflow UI, then
+    the address of every run side by side with the headline columns (RUNS_VIEW)."""
+    exp = MlflowClient().get_experiment(run.info.experiment_id)
+    page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{UI_MODE}"
+    hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {address(page)}"
+    if RUNS_VIEW_TAG in exp.tags:
+        runs = f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
+        hint += f"\nall runs side by side: {address(runs).rsplit(' ', 1)[-1]}"
     if exp.experiment_id == "0" and os.environ.get("MLFLOW_RUN_ID"):
         hint += f"\nnote: this run is in the 'Default' experiment: pass `--experiment-name {DEFAULT_EXPERIMENT}` to `mlflow run`"
     return hint

@@ -136,6 +136,7 @@ def _build_store(store_dir: Path) -> dict[str, Any]:
         "trials": trials,
         "bias_eval_run_id": bias_eval.info.run_id,
         "bias_eval_run_name": bias_eval.info.run_name,
+        "model_2_verdict": bias_eval.data.tags.get("model_2_verdict", ""),
         "champion_version": client.get_model_version_by_alias(MODEL, "champion").version,
         "build_s": round(time.perf_counter() - t0, 1),
     }
@@ -649,3 +650,28 @@ def test_browser_the_address_a_command_prints_opens_its_run_in_model_training_vi
     ):
         _fail(page, "f-printed-address", "the printed address opens the run in the GenAI sidebar, not 'Model training'")
     _shot(page, "f-printed-address")
+
+
+def test_browser_the_runs_address_a_command_prints_shows_the_headline_columns(open_page, store) -> None:
+    """The 'all runs side by side' address tune prints opens the runs table with the headline columns (MLflow shows
+    no metric there by default): test accuracy, best val accuracy and model_2's verdict, with bias_eval's verdict in
+    its row."""
+    log = (Path(store["dir"]) / "tune.log").read_text()
+    found = re.search(r"all runs side by side: http://127\.0\.0\.1:5000/(#/experiments/\S+)", log)
+    assert found, f"tune's terminal output names no address for all runs:\n{log[-1500:]}"
+    page = open_page("/" + found.group(1), model_training=False)
+    for column in ("test_accuracy", "best_val_accuracy", "model_2_verdict"):
+        _see(
+            page,
+            page.get_by_role("columnheader", name=re.compile(column)).first,
+            "g-runs-view",
+            f"the runs table opened by the printed address has no {column} column",
+        )
+    verdict = store["model_2_verdict"]
+    _see(
+        page,
+        page.get_by_role("gridcell", name=verdict, exact=True).first,  # only bias_eval's parent has the tag
+        "g-runs-view",
+        f"the bias_eval run's row does not show model_2's verdict {verdict!r}",
+    )
+    _shot(page, "g-runs-view")
