@@ -168,7 +168,17 @@ def _model_rows(card: Card) -> list[tuple[str, str]]:
         ("outputs", ", ".join(class_label(card, c) for c in card.classes)),
         ("weights", weights),
         ("test-time augmentation", "image + mirror averaged" if card.tta else "none"),
+        ("use", _use(card)),
     ]
+
+
+def _use(card: Card) -> str:
+    """How to get predictions from it: the pyfunc takes image files as they come (bias_lab.serving)."""
+    how = (
+        f"any image (bytes or a path), decoded, made grayscale and resized to {card.image_size} px as in training; "
+        "returns label, class name and probabilities"
+    )
+    return how + (f": `mlflow models serve -m models:/{card.name}/{card.version}`" if card.version else "")
 
 
 def _training_rows(card: Card) -> list[tuple[str, str]]:

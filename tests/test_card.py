@@ -134,6 +134,7 @@ def test_bias_card_shows_di_beside_the_labels_di_and_the_verdict() -> None:
     assert "> **No" not in section(fair, "Can I trust this model?")
     assert "no bias study" not in md
     assert "binary: 1 (disc) vs 2 (cross)" in md and "2 channels (grayscale + noise channel eps)" in md
+    assert "`mlflow models serve -m models:/bias-lab/3`" in section(md, "Model")
     assert "| 1 | 2 | cross | 80.0% | 45 |" in section(md, "Classes")
     plain = card.render(demo_card())
     assert "Four-fifths rule: not applied, no bias study was run on this model." in plain
