@@ -25,6 +25,7 @@ from bias_lab import (
     card,
     comparison,
     config,
+    facts,
     metrics,
     mitigation,
     pipeline,
@@ -40,7 +41,6 @@ from bias_lab.device import resolve_device, seed_everything
 from bias_lab.errors import UserError
 from bias_lab.loop import InputHook
 from bias_lab.pipeline import Prepared, prepare
-from bias_lab.verdict import judge
 
 
 @dataclass
@@ -112,10 +112,10 @@ def train_arm(
     cfgs: tuple[DataConfig, TrainConfig, BiasConfig, BiasEvalConfig],
     device: torch.device,
     nested_name: str,
-    baselines: tuple[float, dict[str, float], str] = (math.nan, {}, ""),
+    source: str = "",
 ) -> dict[str, float]:
     """One child run: setup, training, the test measures, the explanations and its model card; returns its metrics.
-    `baselines`: the test split's chance accuracy, the labels' own DI per test, where the hyperparameters came from."""
+    `source`: where the hyperparameters came from."""
     data_cfg, train_cfg, bias_cfg, eval_cfg = cfgs
     with tracking.run(nested_name, nested=True, tags={"role": arm.role, "seed": str(seed), "entry_point": "bias_eval"}):
         recorder.setup(arm.prep, data_cfg, train_cfg, bias_cfg, eval_cfg, skip=NOT_USED_BY["bias_eval"])
@@ -134,42 +134,17 @@ def train_arm(
         recorder.record(trained)
         found = {**trained.measures, **recorder.explanations(trained, arm.prep, seed)}
         if trained.tested and "test_accuracy" in found:
-            facts = model_card(trained, arm, found, baselines)
-            mlflow.log_text(card.render(facts), registry.CARD_FILE)
-            tracking.set_description(card.summary(facts, registry.CARD_FILE), registry.CARD_FILE)
+            recorder.model_card(model_card(trained, arm, found, source))
         return found
 
 
-def model_card(
-    t: pipeline.Trained, arm: Arm, found: dict[str, float], baselines: tuple[float, dict[str, float], str]
-) -> card.Card:
+def model_card(t: pipeline.Trained, arm: Arm, found: dict[str, float], source: str) -> card.Card:
     """A bias-study model's card: its accuracy, DI in distribution and decorrelated beside the labels' own DI, the
     eps ablation, the mitigation and the verdict, all as the comparison reports them."""
-    chance, base, source = baselines
-    g = lambda k: found.get(k, math.nan)  # noqa: E731
-    verdict = judge(found, "", "decorrelated_test_", chance, base.get("decorrelated", math.nan), arm.note)
-    facts = card.BiasFacts(
-        role=f"{arm.role}: {arm.description}",
-        di_test=g("test_di"),
-        di_test_ci=(g("test_di_ci_low"), g("test_di_ci_high")),
-        di_decorrelated=g("decorrelated_test_di"),
-        di_decorrelated_ci=(g("decorrelated_test_di_ci_low"), g("decorrelated_test_di_ci_high")),
-        labels_di_test=base.get("in distribution", math.nan),
-        labels_di_decorrelated=base.get("decorrelated", math.nan),
-        verdict=verdict.text(),
-        ablation={
-            what: g(key)
-            for what, key in (
-                ("as trained", "test_accuracy"),
-                ("zeroed", "ablation_zero_eps_test_accuracy"),
-                ("shuffled across images", "ablation_shuffle_eps_test_accuracy"),
-            )
-            if arm.prep.eps and key in found
-        },
-        mitigation=arm.description if arm.role == "model_3" else None,
-    )
-    facts_card = card.facts(t, arm.prep, arm.role, "", arm.prep.names)
-    return dataclasses.replace(facts_card, bias=facts, hparams_source=source)
+    mitigated = arm.description if arm.role == "model_3" else None
+    study = facts.of_bias(found, arm.prep, f"{arm.role}: {arm.description}", arm.note, mitigated)
+    plain = facts.of_trained(t, arm.prep, arm.role, "", arm.prep.names)
+    return dataclasses.replace(plain, bias=study, hparams_source=source)
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -242,7 +217,7 @@ def _run_seed(
         if arm.note:
             study.notes[arm.role] = arm.note
         cfg = dataclasses.replace(train_cfg, seed=seed)
-        trained = train_arm(arm, seed, (data_cfg, cfg, bias_cfg, eval_cfg), study.device, name, (chance, base, source))
+        trained = train_arm(arm, seed, (data_cfg, cfg, bias_cfg, eval_cfg), study.device, name, source)
         study.results.setdefault(arm.role, []).append(trained)
 
 

@@ -1,4 +1,4 @@
-"""A model card for every registered version: what the model is, what it was trained and tested on, and whether
+"""A model card for every tested model (a registered version, a train run, a bias study's models): what the model is, what it was trained and tested on, and whether
 to trust it, answered from those facts.
 
 `Card` holds the facts (architecture, classes, data, training, results, an optional bias study); `render` writes
@@ -17,7 +17,6 @@ import numpy as np
 
 from bias_lab.markdown import fmt, table
 from bias_lab.metrics import FOUR_FIFTHS, wilson
-from bias_lab.pipeline import Prepared, Trained
 
 SUMMARY_LIMIT = 4000  # characters of a version's Description (the sqlite store holds 5,000)
 SMALL_TEST = 100  # fewer test images than this: the accuracy's CI is too wide to compare models
@@ -324,11 +323,14 @@ def trust(card: Card) -> list[str]:
     else:
         answer = "Only for images like its test split, and only with a person checking its predictions."
     if card.bias is not None and card.bias.verdict == "biased":
+        eps = card.in_channels > (1 if card.grayscale else 3)  # a model without eps cannot follow it
         answer = (
-            f"> **No: its decisions follow S, the noise channel eps, not the image.** On the decorrelated test (S "
-            f"independent of the label) its DI is {di(card.bias.di_decorrelated)} where the labels' is "
-            f"{di(card.bias.labels_di_decorrelated)}: the four-fifths rule says biased. Its in-distribution accuracy "
-            "comes from eps.\n\n" + answer
+            ("> **No: its decisions follow S, the noise channel eps, not the image.**" if eps else "> **No.**")
+            + f" On the decorrelated test (S independent of the label) its DI is {di(card.bias.di_decorrelated)} "
+            f"where the labels' is {di(card.bias.labels_di_decorrelated)}: the four-fifths rule says biased."
+            + (" Its in-distribution accuracy comes from eps." if eps else "")
+            + "\n\n"
+            + answer
         )
     if not learned(card):
         answer = (
@@ -387,52 +389,3 @@ def summary(card: Card, full_artifact_uri: str) -> str:
         end = body.rfind("\n", 0, room - len(cut_note) - 1)
         body = body[: end if end > 0 else room - len(cut_note) - 1] + "\n" + cut_note
     return f"{body.rstrip()}\n\n{pointer}"
-
-
-def facts(
-    t: Trained,
-    prep: Prepared,
-    name: str,
-    version: str,
-    class_names: dict[str, str],
-    study: str | None = None,
-    trial: int | None = None,
-    n_complete: int | None = None,
-) -> Card:
-    """The card of a trained, tested model registered as `name` v`version` (`study` / `trial`: where its
-    hyperparameters came from, None for the command line's)."""
-    ds, cfg, meta = prep.dataset, t.cfg, t.meta
-    return Card(
-        name=name,
-        version=str(version),
-        arch=cfg.model,
-        in_channels=meta.in_channels,
-        image_size=meta.image_size,
-        classes=list(ds.classes),
-        data_source="demo" if ds.layout == "demo" else ds.source,
-        data_digest=ds.digest,
-        synthetic=ds.layout == "demo",
-        n_train=len(prep.split.train),
-        n_val=len(prep.split.val),
-        n_test=len(prep.split.test),
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        batch_size=cfg.batch_size,
-        val_accuracy=t.measures.get("best_val_accuracy", math.nan),
-        test_accuracy=t.measures.get("test_accuracy", math.nan),
-        class_names=class_names,
-        width=cfg.width if cfg.model == "lenet" else None,
-        stem=meta.stem if cfg.model != "lenet" else None,
-        task="binary" if prep.binary else "multiclass",
-        pair=(ds.classes[0], ds.classes[1]) if prep.binary else None,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        label_smoothing=cfg.label_smoothing,
-        tta=cfg.tta,
-        weights=cfg.weights,
-        optuna_study=study,
-        optuna_trial=trial,
-        n_trials_complete=n_complete,
-        confusion=t.confusion,
-    )

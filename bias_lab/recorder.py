@@ -12,7 +12,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from bias_lab import explain, metrics, plots, pretrained, tracking
+from bias_lab import card, explain, metrics, plots, pretrained, registry, tracking
 from bias_lab.config import DataConfig, TrainConfig, flat
 from bias_lab.device import device_info
 from bias_lab.loop import EpochHook
@@ -148,3 +148,10 @@ def explanations(t: Trained, prep: Prepared, seed: int) -> dict[str, float]:
     tracking.log_metrics(found)
     tracking.log_figure(fig, "saliency")
     return found
+
+
+def model_card(facts: card.Card) -> None:
+    """A model's card on the active run: `model_card.md`, and its opening (headline, "Can I trust this model?") as
+    the run's Description, the first thing its page shows."""
+    mlflow.log_text(card.render(facts), registry.CARD_FILE)
+    tracking.set_description(card.summary(facts, registry.CARD_FILE), registry.CARD_FILE)

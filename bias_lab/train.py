@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import mlflow
 import torch
 
-from bias_lab import config, distributed, pipeline, pretrained, recorder, tracking
+from bias_lab import config, distributed, facts, pipeline, pretrained, recorder, tracking
 from bias_lab.checkpoint import check_checkpoint
 from bias_lab.config import TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, flat
 from bias_lab.data import cache_dir, check_cache_dir
@@ -103,6 +103,11 @@ def _train_tracked(
             f"tested and no model was logged; {recorder.divergence_cause(train_cfg)}",
         )
         out = trained.measures
+        if "test_accuracy" in out:
+            role = "trained with the eps channel (bias=true)" if prep.eps else "trained on the images only"
+            bias = facts.of_bias(out, prep, role) if prep.binary else None
+            plain = facts.of_trained(trained, prep, active.info.run_name, "", prep.names)
+            recorder.model_card(dataclasses.replace(plain, hparams_source="the command line", bias=bias))
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)
     if checkpoint is not None:

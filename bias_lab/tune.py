@@ -29,7 +29,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from bias_lab import card, config, pipeline, pretrained, recorder, registry, studies, tracking
+from bias_lab import config, facts, pipeline, pretrained, recorder, registry, studies, tracking
 from bias_lab import markdown as md
 from bias_lab.config import NOT_USED_BY, SEARCHED, TRAIN_ONLY, BiasConfig, DataConfig, TrainConfig, TuneConfig
 from bias_lab.device import resolve_device, seed_everything
@@ -222,8 +222,8 @@ def _register(
             }
         ),
     )
-    facts = card.facts(trained, prep, name, decision["version"], prep.names, study_name, best.number, n_complete)
-    registry.describe_version(name, decision["version"], facts, parent)
+    found = facts.of_trained(trained, prep, name, decision["version"], prep.names, study_name, best.number, n_complete)
+    registry.describe_version(name, decision["version"], found, parent)
     registry.describe_registered_model(name)
     MlflowClient().set_tag(
         final_run_id,

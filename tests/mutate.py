@@ -292,7 +292,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "card_not_on_the_version",
         "bias_lab/tune.py",
-        '    registry.describe_version(name, decision["version"], facts, parent)\n',
+        '    registry.describe_version(name, decision["version"], found, parent)\n',
         "",
         ("tests/test_tune.py::test_nested_runs_pruning_summary_and_registry",),
         "tune registers a version without its model card",
@@ -304,6 +304,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "logits = predict(model, chunk, norm, batch_size)",
         ("tests/test_serving.py::test_pyfunc_on_the_image_files_gives_the_runs_own_test_numbers",),
         "the served model and kaggle_submit predict without the mirror the run's test accuracy was measured with",
+    ),
+    Mutant(
+        "bias_card_calls_a_mirroring_model_fine",
+        "bias_lab/facts.py",
+        'verdict=judge(found, "", "decorrelated_test_", chance, base["decorrelated"], note).text(),',
+        'verdict=judge(found, "", "test_", chance, base["in distribution"], note).text(),',
+        ("tests/test_card.py::test_bias_facts_judge_the_decorrelated_test_beside_the_labels_di",),
+        "a bias-study model's card states the in-distribution verdict, not the decorrelated one the comparison gives",
     ),
 )
 

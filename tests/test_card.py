@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 
 from bias_lab import card, files, registry, tracking
 from bias_lab.card import BiasFacts, Card
@@ -196,3 +197,43 @@ def test_a_model_at_chance_is_said_not_to_have_learned() -> None:
     weak = demo_card(test_accuracy=0.26, n_test=180)
     assert "did not learn its task" in card.headline(weak) and "**No: it did not learn its task.**" in card.render(weak)
     assert "did not learn" not in card.render(demo_card(test_accuracy=0.9, n_test=180))
+
+
+def test_a_train_run_opens_on_its_card_and_a_binary_one_on_its_bias_verdict(easy_data: Path, client) -> None:
+    """train's run carries model_card.md and opens on the card's headline; on a pair of classes the card also holds
+    the bias study (here without eps: a biased verdict could not say the model follows eps)."""
+    from .conftest import FAST, invoke
+
+    code, out = invoke("train", "--data", str(easy_data), *FAST)
+    assert code == 0, out
+    code, out = invoke("train", "--data", str(easy_data), *FAST, "--classes", "1,2")
+    assert code == 0, out
+    exp = client.get_experiment_by_name("bias-lab").experiment_id
+    plain, pair = sorted(client.search_runs([exp]), key=lambda r: r.info.start_time)
+    for run in (plain, pair):
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(f"**{run.info.run_name}**: LeNet on ") and "## Can I trust this model?" in note
+        assert "Test accuracy" in note.splitlines()[0] and "Hyperparameters from the command line." in note
+    full = mlflow.artifacts.load_text(f"runs:/{pair.info.run_id}/{registry.CARD_FILE}")
+    assert "## Bias study" in full and "trained on the images only" in full and "follow S" not in full
+    assert "## Bias study" not in mlflow.artifacts.load_text(f"runs:/{plain.info.run_id}/{registry.CARD_FILE}")
+
+
+def test_bias_facts_judge_the_decorrelated_test_beside_the_labels_di(kaggle_data: Path) -> None:
+    """of_bias takes the labels' DI from the split itself and judges the decorrelated test, as the comparison does:
+    a model that mirrors the labels in distribution (DI 0, like S = y) but has DI 0.1 decorrelated is biased."""
+    from bias_lab import facts, pipeline
+    from bias_lab.config import BiasConfig, DataConfig
+
+    prep = pipeline.prepare(DataConfig(data=str(kaggle_data), image_size=32), BiasConfig(bias=True), seed=0)
+    found = {
+        "test_accuracy": 0.99,
+        "test_accuracy_ci_low": 0.95,
+        **{f"test_{k}": v for k, v in (("di", 0.0), ("di_ci_low", 0.0), ("di_ci_high", 0.05))},
+        **{f"decorrelated_test_{k}": v for k, v in (("di", 0.1), ("di_ci_low", 0.02), ("di_ci_high", 0.2))},
+        "ablation_zero_eps_test_accuracy": 0.5,
+    }
+    study = facts.of_bias(found, prep, "model_2: eps with p0=0, p1=1")
+    assert study.labels_di_test == 0.0 and study.labels_di_decorrelated == pytest.approx(1.0, abs=0.3)
+    assert study.verdict == "biased"
+    assert study.ablation == {"as trained": 0.99, "zeroed": 0.5}
