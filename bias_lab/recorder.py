@@ -107,7 +107,8 @@ def record(t: Trained, *, history: bool = False, model: bool = True) -> None:
     if t.tested:
         tracking.log_figure(plots.learning_curves(t.fit.history, f"{t.cfg.model}: learning curves"), "learning_curves")
     if t.confusion is not None:
-        tracking.log_figure(plots.confusion_matrix(t.confusion, t.meta.classes), "confusion_matrix")
+        named = [f"{c} ({t.meta.name_of(c)})" if t.meta.name_of(c) else c for c in t.meta.classes]  # '1 (disc)'
+        tracking.log_figure(plots.confusion_matrix(t.confusion, named), "confusion_matrix")
     _tags(t)
     if model and t.finite:
         tracking.log_model(t.model, t.meta)

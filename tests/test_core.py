@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlflow
@@ -65,6 +66,9 @@ def test_train_run_logs_everything(kaggle_data: Path, client: mlflow.MlflowClien
     assert contexts == ["test", "train", "val"]
     model, meta = load_model(f"runs:/{run.info.run_id}/model")
     assert meta.classes == ["1", "2", "3", "4"] and meta.image_size == 32 and meta.in_channels == 1
+    assert meta.class_names == ["disc", "cross", "triangle", "square"]  # the demo's classes.csv
+    ticks = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/figures/confusion_matrix.json"))
+    assert ticks["data"][0]["y"] == ["true 1 (disc)", "true 2 (cross)", "true 3 (triangle)", "true 4 (square)"]
     assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 4)
 
 
