@@ -69,7 +69,7 @@ def draw(labels: torch.Tensor, p0: float, p1: float, sigma: float, seed: int, si
     gen = torch.Generator().manual_seed(seed)
     p = torch.where(labels.cpu() == 1, p1, p0).double()
     s = torch.rand(len(labels), generator=gen, dtype=torch.float64) < p
-    return with_eps(s, sigma, size, gen)
+    return _with_eps(s, sigma, size, gen)
 
 
 def draw_decorrelated(labels: torch.Tensor, idx: np.ndarray, sigma: float, seed: int, size: int) -> Channel:
@@ -85,10 +85,10 @@ def draw_decorrelated(labels: torch.Tensor, idx: np.ndarray, sigma: float, seed:
     for c in (0, 1):
         in_c = members[y == c]
         s[in_c[torch.randperm(len(in_c), generator=gen)[: len(in_c) // 2]]] = True
-    return with_eps(s, sigma, size, gen)
+    return _with_eps(s, sigma, size, gen)
 
 
-def with_eps(s: torch.Tensor, sigma: float, size: int, gen: torch.Generator) -> Channel:
+def _with_eps(s: torch.Tensor, sigma: float, size: int, gen: torch.Generator) -> Channel:
     """eps ~ N(0, sigma^2) drawn for every sample from `gen`, kept where S = 1 and exactly zero elsewhere."""
     noise = torch.randn(len(s), 1, size, size, generator=gen) * sigma
     return Channel(s=s, eps=noise * s.view(-1, 1, 1, 1).float())

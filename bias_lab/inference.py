@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from bias_lab import bias
 from bias_lab.data import decode
 from bias_lab.errors import UserError, check, first_line
 from bias_lab.loop import Norm, Part, predict
@@ -24,7 +23,7 @@ from bias_lab.models import ModelMeta, build
 
 META_FILE = "bias_lab.json"
 WEIGHTS_FILE = "weights.pt"
-EPS_SEED = 0  # the served eps noise: fixed, so one request gives one answer
+EPS_SEED = 0  # the served eps noise: one fixed draw, so an image and its s always get one answer
 
 
 def rebuild(meta_file: Path, weights_file: Path, uri: str) -> tuple[nn.Module, ModelMeta]:
@@ -92,10 +91,12 @@ def probabilities(
     from tqdm.auto import tqdm
 
     eps = None
-    if meta.eps_channel:
+    if meta.eps_channel:  # one draw for every row, so an answer does not depend on the row's place in the batch
         present = torch.zeros(len(images), dtype=torch.bool) if s is None else s.bool()
         sigma = float((meta.bias or {}).get("sigma", 1.0))
-        eps = bias.with_eps(present, sigma, meta.image_size, torch.Generator().manual_seed(EPS_SEED)).eps
+        side = meta.image_size
+        noise = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(EPS_SEED)) * sigma
+        eps = noise * present.view(-1, 1, 1, 1).float()
     norm, out = Norm(meta.mean, meta.std), []
     with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not progress) as bar:
         for start in range(0, len(images), batch_size):

@@ -158,7 +158,7 @@ def test_an_eps_model_takes_s_and_the_noise_moves_its_answer(tmp_path: Path) -> 
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             energy = x[:, 1].pow(2).mean(dim=(1, 2)) * self.w  # eps is N(0, sigma^2) where s = 1, zero elsewhere
-            return torch.stack([1 - energy, energy - 1], dim=1) * 10
+            return torch.stack([0.5 - energy, energy - 0.5], dim=1) * 10  # eps^2 averages sigma^2 = 1
 
     meta = ModelMeta("lenet", 2, 16, 0.5, 0.25, ["cat", "dog"], task="binary", eps_channel=True, bias={"sigma": 1.0})
     served = serving.ImageClassifier()
@@ -167,4 +167,6 @@ def test_an_eps_model_takes_s_and_the_noise_moves_its_answer(tmp_path: Path) -> 
     photo = served.predict(None, pd.DataFrame({"image": [jpeg, jpeg]}))
     with_s = served.predict(None, pd.DataFrame({"image": [jpeg, jpeg], "s": [0, 1]}))
     assert list(photo.label) == ["cat", "cat"] and list(with_s.label) == ["cat", "dog"]
+    alone = served.predict(None, pd.DataFrame({"image": [jpeg], "s": [1]}))  # row 0 now: the same answer
+    assert alone.p_dog[0] == with_s.p_dog[1]
     assert serving.signature(meta).inputs.input_names() == ["image", "path", "s"]
