@@ -589,6 +589,13 @@ def test_browser_registered_version_shows_its_model_card(open_page, store) -> No
     _see(
         page, page.get_by_text("model_card.md").first, "d2-version", "the version page does not point at the full card"
     )
+    page.get_by_text(re.compile(r"^Inputs \(2\)$")).first.click()  # the pyfunc's signature: images in
+    _see(
+        page,
+        page.get_by_text(re.compile(r"^image\s*(\(optional\))?$")).first,
+        "d2-version",
+        "the version's schema does not list the 'image' input (the model does not take images)",
+    )
     _shot(page, "d2-version")
 
 
