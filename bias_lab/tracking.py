@@ -130,6 +130,7 @@ _HEADLINE = [
 RUNS_VIEW = {
     "selectedColumns": _HEADLINE,
     "columnOrder": _HEADLINE,
+    "columnWidths": {c: max(90, 8 * len(c.split("`")[1]) + 40) for c in _HEADLINE},  # px: each whole header shows
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,
 }
