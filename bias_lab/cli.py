@@ -81,16 +81,18 @@ class App(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug:
                 raise
+            from bias_lab.shutdown import Terminated
+
             resumable = ctx.invoked_subcommand in ("train", "tune")  # a checkpoint / the Optuna study carry on
             click.echo(
                 "interrupted: runs were ended as KILLED"
                 + ("; re-run the same command to resume" if resumable else "; re-run the command to start again"),
                 err=True,
             )
-            ctx.exit(130)
+            ctx.exit(143 if isinstance(e, Terminated) else 130)  # 128 + the signal, as a shell reports it
         except click.UsageError as e:  # a bad option value: one line, not click's usage block
             _fail_mlflow_run(e.format_message())
             if debug:

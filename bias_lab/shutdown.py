@@ -59,7 +59,7 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 def _deliver() -> None:
     """Raise the pending signal now: from here on the process is ending, and the signals are ignored (SIG_IGN,
     not a handler that returns: Python restores the default handlers as it exits, and one more signal then would
-    kill the process instead of letting it exit 130)."""
+    kill the process instead of letting it exit 130, or 143 for SIGTERM)."""
     signum, _signals.pending, _signals.store_call = _signals.pending, None, None
     if signum is not None and _signals.raised is None:
         _signals.raised = signum

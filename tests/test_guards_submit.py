@@ -103,7 +103,7 @@ def interrupted_run(
             pipeline, "measure", lambda *a, **k: (_ for _ in ()).throw(shutdown.Terminated("terminated by signal 15"))
         )
         code, out = invoke("train", "--data", str(kaggle_data), *FAST)
-    assert code == 130, out
+    assert code == 143, out  # 128 + SIGTERM
     [run] = all_runs(client)
     assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted: terminated by signal 15"
     return run

@@ -351,7 +351,7 @@ def test_sigterm_ends_the_run_killed(kaggle_data: Path, client: mlflow.MlflowCli
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM (Ctrl-C gives 130: the test below)
     assert "interrupted" in err and "Traceback" not in err
     [run] = all_runs(client)
     assert run.info.status == "KILLED" and run.info.end_time is not None
