@@ -170,3 +170,25 @@ def test_an_eps_model_takes_s_and_the_noise_moves_its_answer(tmp_path: Path) -> 
     alone = served.predict(None, pd.DataFrame({"image": [jpeg], "s": [1]}))  # row 0 now: the same answer
     assert alone.p_dog[0] == with_s.p_dog[1]
     assert serving.signature(meta).inputs.input_names() == ["image", "path", "s"]
+
+
+def test_a_model_logged_with_the_pytorch_flavour_still_loads(tmp_path: Path) -> None:
+    """Models logged before the pyfunc (MLflow's PyTorch flavour with weights.pt and bias_lab.json as extra files)
+    load with tracking.load_model: kaggle_submit and bias_eval keep working on a store that holds them."""
+    from bias_lab.models import ModelMeta, build
+
+    model, meta = build("lenet", 1, 4, 32), ModelMeta("lenet", 1, 32, 0.5, 0.25, list("1234"))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "bias_lab.json").write_text(json.dumps(meta.to_dict()))
+    example = np.zeros((2, 1, 32, 32), dtype=np.float32)
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            extra_files=[str(tmp_path / "weights.pt"), str(tmp_path / "bias_lab.json")],
+        )
+    loaded, got = load_model(f"runs:/{run.info.run_id}/model")
+    assert got.classes == list("1234") and got.class_names == []
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(loaded(x), model.eval()(x))
