@@ -143,7 +143,7 @@ def model_card(t: pipeline.Trained, arm: Arm, found: dict[str, float], source: s
     eps ablation, the mitigation and the verdict, all as the comparison reports them."""
     mitigated = arm.description if arm.role == "model_3" else None
     study = facts.of_bias(found, arm.prep, f"{arm.role}: {arm.description}", arm.note, mitigated)
-    plain = facts.of_trained(t, arm.prep, arm.role, "", arm.prep.names)
+    plain = facts.of_trained(t, arm.prep, arm.role, "")
     return dataclasses.replace(plain, bias=study, hparams_source=source)
 
 

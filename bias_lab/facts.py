@@ -15,7 +15,6 @@ def of_trained(
     prep: Prepared,
     name: str,
     version: str,
-    class_names: dict[str, str],
     study: str | None = None,
     trial: int | None = None,
     n_complete: int | None = None,
@@ -42,7 +41,7 @@ def of_trained(
         batch_size=cfg.batch_size,
         val_accuracy=t.measures.get("best_val_accuracy", math.nan),
         test_accuracy=t.measures.get("test_accuracy", math.nan),
-        class_names=class_names,
+        class_names={c: n for c, n in zip(meta.classes, meta.class_names) if n},  # from the data's classes.csv
         width=cfg.width if cfg.model == "lenet" else None,
         stem=meta.stem if cfg.model != "lenet" else None,
         task="binary" if prep.binary else "multiclass",

@@ -101,9 +101,8 @@ def probabilities(
     with tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             rows = slice(start, start + batch_size)
-            chunk = Part(
-                images[rows], torch.zeros(len(images[rows]), dtype=torch.long), None if eps is None else eps[rows]
-            )
+            part = images[rows]
+            chunk = Part(part, torch.zeros(len(part), dtype=torch.long), None if eps is None else eps[rows])
             logits = predict(model, chunk, norm, batch_size, tta=meta.tta)
             check(bool(logits.isfinite().all()), diverged(uri))
             out.append(logits.softmax(1))

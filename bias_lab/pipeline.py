@@ -45,7 +45,9 @@ class Prepared:
         return self.train.channels
 
     def meta(self, cfg: TrainConfig) -> ModelMeta:
-        """The preprocessing a logged model needs at prediction time."""
+        """The preprocessing a logged model needs at prediction time, with the class names of the data's
+        classes.csv."""
+        names = files.class_names(Path(self.dataset.root)) if self.dataset.root else {}
         return ModelMeta(
             arch=cfg.model,
             in_channels=self.channels,
@@ -61,13 +63,8 @@ class Prepared:
             tta=cfg.tta,
             weights=cfg.weights,
             width=cfg.width,
-            class_names=[self.names.get(c, "") for c in self.dataset.classes],
+            class_names=[names.get(c, "") for c in self.dataset.classes],
         )
-
-    @property
-    def names(self) -> dict[str, str]:
-        """label -> class name from the data's classes.csv ({} without one)."""
-        return files.class_names(Path(self.dataset.root)) if self.dataset.root else {}
 
 
 def _part(ds: Dataset, idx: np.ndarray, ch: biasmod.Channel | None, eps: bool) -> Part:

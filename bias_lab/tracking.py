@@ -321,25 +321,32 @@ UI_MODE = "?workflowType=machine_learning"
 
 
 def address(page: str) -> str:
-    """Where a person opens `page` (an address after the UI's root, '#/experiments/...'): the server's address for
-    an http store, else `mlflow ui`'s default with the store named when it is not the default."""
+    """The URL of `page` (what follows the UI's root, '#/experiments/...'): on the tracking server for an http
+    store, else on `mlflow ui`'s default address."""
+    uri = mlflow.get_tracking_uri()
+    root = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{root}/{page}"
+
+
+def _start_ui() -> str:
+    """What to run before opening an address: nothing for a server, else `mlflow ui`, naming the store unless it
+    is `mlflow ui`'s own default (./mlflow.db)."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    here = uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # `mlflow ui`'s own default
-    store = "" if here else f" --backend-store-uri {uri}"
-    return f"`mlflow ui{store}`, then http://127.0.0.1:5000/{page}"
+        return ""
+    here = uri == "sqlite:///mlflow.db" or uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return f"`mlflow ui{'' if here else f' --backend-store-uri {uri}'}`, then "
 
 
 def ui_hint(run: Any) -> str:
     """Where a person finds a run: the experiment, the run id and the address of its page in the MLflow UI, then
     the address of every run side by side with the headline columns (RUNS_VIEW)."""
     exp = MlflowClient().get_experiment(run.info.experiment_id)
-    page = f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{UI_MODE}"
-    hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {address(page)}"
+    page = address(f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}{UI_MODE}")
+    hint = f"experiment '{exp.name}', run {run.info.run_id} ({run.info.run_name}): see it with {_start_ui()}{page}"
     if RUNS_VIEW_TAG in exp.tags:
         runs = f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
-        hint += f"\nall runs side by side: {address(runs).rsplit(' ', 1)[-1]}"
+        hint += f"\nall runs side by side: {address(runs)}"
     if exp.experiment_id == "0" and os.environ.get("MLFLOW_RUN_ID"):
         hint += f"\nnote: this run is in the 'Default' experiment: pass `--experiment-name {DEFAULT_EXPERIMENT}` to `mlflow run`"
     return hint

@@ -106,7 +106,7 @@ def _train_tracked(
         if "test_accuracy" in out:
             role = "trained with the eps channel (bias=true)" if prep.eps else "trained on the images only"
             bias = facts.of_bias(out, prep, role) if prep.binary else None
-            plain = facts.of_trained(trained, prep, active.info.run_name, "", prep.names)
+            plain = facts.of_trained(trained, prep, active.info.run_name, "")
             recorder.model_card(dataclasses.replace(plain, hparams_source="the command line", bias=bias))
         print(", ".join(f"{k}={v:.4g}" for k, v in out.items() if k in _SHOWN), file=sys.stderr)
         print(tracking.ui_hint(active), file=sys.stderr)

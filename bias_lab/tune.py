@@ -222,7 +222,7 @@ def _register(
             }
         ),
     )
-    found = facts.of_trained(trained, prep, name, decision["version"], prep.names, study_name, best.number, n_complete)
+    found = facts.of_trained(trained, prep, name, decision["version"], study_name, best.number, n_complete)
     registry.describe_version(name, decision["version"], found, parent)
     registry.describe_registered_model(name)
     MlflowClient().set_tag(

@@ -379,7 +379,7 @@ def test_bias_eval_parent_children_and_comparison(kaggle_data: Path, client: mlf
         assert f"# Model card: {role}" in card_md and "## Bias study" in card_md and "labels' DI" in card_md
         assert f"Four-fifths verdict (decorrelated test): **{table.loc[row, 'four_fifths']}**" in card_md
         assert "hyperparameters from | models:/bias-lab/1" in card_md
-        assert child.data.tags["mlflow.note.content"].startswith(f"**{role}**: LeNet on 2 classes")
+        assert child.data.tags["mlflow.note.content"].startswith(f"**{role}**: LeNet on 2 classes (2=cross, 4=square)")
     assert "| zeroed |" in mlflow.artifacts.load_text(f"runs:/{children['model_2'].info.run_id}/model_card.md")
 
 
